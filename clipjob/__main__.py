@@ -1,0 +1,3 @@
+from clipjob.cli import main
+
+main()

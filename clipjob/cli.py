@@ -1,0 +1,162 @@
+"""The `clipjob` command line: parse, build a config, call one function. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from clipjob.errors import ClipjobError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  help="Train CLIP models at scale and evaluate zero-shot classification.")
+config_app = typer.Typer(no_args_is_help=True, help="Show and import configs.")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate checkpoints.")
+data_app = typer.Typer(no_args_is_help=True, help="Build and inspect datasets.")
+app.add_typer(config_app, name="config")
+app.add_typer(eval_app, name="eval")
+app.add_typer(data_app, name="data")
+
+Preset = Annotated[Optional[str], typer.Option("--preset", "-p", help="Named config (clipjob config presets)")]
+ConfigFile = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file (any fsspec URL)")]
+Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override: key.path=value (repeatable)")]
+
+
+def _overrides(sets: Optional[list[str]], **extra: Optional[str]) -> list[str]:
+    out = list(sets or [])
+    out += [f"{k}={v}" for k, v in extra.items() if v]
+    return out
+
+
+@app.command()
+def train(
+    preset: Preset = None,
+    config: ConfigFile = None,
+    set_: Sets = None,
+    run_dir: Annotated[Optional[str], typer.Option("--run-dir", help="Run directory URL (storage.run_dir)")] = None,
+    init_from: Annotated[Optional[str], typer.Option("--init-from", help="Initial weights (train.init_from)")] = None,
+    nnodes: Annotated[Optional[str], typer.Option(help="Nodes: N or MIN:MAX (default: PET_NNODES or 1)")] = None,
+    nproc_per_node: Annotated[Optional[str], typer.Option(help="Workers per node: N|auto|gpu|cpu (PET_NPROC_PER_NODE)")] = None,
+    rdzv_endpoint: Annotated[Optional[str], typer.Option(help="HOST:PORT of the c10d rendezvous (PET_RDZV_ENDPOINT)")] = None,
+    rdzv_id: Annotated[Optional[str], typer.Option(help="Rendezvous id, unique per job (PET_RDZV_ID)")] = None,
+    rdzv_backend: Annotated[Optional[str], typer.Option(help="Rendezvous backend (PET_RDZV_BACKEND, default c10d)")] = None,
+    max_restarts: Annotated[Optional[int], typer.Option(help="Worker-group restarts before failing (PET_MAX_RESTARTS)")] = None,
+) -> None:
+    """Train (or resume) a CLIP run. Starts torchrun's elastic agent when more than one worker is asked for."""
+    from clipjob import dist
+    from clipjob.config import build_config
+
+    sets = _overrides(set_, **{"storage.run_dir": run_dir, "train.init_from": init_from})
+    cfg = build_config(preset, config, sets)
+    if not cfg.storage.run_dir:
+        raise ClipjobError("storage.run_dir: no run directory; pass --run-dir DIR_OR_URL")
+    if not cfg.data.train:
+        raise ClipjobError("data.train: no training data; pass --set data.train=DIR_OR_URL")
+    if not dist.is_worker():
+        spec = dist.launch_spec(nnodes, nproc_per_node, rdzv_endpoint, rdzv_id, rdzv_backend, max_restarts)
+        if not spec.single_process:
+            worker_args = [a for p in ([("--preset", preset)] if preset else []) + ([("--config", config)] if config else [])
+                           for a in p] + [a for s in sets for a in ("--set", s)]
+            argv = [sys.executable, *dist.elastic_launch_argv(spec, worker_args)]
+            print(f"starting elastic agent: nnodes={spec.nnodes} nproc_per_node={spec.nproc_per_node} "
+                  f"rdzv={spec.rdzv_backend}://{spec.rdzv_endpoint or '127.0.0.1:29400'} id={spec.rdzv_id}", flush=True)
+            os.execv(sys.executable, argv)
+    from clipjob.train.trainer import train as run_training
+
+    state = run_training(cfg)
+    if cfg.eval.data and int(os.environ.get("RANK", 0)) == 0:
+        from clipjob.eval.runner import run_zeroshot
+
+        run_zeroshot(cfg.storage.run_dir, [d for d in cfg.eval.data.split(",") if d],
+                     batch_size=cfg.eval.batch_size, out=None)
+    print(f"done: step {state.step}, {state.samples_seen} samples; run dir {cfg.storage.run_dir}", flush=True)
+
+
+@config_app.command("show")
+def config_show(preset: Preset = None, config: ConfigFile = None, set_: Sets = None,
+                docs: Annotated[bool, typer.Option(help="List every key with its type and doc line")] = False) -> None:
+    """Print the resolved config as YAML (or the documented list of keys)."""
+    from clipjob.config import build_config, field_docs, to_yaml
+
+    if docs:
+        for key, tp, doc in field_docs():
+            typer.echo(f"{key:32s} {tp:28s} {doc}")
+        return
+    typer.echo(to_yaml(build_config(preset, config, list(set_ or []))), nl=False)
+
+
+@config_app.command("presets")
+def config_presets() -> None:
+    """List the named presets."""
+    from clipjob.presets import PRESETS
+
+    for name in PRESETS:
+        typer.echo(name)
+
+
+@eval_app.command("zeroshot")
+def eval_zeroshot(
+    data: Annotated[list[str], typer.Option("--data", "-d", help="emoji-heldout:DIR, emoji-seen:DIR, folder:PATH, imagenet:PATH (repeatable)")],
+    checkpoint: Annotated[Optional[str], typer.Option(help="Run dir (newest committed step), step folder or weights file")] = None,
+    watch: Annotated[Optional[str], typer.Option(help="Run dir: evaluate each newly committed checkpoint once")] = None,
+    preset: Preset = None, config: ConfigFile = None, set_: Sets = None,
+    resolution: Annotated[int, typer.Option(help="Eval resolution (0 = the model's)")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per batch")] = 256,
+    workers: Annotated[int, typer.Option(help="Decoding worker processes")] = 2,
+    precision: Annotated[str, typer.Option(help="fp32 or bf16")] = "fp32",
+    classnames: Annotated[Optional[str], typer.Option(help="JSON list (or folder->name dict) of class names")] = None,
+    templates: Annotated[Optional[str], typer.Option(help="Prompt templates: JSON list or one per line, with {}")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Write results JSON here")] = None,
+    poll_seconds: Annotated[float, typer.Option(help="--watch: seconds between polls")] = 60.0,
+    max_polls: Annotated[Optional[int], typer.Option(help="--watch: stop after this many polls")] = None,
+) -> None:
+    """Zero-shot classification accuracy (top-1/top-5) of a checkpoint."""
+    from clipjob.eval.runner import run_zeroshot, watch as watch_run
+
+    if precision not in ("fp32", "bf16"):
+        raise ClipjobError(f"--precision: expected fp32 or bf16, got {precision!r}")
+    kw = dict(preset=preset, config_file=config, overrides=list(set_ or []), resolution=resolution,
+              batch_size=batch_size, workers=workers, precision=precision, classnames=classnames,
+              templates=templates)
+    if watch:
+        n = watch_run(watch, data, poll_seconds=poll_seconds, max_polls=max_polls, **kw)
+        typer.echo(f"evaluated {n} checkpoint(s)")
+        return
+    if not checkpoint:
+        raise ClipjobError("--checkpoint: give a run dir, step folder or weights file (or --watch RUN_DIR)")
+    run_zeroshot(checkpoint, data, out=out, **kw)
+
+
+@data_app.command("emoji")
+def data_emoji(out: Annotated[str, typer.Option(help="Output directory")],
+               seed: Annotated[int, typer.Option(help="Split/caption seed")] = 0,
+               heldout_fraction: Annotated[float, typer.Option(help="Fraction of concepts held out")] = 0.1) -> None:
+    """Build the embedded emoji dataset (twemoji images, CC-BY 4.0) as webdataset shards."""
+    from clipjob.data.emoji import build_emoji_dataset
+
+    summary = build_emoji_dataset(out, seed=seed, heldout_fraction=heldout_fraction)
+    typer.echo(json.dumps(summary))
+
+
+@app.command()
+def report(run: Annotated[str, typer.Argument(help="Run directory URL")],
+           out: Annotated[Optional[str], typer.Option(help="PNG path (default RUN/report.png)")] = None) -> None:
+    """Plot loss, logit scale, lr and eval accuracy over steps into a PNG."""
+    from clipjob.report import draw_report
+
+    typer.echo(draw_report(run, out))
+
+
+def main() -> None:
+    try:
+        app()
+    except ClipjobError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

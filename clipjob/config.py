@@ -1,0 +1,301 @@
+"""The typed config tree: model, data, train, eval, storage.
+
+Every field carries a one-line doc (`clipjob config show --docs` prints them). A config is built from a
+preset or YAML file plus repeated `--set a.b=v` overrides, validated as a whole, and frozen: nothing mutates
+it after `build_config` returns. Errors name the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from clipjob.errors import ConfigError
+
+
+def F(default: Any, doc: str) -> Any:
+    """A config field with a default and a doc line."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    family: Literal["openai", "corenet"] = F("openai", "openai: patchify conv + ln_pre + cls pos-embed, mean/std input; corenet: conv stem + BN, [0,1] input")
+    image_size: int = F(224, "Training (base) resolution in pixels; must be a multiple of patch_size")
+    patch_size: int = F(16, "Patch size in pixels")
+    width: int = F(768, "Transformer width")
+    layers: int = F(12, "Number of transformer blocks")
+    heads: int = F(12, "Attention heads")
+    mlp_ratio: float = F(4.0, "FFN hidden size / width")
+    act: Literal["gelu", "quick_gelu"] = F("gelu", "FFN activation (quick_gelu for OpenAI weights)")
+    ln_eps: float = F(1e-5, "LayerNorm epsilon (CoreNet image tower uses 1e-6)")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    kind: Literal["transformer", "minilm"] = F("transformer", "transformer: causal CLIP text tower from scratch; minilm: pretrained MiniLM sentence encoder (offline)")
+    context_length: int = F(77, "Tokens per caption (SOT + text + EOT), truncated with EOT last")
+    vocab_size: int = F(49408, "BPE vocabulary size")
+    width: int = F(512, "Transformer width")
+    layers: int = F(12, "Number of transformer blocks")
+    heads: int = F(8, "Attention heads")
+    mlp_ratio: float = F(4.0, "FFN hidden size / width")
+    act: Literal["gelu", "quick_gelu"] = F("gelu", "FFN activation")
+    ln_eps: float = F(1e-5, "LayerNorm epsilon")
+    freeze: bool = F(False, "Freeze the text tower (LiT-style; only the projection trains)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    embed_dim: int = F(512, "Joint embedding dimension (projection output)")
+    vision: VisionConfig = F(VisionConfig(), "Image tower")
+    text: TextConfig = F(TextConfig(), "Text tower")
+    logit_scale_init: float = F(2.659260036932778, "Initial log logit scale, ln(1/0.07)")
+    logit_scale_max: float = F(100.0, "Clamp of exp(logit_scale)")
+    grad_checkpointing: bool = F(False, "Recompute transformer blocks in backward to save memory")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = F("", "Training shards: a directory/URL with manifest.json, a brace pattern (s3://b/{000..099}.tar) or a glob")
+    num_workers: int = F(2, "DataLoader worker processes per rank")
+    shuffle_buffer: int = F(1000, "Samples in the in-memory shuffle buffer")
+    rrc_scale: tuple[float, float] = F((0.9, 1.0), "RandomResizedCrop scale range")
+    max_bad_fraction: float = F(0.1, "Stop with an error when more than this fraction of samples is bad")
+    caption_key: str = F("txt", "Sample key holding the caption")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = F(1000, "Total optimizer steps")
+    batch_size: int = F(256, "Samples per rank per step (at the base resolution)")
+    lr: float = F(5e-4, "Peak learning rate")
+    min_lr: float = F(0.0, "Final learning rate of the cosine schedule")
+    warmup_steps: int = F(100, "Linear warmup steps")
+    warmup_init_lr: float = F(1e-6, "Learning rate at step 0 of the warmup")
+    weight_decay: float = F(0.2, "AdamW weight decay (not applied to biases, norms, embeddings' 1-D params, logit scale)")
+    betas: tuple[float, float] = F((0.9, 0.98), "AdamW betas")
+    eps: float = F(1e-6, "AdamW epsilon")
+    precision: Literal["fp32", "bf16", "fp16"] = F("fp32", "fp32, or autocast bf16/fp16 (fp16 uses a GradScaler)")
+    grad_clip: float = F(0.0, "Clip the global grad norm to this value (0 = off)")
+    seed: int = F(0, "Seed for model init, data order and augmentation")
+    log_every: int = F(10, "Steps between metrics lines")
+    ckpt_every_steps: int = F(500, "Save a checkpoint every N steps (0 = only at the end and on SIGTERM)")
+    ckpt_every_minutes: float = F(0.0, "Also save when this many minutes passed since the last save (0 = off)")
+    keep_last: int = F(3, "Keep the newest K committed checkpoints")
+    threads: int = F(0, "torch intra-op threads (0 = torch default)")
+    init_from: str = F("", "Initial weights (checkpoint dir/file, clipjob/CoreNet/OpenCLIP); ignored when resuming")
+    loss: Literal["clip", "siglip"] = F("clip", "Contrastive loss: clip (softmax InfoNCE) or siglip (sigmoid)")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    data: str = F("", "Zero-shot data run after training: emoji-heldout:DIR, folder:PATH or imagenet:PATH ('' = none)")
+    batch_size: int = F(256, "Images per eval batch")
+    resolution: int = F(0, "Eval resolution (0 = the model's image_size)")
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    run_dir: str = F("", "Run directory URL (local path, s3://, gs://, memory://): config, checkpoints, metrics")
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = F(ModelConfig(), "Model architecture")
+    data: DataConfig = F(DataConfig(), "Training data")
+    train: TrainConfig = F(TrainConfig(), "Optimisation and checkpointing")
+    eval: EvalConfig = F(EvalConfig(), "Evaluation")
+    storage: StorageConfig = F(StorageConfig(), "Where the run lives")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        out[f.name] = to_dict(v) if dataclasses.is_dataclass(v) else (list(v) if isinstance(v, tuple) else v)
+    return out
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, typing.get_args(tp)))}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
+    if origin in (typing.Union, types.UnionType):
+        for a in typing.get_args(tp):
+            try:
+                return _coerce(key, a, value)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} has the wrong type")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp}")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in data:
+        if k not in names:
+            raise ConfigError(f"{prefix}{k}: unknown key (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        tp, v, key = hints[f.name], data[f.name], prefix + f.name
+        kwargs[f.name] = from_dict(tp, v, key + ".") if dataclasses.is_dataclass(tp) else _coerce(key, tp, v)
+    return cls(**kwargs)
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """`a.b.c=value` -> {'a': {'b': {'c': value}}}; the value is parsed as YAML (numbers, bools, lists)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. train.lr=1e-3")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _looks_numeric(value):
+        value = float(value)
+    out: dict[str, Any] = {}
+    node = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return out
+
+
+def _looks_numeric(s: str) -> bool:
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    from clipjob import fs
+
+    try:
+        with fs.open_url(path, "r") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def build_config(preset: str | None = None, config_file: str | None = None, overrides: list[str] = ()) -> Config:
+    """Preset (or defaults) <- YAML file <- `--set` overrides, then validated."""
+    from clipjob.presets import preset_dict
+
+    data: dict[str, Any] = preset_dict(preset) if preset else {}
+    if config_file:
+        data = merge(data, load_yaml(config_file))
+    for item in overrides:
+        data = merge(data, parse_override(item))
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def validate(cfg: Config) -> None:
+    v, t, tr, d = cfg.model.vision, cfg.model.text, cfg.train, cfg.data
+    for key, val in [("model.embed_dim", cfg.model.embed_dim), ("model.vision.width", v.width),
+                     ("model.vision.layers", v.layers), ("model.vision.heads", v.heads),
+                     ("model.vision.patch_size", v.patch_size), ("model.text.width", t.width),
+                     ("model.text.layers", t.layers), ("model.text.heads", t.heads),
+                     ("model.text.context_length", t.context_length), ("train.steps", tr.steps),
+                     ("train.batch_size", tr.batch_size), ("train.log_every", tr.log_every),
+                     ("train.keep_last", tr.keep_last), ("eval.batch_size", cfg.eval.batch_size)]:
+        _check(val > 0, f"{key}: must be > 0, got {val}")
+    _check(v.width % v.heads == 0, f"model.vision.width: {v.width} is not divisible by model.vision.heads={v.heads}")
+    _check(t.width % t.heads == 0, f"model.text.width: {t.width} is not divisible by model.text.heads={t.heads}")
+    stride = 16 if v.family == "corenet" else v.patch_size
+    _check(v.image_size % stride == 0, f"model.vision.image_size: {v.image_size} is not a multiple of the patch size {stride}")
+    _check(v.family != "corenet" or v.patch_size == 16, "model.vision.patch_size: the corenet conv stem has a fixed stride of 16")
+    _check(tr.lr > 0, f"train.lr: must be > 0, got {tr.lr}")
+    _check(0 <= tr.min_lr <= tr.lr, f"train.min_lr: must be in [0, train.lr], got {tr.min_lr}")
+    _check(0 <= tr.warmup_steps <= tr.steps, f"train.warmup_steps: must be in [0, train.steps], got {tr.warmup_steps}")
+    _check(tr.weight_decay >= 0, f"train.weight_decay: must be >= 0, got {tr.weight_decay}")
+    _check(all(0 <= b < 1 for b in tr.betas), f"train.betas: each must be in [0, 1), got {list(tr.betas)}")
+    _check(tr.grad_clip >= 0, f"train.grad_clip: must be >= 0, got {tr.grad_clip}")
+    _check(tr.ckpt_every_steps >= 0, f"train.ckpt_every_steps: must be >= 0, got {tr.ckpt_every_steps}")
+    _check(tr.ckpt_every_minutes >= 0, f"train.ckpt_every_minutes: must be >= 0, got {tr.ckpt_every_minutes}")
+    _check(tr.threads >= 0, f"train.threads: must be >= 0, got {tr.threads}")
+    _check(d.num_workers >= 0, f"data.num_workers: must be >= 0, got {d.num_workers}")
+    _check(d.shuffle_buffer >= 0, f"data.shuffle_buffer: must be >= 0, got {d.shuffle_buffer}")
+    _check(0 < d.rrc_scale[0] <= d.rrc_scale[1] <= 1, f"data.rrc_scale: need 0 < low <= high <= 1, got {list(d.rrc_scale)}")
+    _check(0 <= d.max_bad_fraction <= 1, f"data.max_bad_fraction: must be in [0, 1], got {d.max_bad_fraction}")
+    _check(cfg.model.logit_scale_max > 0, "model.logit_scale_max: must be > 0")
+    _check(cfg.eval.resolution >= 0, f"eval.resolution: must be >= 0, got {cfg.eval.resolution}")
+
+
+def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, type, doc) for every leaf field, for `clipjob config show --docs` and the README."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += field_docs(tp, prefix + f.name + ".")
+        else:
+            name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+            rows.append((prefix + f.name, name, f.metadata.get("doc", "")))
+    return rows

@@ -1,0 +1,206 @@
+"""Zero-shot classification: class names x prompt templates -> a text classifier; images -> top-1/top-5.
+
+Protocol (OpenAI / CoreNet): per class, L2-normalise each prompt embedding, average, renormalise; logits are
+100 * image_features @ classifier. Data sources:
+- `emoji-heldout:DIR` / `emoji-seen:DIR`: the embedded emoji dataset's held-out (unseen) or seen concepts;
+- `folder:PATH`: any ImageFolder layout (class = folder name, or names from --classnames JSON);
+- `imagenet:PATH`: an ImageFolder-layout ImageNet validation set (sorted wnid folders, OpenAI class names).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from clipjob import fs
+from clipjob.data.decode import BadSample, decode_image
+from clipjob.data.transforms import eval_transform
+from clipjob.errors import ClipjobError
+
+EMOJI_TEMPLATES = ["{}", "an emoji of {}.", "a {} emoji.", "an icon of {}.", "a picture of {}.",
+                   "a cartoon of {}.", "a small image showing {}."]
+GENERIC_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}.",
+                     "a close-up photo of a {}.", "a cropped photo of a {}.", "a good photo of a {}.", "{}"]
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".JPEG", ".JPG", ".PNG")
+
+
+@dataclass
+class EvalSet:
+    name: str
+    classnames: list[str]
+    templates: list[str]
+    dataset: Dataset | IterableDataset  # yields (image tensor, label)
+    size: int | None = None
+
+
+class FolderImages(Dataset):
+    def __init__(self, files: list[tuple[str, int]], transform: Callable, size: int):
+        self.files, self.transform, self.size = files, transform, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        path, label = self.files[i]
+        try:
+            img = decode_image({"jpg": fs.read_bytes(path)}, self.size)
+        except BadSample as e:
+            raise ClipjobError(f"{path}: {e.reason}") from None
+        return self.transform(img), label
+
+
+class ShardImages(IterableDataset):
+    """Samples of webdataset shards labelled by a JSON field (emoji) or by a `cls` field."""
+
+    def __init__(self, urls: list[str], label_of: Callable[[dict], int], transform: Callable, size: int):
+        self.urls, self.label_of, self.transform, self.size = urls, label_of, transform, size
+
+    def __iter__(self) -> Iterator:
+        import webdataset as wds
+
+        from clipjob.data.shards import register_gopen_handlers
+
+        register_gopen_handlers()
+        info = torch.utils.data.get_worker_info()
+        urls = self.urls[info.id::info.num_workers] if info else self.urls
+        for sample in wds.tarfile_to_samples()(iter({"url": u} for u in urls)):
+            yield self.transform(decode_image(sample, self.size)), self.label_of(sample)
+
+
+def _folder_files(root: str) -> tuple[list[str], list[tuple[str, int]]]:
+    fsys, path = fs.get_fs(root)
+    classes = sorted(n for n in fs.ls(root) if fsys.isdir(f"{path.rstrip('/')}/{n}"))
+    if not classes:
+        raise ClipjobError(f"{root}: no class folders found (expected ImageFolder layout: ROOT/CLASS/IMAGE)")
+    files = []
+    for i, c in enumerate(classes):
+        for n in fs.ls(fs.join(root, c)):
+            if n.endswith(IMAGE_EXTS):
+                files.append((fs.join(root, c, n), i))
+    return classes, files
+
+
+def load_templates(spec: str | None, default: list[str]) -> list[str]:
+    if not spec:
+        return default
+    raw = fs.read_text(spec)
+    t = json.loads(raw) if spec.endswith(".json") else [line for line in raw.splitlines() if line.strip()]
+    if not t or not all("{}" in x for x in t):
+        raise ClipjobError(f"{spec}: templates must be a non-empty list of strings containing '{{}}'")
+    return t
+
+
+def build_eval_set(spec: str, image_size: int, family: str, classnames_file: str | None = None,
+                   templates_file: str | None = None) -> EvalSet:
+    if ":" not in spec or spec.split(":", 1)[0] not in ("emoji-heldout", "emoji-seen", "folder", "imagenet"):
+        raise ClipjobError(f"--data {spec!r}: expected emoji-heldout:DIR, emoji-seen:DIR, folder:PATH or imagenet:PATH")
+    kind, root = spec.split(":", 1)
+    tf = eval_transform(image_size, family)
+    if kind.startswith("emoji"):
+        from clipjob.data.shards import read_manifest
+
+        sub, names_file = ("heldout", "heldout_concepts.json") if kind == "emoji-heldout" else ("seen_eval", "seen_concepts.json")
+        names = json.loads(fs.read_text(fs.join(root, names_file)))
+        index = {n: i for i, n in enumerate(names)}
+        man = read_manifest(fs.join(root, sub))
+        urls = [fs.join(root, sub, s["name"]) for s in man["shards"]]
+        ds = ShardImages(urls, lambda s: index[json.loads(s["json"])["concept"]], tf, image_size)
+        return EvalSet(spec, names, load_templates(templates_file, EMOJI_TEMPLATES), ds, man.get("total_samples"))
+    if kind == "imagenet" and fs.exists(fs.join(root, "manifest.json")):
+        return _imagenet_shards(root, image_size, family, templates_file)
+    classes, files = _folder_files(root)
+    if kind == "imagenet":
+        from clipjob.eval.imagenet_meta import imagenet_classnames, openai_imagenet_templates
+
+        names = imagenet_classnames()
+        if len(classes) != len(names):
+            raise ClipjobError(f"{root}: expected 1000 wnid folders for imagenet:, found {len(classes)}; "
+                               "use folder:PATH for other class sets")
+        templates = load_templates(templates_file, openai_imagenet_templates())
+    else:
+        names = json.loads(fs.read_text(classnames_file)) if classnames_file else [c.replace("_", " ") for c in classes]
+        if isinstance(names, dict):
+            names = [names[c] for c in classes]
+        if len(names) != len(classes):
+            raise ClipjobError(f"{classnames_file}: {len(names)} names for {len(classes)} class folders")
+        templates = load_templates(templates_file, GENERIC_TEMPLATES)
+    return EvalSet(spec, names, templates, FolderImages(files, tf, image_size), len(files))
+
+
+def _imagenet_shards(root: str, image_size: int, family: str, templates_file: str | None) -> EvalSet:
+    from clipjob.data.shards import read_manifest
+    from clipjob.eval.imagenet_meta import imagenet_classnames, openai_imagenet_templates
+
+    man = read_manifest(root)
+    urls = [fs.join(root, s["name"]) for s in man["shards"]]
+    ds = ShardImages(urls, lambda s: int(s["cls"]), eval_transform(image_size, family), image_size)
+    return EvalSet(f"imagenet:{root}", imagenet_classnames(), load_templates(templates_file, openai_imagenet_templates()),
+                   ds, man.get("total_samples"))
+
+
+@torch.no_grad()
+def text_classifier(model, tokenizer, classnames: list[str], templates: list[str], device: torch.device,
+                    batch_classes: int = 64) -> torch.Tensor:
+    """(E, C): per class the renormalised mean of its normalised prompt embeddings."""
+    cols = []
+    for i in range(0, len(classnames), batch_classes):
+        chunk = classnames[i:i + batch_classes]
+        prompts = [t.format(c) for c in chunk for t in templates]
+        feats = model.encode_text(tokenizer(prompts).to(device)).float()
+        feats = feats.view(len(chunk), len(templates), -1).mean(1)
+        cols.append(torch.nn.functional.normalize(feats, dim=-1))
+    return torch.cat(cols).T
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int, int]:
+    top = logits.topk(max(ks), dim=1).indices
+    hit = top == labels[:, None]
+    return {k: int(hit[:, :k].any(1).sum()) for k in ks}
+
+
+@torch.no_grad()
+def evaluate(model, tokenizer, es: EvalSet, device: torch.device, batch_size: int = 256, workers: int = 2,
+             precision: str = "fp32", progress: bool = True) -> dict:
+    model.eval()
+    t0 = time.time()
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else torch.autocast(device.type, enabled=False)
+    with amp:
+        W = text_classifier(model, tokenizer, es.classnames, es.templates, device)
+    loader = DataLoader(es.dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+    bar = None
+    if progress and os.isatty(2):
+        from tqdm import tqdm
+
+        bar = tqdm(total=es.size, unit="img", desc="zero-shot")
+    hits, n = {1: 0, 5: 0}, 0
+    for images, labels in loader:
+        with amp:
+            f = model.encode_image(images.to(device)).float()
+        acc = accuracy(100.0 * f @ W, labels.to(device), ks=(1, min(5, len(es.classnames))))
+        hits[1] += acc[1]
+        hits[5] += acc[min(5, len(es.classnames))]
+        n += images.shape[0]
+        if bar:
+            bar.update(images.shape[0])
+    if bar:
+        bar.close()
+    if n == 0:
+        raise ClipjobError(f"{es.name}: no images found")
+    c = len(es.classnames)
+    return {"data": es.name, "top1": 100.0 * hits[1] / n, "top5": 100.0 * hits[5] / n, "images": n, "classes": c,
+            "chance_top1": 100.0 / c, "chance_top5": 100.0 * min(5, c) / c, "templates": len(es.templates),
+            "seconds": time.time() - t0, "images_per_s": n / max(1e-9, time.time() - t0)}
+
+
+def format_result(r: dict) -> str:
+    return (f"{r['data']}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  over {r['classes']} classes, "
+            f"{r['images']} images (chance {r['chance_top1']:.2f}% / {r['chance_top5']:.2f}%)\n"
+            f"top1={{'zero_shot_image_logits': {round(r['top1'], 3)}}}\n"
+            f"top5={{'zero_shot_image_logits': {round(r['top5'], 3)}}}")
+

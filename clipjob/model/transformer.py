@@ -1,0 +1,80 @@
+"""Pre-norm transformer blocks shared by the image and text towers. Attention goes through
+torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient kernels where available)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the activation OpenAI's CLIP weights were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+def activation(name: str) -> nn.Module:
+    return QuickGELU() if name == "quick_gelu" else nn.GELU()
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused q|k|v projection."""
+
+    def __init__(self, dim: int, heads: int, causal: bool = False):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None)
+        return self.proj(o.transpose(1, 2).reshape(b, s, d))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, act: str, eps: float, causal: bool = False):
+        super().__init__()
+        hidden = int(dim * mlp_ratio)
+        self.ln_1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, heads, causal)
+        self.ln_2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), activation(act), nn.Linear(hidden, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, dim: int, layers: int, heads: int, mlp_ratio: float, act: str, eps: float,
+                 causal: bool = False):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, act, eps, causal) for _ in range(layers))
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(blk, x, use_reentrant=False)
+            else:
+                x = blk(x)
+        return x
+
+
+def init_transformer(t: Transformer, width: int, layers: int) -> None:
+    """OpenAI-style init: scaled normal for projections, so deep stacks start near identity."""
+    proj_std = width**-0.5 * (2 * layers) ** -0.5
+    attn_std = width**-0.5
+    fc_std = (2 * width) ** -0.5
+    for blk in t.blocks:
+        nn.init.normal_(blk.attn.qkv.weight, std=attn_std)
+        nn.init.zeros_(blk.attn.qkv.bias)
+        nn.init.normal_(blk.attn.proj.weight, std=proj_std)
+        nn.init.zeros_(blk.attn.proj.bias)
+        nn.init.normal_(blk.mlp[0].weight, std=fc_std)
+        nn.init.normal_(blk.mlp[2].weight, std=proj_std)

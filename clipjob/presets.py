@@ -1,0 +1,79 @@
+"""Named configs. Each preset is a partial config dict (only what differs from the defaults).
+
+- tiny-cpu: the laptop demo on the embedded emoji dataset (2 CPU cores, minutes), pretrained MiniLM text tower.
+- tiny-cpu-scratch: the same with a from-scratch CLIP text transformer (for comparison).
+- corenet-vit-b16 / corenet-vit-h16: CoreNet's projects/clip recipes (DataComp-1.3B, 200k iterations).
+- openclip-vit-b32 / openclip-vit-b16: OpenAI/OpenCLIP architectures.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from clipjob.errors import ConfigError
+
+_TINY_VISION = {"family": "openai", "image_size": 64, "patch_size": 8, "width": 192, "layers": 4, "heads": 3}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny-cpu": {
+        "model": {"embed_dim": 256, "vision": _TINY_VISION,
+                  "text": {"kind": "minilm", "context_length": 24, "freeze": True}},
+        "data": {"num_workers": 1, "shuffle_buffer": 2000, "rrc_scale": [0.6, 1.0]},
+        "train": {"steps": 600, "batch_size": 128, "lr": 2e-3, "min_lr": 1e-5, "warmup_steps": 50,
+                  "weight_decay": 0.05, "precision": "bf16", "log_every": 20, "ckpt_every_steps": 200,
+                  "keep_last": 2},
+        "eval": {"batch_size": 256},
+    },
+    "tiny-cpu-scratch": {
+        "model": {"embed_dim": 256, "vision": _TINY_VISION,
+                  "text": {"kind": "transformer", "context_length": 32, "width": 256, "layers": 4, "heads": 4}},
+        "data": {"num_workers": 1, "shuffle_buffer": 2000, "rrc_scale": [0.6, 1.0]},
+        "train": {"steps": 600, "batch_size": 128, "lr": 2e-3, "min_lr": 1e-5, "warmup_steps": 50,
+                  "weight_decay": 0.05, "precision": "bf16", "log_every": 20, "ckpt_every_steps": 200,
+                  "keep_last": 2},
+        "eval": {"batch_size": 256},
+    },
+    "corenet-vit-b16": {
+        "model": {"embed_dim": 512,
+                  "vision": {"family": "corenet", "image_size": 224, "patch_size": 16, "width": 768, "layers": 12,
+                             "heads": 12, "ln_eps": 1e-6},
+                  "text": {"width": 512, "layers": 12, "heads": 8, "context_length": 77},
+                  "grad_checkpointing": True},
+        "train": {"steps": 200_000, "batch_size": 256, "lr": 1e-3, "min_lr": 1e-6, "warmup_steps": 10_000,
+                  "warmup_init_lr": 1e-6, "weight_decay": 0.2, "betas": [0.9, 0.98], "eps": 1e-6,
+                  "precision": "bf16", "ckpt_every_steps": 5000},
+        "data": {"num_workers": 8, "rrc_scale": [0.9, 1.0]},
+    },
+    "corenet-vit-h16": {
+        "model": {"embed_dim": 768,
+                  "vision": {"family": "corenet", "image_size": 224, "patch_size": 16, "width": 1280, "layers": 32,
+                             "heads": 20, "ln_eps": 1e-6},
+                  "text": {"width": 768, "layers": 12, "heads": 12, "context_length": 77},
+                  "grad_checkpointing": True},
+        "train": {"steps": 200_000, "batch_size": 256, "lr": 1e-3, "min_lr": 1e-6, "warmup_steps": 10_000,
+                  "weight_decay": 0.2, "betas": [0.9, 0.98], "eps": 1e-6, "precision": "bf16",
+                  "ckpt_every_steps": 5000},
+        "data": {"num_workers": 8, "rrc_scale": [0.9, 1.0]},
+    },
+    "openclip-vit-b32": {
+        "model": {"embed_dim": 512,
+                  "vision": {"family": "openai", "image_size": 224, "patch_size": 32, "width": 768, "layers": 12,
+                             "heads": 12},
+                  "text": {"width": 512, "layers": 12, "heads": 8, "context_length": 77}},
+        "train": {"lr": 5e-4, "warmup_steps": 10_000, "steps": 100_000, "batch_size": 256, "precision": "bf16"},
+    },
+    "openclip-vit-b16": {
+        "model": {"embed_dim": 512,
+                  "vision": {"family": "openai", "image_size": 224, "patch_size": 16, "width": 768, "layers": 12,
+                             "heads": 12},
+                  "text": {"width": 512, "layers": 12, "heads": 8, "context_length": 77}},
+        "train": {"lr": 5e-4, "warmup_steps": 10_000, "steps": 100_000, "batch_size": 256, "precision": "bf16"},
+    },
+}
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ConfigError(f"--preset {name!r}: unknown preset (known: {', '.join(PRESETS)})")
+    return copy.deepcopy(PRESETS[name])
