@@ -9,16 +9,18 @@ from typing import Annotated, Optional
 
 import typer
 
+from clipjob.commands.ckpt import ckpt_app
+from clipjob.commands.data import data_app
 from clipjob.errors import ClipjobError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Train CLIP models at scale and evaluate zero-shot classification.")
 config_app = typer.Typer(no_args_is_help=True, help="Show and import configs.")
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate checkpoints.")
-data_app = typer.Typer(no_args_is_help=True, help="Build and inspect datasets.")
 app.add_typer(config_app, name="config")
 app.add_typer(eval_app, name="eval")
 app.add_typer(data_app, name="data")
+app.add_typer(ckpt_app, name="ckpt")
 
 Preset = Annotated[Optional[str], typer.Option("--preset", "-p", help="Named config (clipjob config presets)")]
 ConfigFile = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file (any fsspec URL)")]
@@ -128,17 +130,6 @@ def eval_zeroshot(
     if not checkpoint:
         raise ClipjobError("--checkpoint: give a run dir, step folder or weights file (or --watch RUN_DIR)")
     run_zeroshot(checkpoint, data, out=out, **kw)
-
-
-@data_app.command("emoji")
-def data_emoji(out: Annotated[str, typer.Option(help="Output directory")],
-               seed: Annotated[int, typer.Option(help="Split/caption seed")] = 0,
-               heldout_fraction: Annotated[float, typer.Option(help="Fraction of concepts held out")] = 0.1) -> None:
-    """Build the embedded emoji dataset (twemoji images, CC-BY 4.0) as webdataset shards."""
-    from clipjob.data.emoji import build_emoji_dataset
-
-    summary = build_emoji_dataset(out, seed=seed, heldout_fraction=heldout_fraction)
-    typer.echo(json.dumps(summary))
 
 
 @app.command()

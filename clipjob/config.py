@@ -60,6 +60,7 @@ class ModelConfig:
     logit_scale_init: float = F(2.659260036932778, "Initial log logit scale, ln(1/0.07)")
     logit_scale_max: float = F(100.0, "Clamp of exp(logit_scale)")
     grad_checkpointing: bool = F(False, "Recompute transformer blocks in backward to save memory")
+    range_augment: bool = F(False, "RangeAugment: learnable brightness/contrast/noise ranges inside the image tower (training only)")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ class DataConfig:
     rrc_scale: tuple[float, float] = F((0.9, 1.0), "RandomResizedCrop scale range")
     max_bad_fraction: float = F(0.1, "Stop with an error when more than this fraction of samples is bad")
     caption_key: str = F("txt", "Sample key holding the caption")
+    multiscale: bool = F(False, "Multi-scale variable batch sampler: a (resolution, batch) per step, batch scaled by area")
+    multiscale_sizes: list[int] = F([160, 192, 224, 256, 288, 320], "Resolutions of the multi-scale sampler")
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,9 @@ class TrainConfig:
     keep_last: int = F(3, "Keep the newest K committed checkpoints")
     threads: int = F(0, "torch intra-op threads (0 = torch default)")
     init_from: str = F("", "Initial weights (checkpoint dir/file, clipjob/CoreNet/OpenCLIP); ignored when resuming")
+    ema_momentum: float = F(0.0, "EMA of the weights: ema = (1 - m) * ema + m * w each step (0 = off; CoreNet 0.0005)")
+    accum_steps: int = F(1, "Micro-batches per step; features are cached so the contrastive batch stays whole")
+    compile: bool = F(False, "torch.compile the model")
     loss: Literal["clip", "siglip"] = F("clip", "Contrastive loss: clip (softmax InfoNCE) or siglip (sigmoid)")
 
 
@@ -138,6 +144,11 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if value not in typing.get_args(tp):
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, typing.get_args(tp)))}")
         return value
+    if origin is list:
+        (a,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", a, v) for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -272,7 +283,7 @@ def validate(cfg: Config) -> None:
     _check(v.family != "corenet" or v.patch_size == 16, "model.vision.patch_size: the corenet conv stem has a fixed stride of 16")
     _check(tr.lr > 0, f"train.lr: must be > 0, got {tr.lr}")
     _check(0 <= tr.min_lr <= tr.lr, f"train.min_lr: must be in [0, train.lr], got {tr.min_lr}")
-    _check(0 <= tr.warmup_steps <= tr.steps, f"train.warmup_steps: must be in [0, train.steps], got {tr.warmup_steps}")
+    _check(tr.warmup_steps >= 0, f"train.warmup_steps: must be >= 0, got {tr.warmup_steps}")
     _check(tr.weight_decay >= 0, f"train.weight_decay: must be >= 0, got {tr.weight_decay}")
     _check(all(0 <= b < 1 for b in tr.betas), f"train.betas: each must be in [0, 1), got {list(tr.betas)}")
     _check(tr.grad_clip >= 0, f"train.grad_clip: must be >= 0, got {tr.grad_clip}")
@@ -284,6 +295,10 @@ def validate(cfg: Config) -> None:
     _check(0 < d.rrc_scale[0] <= d.rrc_scale[1] <= 1, f"data.rrc_scale: need 0 < low <= high <= 1, got {list(d.rrc_scale)}")
     _check(0 <= d.max_bad_fraction <= 1, f"data.max_bad_fraction: must be in [0, 1], got {d.max_bad_fraction}")
     _check(cfg.model.logit_scale_max > 0, "model.logit_scale_max: must be > 0")
+    _check(tr.ema_momentum >= 0 and tr.ema_momentum < 1, f"train.ema_momentum: must be in [0, 1), got {tr.ema_momentum}")
+    _check(tr.accum_steps >= 1, f"train.accum_steps: must be >= 1, got {tr.accum_steps}")
+    _check(all(s > 0 and s % stride == 0 for s in d.multiscale_sizes),
+           f"data.multiscale_sizes: each must be a positive multiple of the patch size {stride}, got {d.multiscale_sizes}")
     _check(cfg.eval.resolution >= 0, f"eval.resolution: must be >= 0, got {cfg.eval.resolution}")
 
 
