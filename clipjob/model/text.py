@@ -85,6 +85,7 @@ class MiniLMText(nn.Module):
                                     for _ in range(hf["num_hidden_layers"]))
         self.proj = nn.Parameter(torch.randn(d, embed_dim) * d**-0.5)
         self.frozen = cfg.freeze
+        self._cache: dict[bytes, torch.Tensor] = {}  # frozen tower: caption tokens -> pooled embedding
         if pretrained:
             self.load_pretrained()
         if self.frozen:
@@ -118,7 +119,8 @@ class MiniLMText(nn.Module):
         return self
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Mean-pooled sentence embedding (before the projection), as sentence-transformers computes it."""
+        """The sentence embedding (before the projection) as the shipped pipeline computes it:
+        transformer -> mean pooling over real tokens -> L2 normalisation."""
         valid = tokens != 0
         pos = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.ln_emb(self.word(tokens) + self.position(pos) + self.token_type(torch.zeros_like(tokens)))
@@ -127,15 +129,27 @@ class MiniLMText(nn.Module):
         for layer in self.layers:
             x = layer(x, mask)
         w = valid.unsqueeze(-1).to(x.dtype)
-        return (x * w).sum(1) / w.sum(1).clamp(min=1e-9)
+        return F.normalize((x * w).sum(1) / w.sum(1).clamp(min=1e-9), dim=-1)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if self.frozen:
-            with torch.no_grad():
-                pooled = self.embed(tokens)
-        else:
-            pooled = self.embed(tokens)
-        return pooled @ self.proj
+        pooled = self._cached_embed(tokens) if self.frozen else self.embed(tokens)
+        return pooled.to(self.proj.dtype) @ self.proj
+
+    CACHE_MAX = 200_000
+
+    @torch.no_grad()
+    def _cached_embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A frozen tower maps a caption to the same vector every time: compute each distinct caption once
+        (captions repeat across epochs and templates), keep up to CACHE_MAX of them."""
+        keys = [row.tobytes() for row in tokens.cpu().numpy()]
+        todo = sorted({i for i, k in enumerate(keys) if k not in self._cache})
+        if todo:
+            fresh = self.embed(tokens[todo]).float()
+            if len(self._cache) + len(todo) > self.CACHE_MAX:
+                self._cache.clear()
+            for i, f in zip(todo, fresh):
+                self._cache[keys[i]] = f
+        return torch.stack([self._cache[k] for k in keys]).to(tokens.device)
 
 
 class MiniLMTokenizer:

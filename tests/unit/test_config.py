@@ -1,0 +1,76 @@
+import subprocess
+import sys
+
+import pytest
+
+from clipjob.config import Config, build_config, field_docs, from_dict, parse_override, to_dict, to_yaml
+from clipjob.errors import ConfigError
+from clipjob.presets import PRESETS
+
+
+def test_should_apply_overrides_in_order_when_set_is_repeated():
+    cfg = build_config("tiny-cpu", None, ["train.lr=1e-3", "train.lr=2e-3", "model.vision.layers=2"])
+    assert cfg.train.lr == 2e-3 and cfg.model.vision.layers == 2
+    assert cfg.model.text.kind == "minilm"  # untouched preset value survives
+
+
+def test_should_parse_yaml_values_when_overriding():
+    assert parse_override("a.b=[1, 2]") == {"a": {"b": [1, 2]}}
+    assert parse_override("a=true") == {"a": True}
+    assert parse_override("a=1e-3") == {"a": 1e-3}  # YAML 1.1 reads 1e-3 as a string; we do not
+    assert parse_override("a=s3://b/x") == {"a": "s3://b/x"}
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("train.bogus=1", "train.bogus: unknown key"),
+    ("model.vision.heads=5", "model.vision.width"),
+    ("train.precision=fp8", "train.precision: 'fp8' is not one of"),
+    ("train.lr=-1", "train.lr: must be > 0"),
+    ("train.steps=abc", "train.steps: expected an integer"),
+    ("train.betas=[0.9]", "train.betas: expected a list of 2"),
+    ("data.rrc_scale=[0.9, 2]", "data.rrc_scale"),
+    ("model.vision.image_size=65", "model.vision.image_size"),
+    ("nope=1", "nope: unknown key"),
+    ("train.lr", "expected key=value"),
+])
+def test_should_name_the_key_when_a_value_is_bad(override, fragment):
+    with pytest.raises(ConfigError) as e:
+        build_config("tiny-cpu", None, [override])
+    assert fragment in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_should_round_trip_through_yaml_when_every_preset_is_dumped(tmp_path):
+    for name in PRESETS:
+        cfg = build_config(name)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(to_yaml(cfg))
+        assert build_config(None, str(path)) == cfg
+
+
+def test_should_document_every_field():
+    rows = field_docs()
+    assert len(rows) > 40
+    assert all(doc for _, _, doc in rows), [k for k, _, d in rows if not d]
+
+
+def test_should_be_immutable_after_build():
+    cfg = build_config("tiny-cpu")
+    with pytest.raises(Exception):
+        cfg.train.lr = 1.0  # type: ignore[misc]
+    assert from_dict(Config, to_dict(cfg)) == cfg
+
+
+def test_should_exit_2_with_one_line_and_write_nothing_when_the_cli_gets_a_bad_key(tmp_path):
+    run = tmp_path / "run"
+    p = subprocess.run([sys.executable, "-m", "clipjob", "train", "--preset", "tiny-cpu", "--run-dir", str(run),
+                        "--set", "data.train=x", "--set", "train.nope=1"], capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines() == ["error: train.nope: unknown key (known: " + p.stderr.split("known: ")[1].strip()]
+    assert not run.exists()
+
+
+def test_should_report_a_missing_config_file_by_name(tmp_path):
+    with pytest.raises(Exception) as e:
+        build_config(None, str(tmp_path / "missing.yaml"))
+    assert "missing.yaml" in str(e.value)

@@ -1,0 +1,104 @@
+import math
+
+import pytest
+import torch
+
+from clipjob.config import build_config
+from clipjob.model import build_model
+from clipjob.model.transformer import Attention
+
+
+def tiny(**sets):
+    base = ["model.vision.width=64", "model.vision.layers=2", "model.vision.heads=2", "model.text.width=64",
+            "model.text.layers=2", "model.text.heads=2", "model.text.context_length=16", "model.embed_dim=32"]
+    return build_config("tiny-cpu-scratch", None, base + [f"{k}={v}" for k, v in sets.items()])
+
+
+def naive_attention(attn: Attention, x: torch.Tensor, causal: bool) -> torch.Tensor:
+    b, s, d = x.shape
+    h = attn.heads
+    q, k, v = attn.qkv(x).split(d, dim=-1)
+    q, k, v = (t.view(b, s, h, d // h).transpose(1, 2) for t in (q, k, v))
+    scores = q @ k.transpose(-1, -2) / math.sqrt(d // h)
+    if causal:
+        scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+    out = scores.softmax(-1) @ v
+    return attn.proj(out.transpose(1, 2).reshape(b, s, d))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_should_match_naive_attention_when_using_sdpa(causal):
+    torch.manual_seed(0)
+    attn = Attention(32, 4, causal=causal)
+    x = torch.randn(3, 7, 32)
+    torch.testing.assert_close(attn(x), naive_attention(attn, x, causal), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["openai", "corenet"])
+def test_should_return_unit_features_when_encoding(family):
+    cfg = tiny(**{"model.vision.family": family, "model.vision.patch_size": 16 if family == "corenet" else 8})
+    m = build_model(cfg.model).eval()
+    out = m(torch.rand(2, 3, 64, 64), torch.randint(1, 1000, (2, 16)))
+    assert out.image_features.shape == (2, 32) and out.text_features.shape == (2, 32)
+    torch.testing.assert_close(out.image_features.norm(dim=-1), torch.ones(2))
+    torch.testing.assert_close(out.text_features.norm(dim=-1), torch.ones(2))
+    assert math.isclose(out.logit_scale.item(), 1 / 0.07, rel_tol=1e-5)
+
+
+def test_should_clamp_the_logit_scale_at_100():
+    m = build_model(tiny().model)
+    with torch.no_grad():
+        m.logit_scale.fill_(10.0)
+    assert m.scale().item() == 100.0
+    m.clamp_logit_scale()
+    assert math.isclose(m.logit_scale.item(), math.log(100), rel_tol=1e-6)
+
+
+def test_should_pool_at_the_eot_token_when_encoding_text():
+    m = build_model(tiny().model).eval()
+    toks = torch.zeros(1, 16, dtype=torch.long)
+    toks[0, :4] = torch.tensor([49406, 320, 1929, 49407])
+    a = m.encode_text(toks)
+    toks2 = toks.clone()
+    toks2[0, 6] = 5  # a token after EOT cannot change the causal output at the EOT position
+    torch.testing.assert_close(a, m.encode_text(toks2))
+
+
+def test_should_give_the_same_gradients_when_checkpointing_activations():
+    torch.manual_seed(0)
+    m = build_model(tiny().model)
+    x, t = torch.rand(2, 3, 64, 64), torch.randint(1, 1000, (2, 16))
+    grads = []
+    for ckpt in (False, True):
+        m.zero_grad()
+        m.set_grad_checkpointing(ckpt)
+        out = m(x, t)
+        (out.image_features @ out.text_features.T).sum().backward()
+        grads.append(m.visual.transformer.blocks[0].attn.qkv.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_should_match_sentence_transformers_when_loading_minilm():
+    st = pytest.importorskip("sentence_transformers")
+    from clipjob.model.text import MiniLMText, MiniLMTokenizer, minilm_dir
+
+    cfg = build_config("tiny-cpu")
+    ours = MiniLMText(cfg.model.text, 8).eval()
+    ref = st.SentenceTransformer(minilm_dir(), device="cpu")
+    texts = ["a red apple", "an emoji of a smiling face with sunglasses", "Zürich 2024!"]
+    expected = torch.tensor(ref.encode(texts, normalize_embeddings=False))
+    got = ours.embed(MiniLMTokenizer(24)(texts))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_should_reuse_cached_text_features_when_the_minilm_tower_is_frozen():
+    from clipjob.model.text import MiniLMText, MiniLMTokenizer
+
+    cfg = build_config("tiny-cpu")
+    m = MiniLMText(cfg.model.text, 8).eval()
+    toks = MiniLMTokenizer(24)(["a cat", "a dog", "a cat"])
+    first = m(toks)
+    assert len(m._cache) == 2
+    torch.testing.assert_close(first, m.embed(toks) @ m.proj)
+    torch.testing.assert_close(m(toks), first)
+    assert [n for n, p in m.named_parameters() if p.requires_grad] == ["proj"]
