@@ -99,6 +99,17 @@ def config_presets() -> None:
         typer.echo(name)
 
 
+@config_app.command("from-corenet")
+def config_from_corenet(file: Annotated[str, typer.Argument(help="CoreNet CLIP YAML config (any fsspec URL)")]) -> None:
+    """Print the clipjob config of a CoreNet CLIP YAML; keys without an equivalent are listed on stderr."""
+    from clipjob.config_import import corenet_yaml_to_clipjob
+
+    text, ignored = corenet_yaml_to_clipjob(file)
+    typer.echo(text, nl=False)
+    for line in ignored:
+        typer.echo(line, err=True)
+
+
 @eval_app.command("zeroshot")
 def eval_zeroshot(
     data: Annotated[list[str], typer.Option("--data", "-d", help="emoji-heldout:DIR, emoji-seen:DIR, folder:PATH, imagenet:PATH (repeatable)")],
@@ -114,6 +125,7 @@ def eval_zeroshot(
     out: Annotated[Optional[str], typer.Option(help="Write results JSON here")] = None,
     poll_seconds: Annotated[float, typer.Option(help="--watch: seconds between polls")] = 60.0,
     max_polls: Annotated[Optional[int], typer.Option(help="--watch: stop after this many polls")] = None,
+    ema: Annotated[bool, typer.Option("--ema", help="Evaluate the EMA weights (ema.safetensors, train.ema_momentum > 0)")] = False,
 ) -> None:
     """Zero-shot classification accuracy (top-1/top-5) of a checkpoint."""
     from clipjob.eval.runner import run_zeroshot, watch as watch_run
@@ -122,7 +134,7 @@ def eval_zeroshot(
         raise ClipjobError(f"--precision: expected fp32 or bf16, got {precision!r}")
     kw = dict(preset=preset, config_file=config, overrides=list(set_ or []), resolution=resolution,
               batch_size=batch_size, workers=workers, precision=precision, classnames=classnames,
-              templates=templates)
+              templates=templates, ema=ema)
     if watch:
         n = watch_run(watch, data, poll_seconds=poll_seconds, max_polls=max_polls, **kw)
         typer.echo(f"evaluated {n} checkpoint(s)")
@@ -142,6 +154,7 @@ def report(run: Annotated[str, typer.Argument(help="Run directory URL")],
 
 
 def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after the tokenizer is built
     try:
         app()
     except ClipjobError as e:

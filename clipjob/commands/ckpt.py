@@ -1,7 +1,168 @@
-"""`clipjob ckpt ...`: inspect and convert checkpoints."""
+"""`clipjob ckpt ...`: inspect and convert checkpoints.
+
+    clipjob ckpt convert --from corenet clip_vit_base.pt ckpt/     # a step folder: weights + config.yaml
+    clipjob ckpt convert --from openai vit_b32_openai.safetensors vitb32/
+    clipjob ckpt info ckpt/
+"""
 
 from __future__ import annotations
 
+import json
+import struct
+from typing import TYPE_CHECKING, Annotated, Optional
+
 import typer
+import yaml
+
+from clipjob.errors import ClipjobError
+
+if TYPE_CHECKING:  # torch is imported only by the commands that need it: `clipjob --help` stays fast
+    import torch
 
 ckpt_app = typer.Typer(no_args_is_help=True, help="Inspect and convert checkpoints.")
+
+SOURCES = ("auto", "corenet", "openclip", "openai")
+
+
+def _safetensors_metadata(url: str) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file, reading only its header."""
+    from clipjob import fs
+
+    with fs.open_url(url, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > 100_000_000:
+            raise ClipjobError(f"{url}: corrupt safetensors header")
+        return json.loads(f.read(n)).get("__metadata__") or {}
+
+
+def _stored_config_yaml(resolved: str) -> str | None:
+    from clipjob.train import checkpoint as ckpt
+
+    if resolved.endswith(".safetensors"):
+        return _safetensors_metadata(resolved).get("clipjob_config")
+    if resolved.endswith((".pt", ".pth", ".bin", ".ckpt")):
+        return None
+    return ckpt.load_config_yaml(resolved)
+
+
+def _model_config(sd, resolved: str, layout: str, quick_gelu: bool, overrides: list[str]):
+    """The full Config of converted weights: the stored one (clipjob), else inferred from the shapes; then
+    `--set` overrides (e.g. heads, which shapes cannot tell)."""
+    from clipjob.config import Config, from_dict, merge, parse_override, to_dict, validate
+    from clipjob.model.convert import infer_model_config
+
+    stored = _stored_config_yaml(resolved) if layout == "clipjob" else None
+    if stored:
+        data = to_dict(from_dict(Config, yaml.safe_load(stored)))
+    else:
+        model = infer_model_config(sd, act="quick_gelu" if quick_gelu else "gelu")
+        data = {"model": to_dict(model)}
+    for o in overrides:
+        data = merge(data, parse_override(o))
+    cfg = from_dict(Config, data)
+    validate(cfg)
+    return cfg
+
+
+def describe_model(m) -> str:
+    v, t = m.vision, m.text
+    stem = "conv stem" if v.family == "corenet" else f"patch {v.patch_size}"
+    return (f"{v.family} ViT (width {v.width}, {v.layers} layers, {v.heads} heads, {stem}, {v.image_size}px, {v.act}) + "
+            f"{t.kind} text (width {t.width}, {t.layers} layers, {t.heads} heads, context {t.context_length}, "
+            f"{t.act}), embed {m.embed_dim}{', RangeAugment' if m.range_augment else ''}")
+
+
+def write_converted(dst: str, sd: "dict[str, torch.Tensor]", config_yaml: str, meta: dict) -> None:
+    """A `.safetensors` file (config in its metadata) or a committed step folder usable anywhere a
+    checkpoint is: model.safetensors + config.yaml + meta.json + COMMITTED (written last)."""
+    from safetensors.torch import save as st_save
+
+    from clipjob import fs
+    from clipjob.train import checkpoint as ckpt
+
+    if dst.endswith(".safetensors"):
+        fs.write_bytes(dst, st_save(sd, metadata={"clipjob_config": config_yaml, "source": meta["source"],
+                                                  "layout": meta["layout"]}))
+        return
+    fs.write_bytes(fs.join(dst, "model.safetensors"), st_save(sd, metadata={"source": meta["source"]}))
+    fs.write_text(fs.join(dst, "config.yaml"), config_yaml)
+    fs.write_text(fs.join(dst, "meta.json"), json.dumps(meta, indent=1))
+    fs.write_text(fs.join(dst, ckpt.MARKER), "converted\n")
+
+
+def convert_checkpoint(src: str, dst: str, source: str = "auto", overrides: list[str] = (),
+                       force: bool = False) -> str:
+    """Read `src` (any supported layout), check it against its architecture, write clipjob weights to `dst`."""
+    from clipjob import fs
+    from clipjob.config import to_yaml
+    from clipjob.model.convert import count_parameters, detect_layout, fit_to_config, read_state_dict, to_clipjob
+
+    if source not in SOURCES:
+        raise ClipjobError(f"--from {source!r}: expected one of {', '.join(SOURCES)}")
+    target = dst if dst.endswith(".safetensors") else fs.join(dst, "model.safetensors")
+    if fs.exists(target) and not force:
+        raise ClipjobError(f"{dst}: already holds a checkpoint; pass --force to overwrite it")
+    raw, resolved = read_state_dict(src)
+    layout = detect_layout(raw)
+    try:
+        sd = to_clipjob(raw, "openclip" if source == "openai" else source)
+    except ClipjobError as e:
+        raise ClipjobError(f"{resolved}: {e}") from None
+    cfg = _model_config(sd, resolved, layout, source == "openai", list(overrides))
+    sd = fit_to_config(sd, cfg.model, resolved)
+    sd = {k: (v.float() if v.is_floating_point() else v).contiguous().clone() for k, v in sd.items()}
+    write_converted(dst, sd, to_yaml(cfg), {"source": src, "layout": layout, "step": None})
+    n = count_parameters(cfg.model)
+    note = ""
+    if layout == "openclip" and source == "auto":
+        note = " (assumed GELU; use --from openai for OpenAI's QuickGELU weights)"
+    return f"wrote {dst}: {layout} -> clipjob, {describe_model(cfg.model)}, {n:,} parameters{note}"
+
+
+def checkpoint_info(url: str) -> dict:
+    from clipjob import fs
+    from clipjob.config import to_dict
+    from clipjob.model.convert import count_parameters, detect_layout, read_state_dict, to_clipjob
+
+    raw, resolved = read_state_dict(url)
+    layout = detect_layout(raw)
+    sd = to_clipjob(raw)
+    cfg = _model_config(sd, resolved, layout, False, [])
+    step = None
+    if resolved.endswith(".safetensors"):
+        step = _safetensors_metadata(resolved).get("step")
+    elif not resolved.endswith((".pt", ".pth", ".bin", ".ckpt")) and fs.exists(fs.join(resolved, "meta.json")):
+        step = json.loads(fs.read_text(fs.join(resolved, "meta.json"))).get("step")
+    return {"checkpoint": resolved, "layout": layout, "architecture": describe_model(cfg.model),
+            "parameters": count_parameters(cfg.model), "step": None if step is None else int(step),
+            "tensors": len(raw), "model": to_dict(cfg.model)}
+
+
+Sets = Annotated[Optional[list[str]], typer.Option("--set", "-s", help="Override the inferred model config: model.key=value")]
+
+
+@ckpt_app.command("convert")
+def ckpt_convert(
+    src: Annotated[str, typer.Argument(help="Source weights: file, step folder or run dir (any fsspec URL)")],
+    dst: Annotated[str, typer.Argument(help="Output: a step folder (weights + config.yaml) or a .safetensors file")],
+    from_: Annotated[str, typer.Option("--from", help="Source layout: corenet, openclip, openai (QuickGELU) or auto")] = "auto",
+    set_: Sets = None,
+    force: Annotated[bool, typer.Option(help="Overwrite an existing checkpoint at DST")] = False,
+) -> None:
+    """Convert CoreNet / OpenCLIP / OpenAI weights into a clipjob checkpoint (loaded strictly, shapes checked)."""
+    typer.echo(convert_checkpoint(src, dst, from_, list(set_ or []), force))
+
+
+@ckpt_app.command("info")
+def ckpt_info(
+    url: Annotated[str, typer.Argument(help="Checkpoint: file, step folder or run dir (any fsspec URL)")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+) -> None:
+    """Layout, architecture, parameter count and step of a checkpoint."""
+    info = checkpoint_info(url)
+    if as_json:
+        typer.echo(json.dumps(info, indent=1))
+        return
+    for key in ("checkpoint", "layout", "architecture", "parameters", "step"):
+        value = info[key]
+        typer.echo(f"{key}: {value:,}" if key == "parameters" else f"{key}: {'-' if value is None else value}")

@@ -4,7 +4,9 @@ Protocol (OpenAI / CoreNet): per class, L2-normalise each prompt embedding, aver
 100 * image_features @ classifier. Data sources:
 - `emoji-heldout:DIR` / `emoji-seen:DIR`: the embedded emoji dataset's held-out (unseen) or seen concepts;
 - `folder:PATH`: any ImageFolder layout (class = folder name, or names from --classnames JSON);
-- `imagenet:PATH`: an ImageFolder-layout ImageNet validation set (sorted wnid folders, OpenAI class names).
+- `imagenet:PATH`: an ImageFolder-layout ImageNet validation set (the 1000 wnid folders, sorted, give the labels;
+  OpenAI class names and 80 templates), or its webdataset shards (`{key}.jpg` + `{key}.cls`, the label index
+  in sorted-wnid order) as a directory with manifest.json or *.tar, a brace pattern or a glob, at any URL.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ EMOJI_TEMPLATES = ["{}", "an emoji of {}.", "a {} emoji.", "an icon of {}.", "a 
 GENERIC_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}.",
                      "a close-up photo of a {}.", "a cropped photo of a {}.", "a good photo of a {}.", "{}"]
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".JPEG", ".JPG", ".PNG")
+FULL_DECODE = 1 << 16  # decode target for ImageNet: no JPEG draft-mode reduction, as the reference protocol decodes
 
 
 @dataclass
@@ -112,7 +115,7 @@ def build_eval_set(spec: str, image_size: int, family: str, classnames_file: str
         urls = [fs.join(root, sub, s["name"]) for s in man["shards"]]
         ds = ShardImages(urls, lambda s: index[json.loads(s["json"])["concept"]], tf, image_size)
         return EvalSet(spec, names, load_templates(templates_file, EMOJI_TEMPLATES), ds, man.get("total_samples"))
-    if kind == "imagenet" and fs.exists(fs.join(root, "manifest.json")):
+    if kind == "imagenet" and _is_shard_spec(root):
         return _imagenet_shards(root, image_size, family, templates_file)
     classes, files = _folder_files(root)
     if kind == "imagenet":
@@ -122,6 +125,7 @@ def build_eval_set(spec: str, image_size: int, family: str, classnames_file: str
         if len(classes) != len(names):
             raise ClipjobError(f"{root}: expected 1000 wnid folders for imagenet:, found {len(classes)}; "
                                "use folder:PATH for other class sets")
+        _check_wnids(root, classes)
         templates = load_templates(templates_file, openai_imagenet_templates())
     else:
         names = json.loads(fs.read_text(classnames_file)) if classnames_file else [c.replace("_", " ") for c in classes]
@@ -130,18 +134,47 @@ def build_eval_set(spec: str, image_size: int, family: str, classnames_file: str
         if len(names) != len(classes):
             raise ClipjobError(f"{classnames_file}: {len(names)} names for {len(classes)} class folders")
         templates = load_templates(templates_file, GENERIC_TEMPLATES)
-    return EvalSet(spec, names, templates, FolderImages(files, tf, image_size), len(files))
+    decode = FULL_DECODE if kind == "imagenet" else image_size
+    return EvalSet(spec, names, templates, FolderImages(files, tf, decode), len(files))
+
+
+def _is_shard_spec(root: str) -> bool:
+    return root.endswith(".tar") or any(c in root for c in "{*?[") or fs.exists(fs.join(root, "manifest.json")) \
+        or bool(fs.glob(fs.join(root, "*.tar")))
+
+
+def _check_wnids(root: str, classes: list[str]) -> None:
+    """Labels come from the sorted folder names: they must be the ImageNet-1k wnids, or every label is off."""
+    from clipjob.eval.imagenet_meta import imagenet_wnids
+
+    try:
+        wnids = imagenet_wnids()
+    except ClipjobError:
+        return  # no wnid list installed (timm): only the folder count can be checked
+    bad = [c for c, w in zip(classes, wnids) if c != w]
+    if bad:
+        raise ClipjobError(f"{root}: class folder {bad[0]!r} is not an ImageNet-1k wnid (expected the folders "
+                           f"{wnids[0]} ... {wnids[-1]}); use folder:PATH with --classnames for other layouts")
+
+
+def _cls_label(sample: dict) -> int:
+    where = f"{sample.get('__url__', '?')}: sample {sample.get('__key__', '?')!r}"
+    try:
+        label = int(sample["cls"])
+    except (KeyError, ValueError):
+        raise ClipjobError(f"{where} has no integer .cls label (ImageNet shards hold {{key}}.jpg + {{key}}.cls)") from None
+    if not 0 <= label < 1000:
+        raise ClipjobError(f"{where} has label {label}, not in 0..999")
+    return label
 
 
 def _imagenet_shards(root: str, image_size: int, family: str, templates_file: str | None) -> EvalSet:
-    from clipjob.data.shards import read_manifest
+    from clipjob.data.shards import expand_shard_urls, manifest_sample_count
     from clipjob.eval.imagenet_meta import imagenet_classnames, openai_imagenet_templates
 
-    man = read_manifest(root)
-    urls = [fs.join(root, s["name"]) for s in man["shards"]]
-    ds = ShardImages(urls, lambda s: int(s["cls"]), eval_transform(image_size, family), image_size)
+    ds = ShardImages(expand_shard_urls(root), _cls_label, eval_transform(image_size, family), FULL_DECODE)
     return EvalSet(f"imagenet:{root}", imagenet_classnames(), load_templates(templates_file, openai_imagenet_templates()),
-                   ds, man.get("total_samples"))
+                   ds, manifest_sample_count(root))
 
 
 @torch.no_grad()

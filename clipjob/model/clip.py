@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipjob.config import ModelConfig
+from clipjob.model.range_augment import RangeAugment
 from clipjob.model.text import MiniLMText, MiniLMTokenizer, TextTransformer
 from clipjob.model.vit import VisionTransformer
 
@@ -40,7 +41,7 @@ class CLIP(nn.Module):
         else:
             self.text = TextTransformer(cfg.text, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
-        self.image_augmentor: nn.Module | None = None  # set by RangeAugment when enabled; runs in training only
+        self.image_augmentor = RangeAugment() if cfg.range_augment else None  # runs in training only
         normalise = cfg.vision.family == "openai"
         self.register_buffer("mean", torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1) if normalise else None, persistent=False)
         self.register_buffer("std", torch.tensor(OPENAI_STD).view(1, 3, 1, 1) if normalise else None, persistent=False)

@@ -1,13 +1,344 @@
-"""Loading weights from any supported checkpoint into a clipjob CLIP state dict."""
+"""Checkpoint adapters: CoreNet and OpenCLIP/OpenAI state dicts -> clipjob's CLIP, and `load_any_weights`.
+
+Layouts, detected from the keys:
+- clipjob:  `visual.stem...`, `visual.transformer.blocks.N...`, `text.transformer.blocks.N...`
+- corenet:  `image_encoder.*`, `text_encoder.*`, `logit_scale` (e.g. CoreNet's clip_vit_base.pt). Loaded
+            strictly: every key must have a clipjob counterpart and every clipjob key must be present.
+- openclip: OpenAI/OpenCLIP `CLIP` ViT models (`visual.conv1.weight`, `visual.transformer.resblocks.N...`,
+            `token_embedding.weight`, ...; also the `text.`-prefixed CustomTextCLIP text tower). The same
+            layout holds OpenAI's weights, which need `act: quick_gelu`; it cannot be told from the keys.
+Files are read as safetensors or with `torch.load(weights_only=True)`: nothing arbitrary is unpickled, and a
+pickle that would run code (or a TorchScript archive) is refused with a one-line error.
+"""
 
 from __future__ import annotations
 
+import io
+import math
+import pickle
+import re
+import zipfile
+from collections.abc import Callable
+
 import torch
 
-from clipjob.config import ModelConfig
-from clipjob.train import checkpoint as ckpt
+from clipjob.config import ModelConfig, TextConfig, VisionConfig
+from clipjob.errors import ClipjobError
+
+LAYOUTS = ("clipjob", "corenet", "openclip")
+Tensors = dict[str, torch.Tensor]
+
+# ---------------------------------------------------------------------------------------------------------
+# key mapping: one (regex, replacement, reshape) rule per foreign key family
+
+_CORENET_BLOCK = {"pre_norm_mha.0": "ln_1", "pre_norm_mha.1.qkv_proj": "attn.qkv",
+                  "pre_norm_mha.1.out_proj": "attn.proj", "pre_norm_ffn.0": "ln_2", "pre_norm_ffn.1": "mlp.0",
+                  "pre_norm_ffn.4": "mlp.2"}
+_OPENCLIP_BLOCK = {"ln_1.weight": "ln_1.weight", "ln_1.bias": "ln_1.bias", "ln_2.weight": "ln_2.weight",
+                   "ln_2.bias": "ln_2.bias", "attn.in_proj_weight": "attn.qkv.weight",
+                   "attn.in_proj_bias": "attn.qkv.bias", "attn.out_proj.weight": "attn.proj.weight",
+                   "attn.out_proj.bias": "attn.proj.bias", "mlp.c_fc.weight": "mlp.0.weight",
+                   "mlp.c_fc.bias": "mlp.0.bias", "mlp.c_proj.weight": "mlp.2.weight",
+                   "mlp.c_proj.bias": "mlp.2.bias"}
+_BN = "(weight|bias|running_mean|running_var|num_batches_tracked)"
+_WB = "(weight|bias)"
 
 
-def load_any_weights(url: str, model_cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """clipjob step folders, run dirs and single files. Foreign layouts are converted by their adapters."""
-    return ckpt.load_weights(ckpt.resolve_checkpoint(url))
+def _alt(names) -> str:
+    return "(" + "|".join(re.escape(n) for n in names) + ")"
+
+
+def _squeeze_to(ndim: int) -> Callable[[str, torch.Tensor], torch.Tensor]:
+    """CoreNet keeps pos_embed as (1, 1, N, D) and cls_token as (1, 1, D); clipjob as (N, D) and (D,)."""
+
+    def go(key: str, t: torch.Tensor) -> torch.Tensor:
+        if t.dim() < ndim or any(s != 1 for s in t.shape[: t.dim() - ndim]):
+            raise ClipjobError(f"{key}: unexpected shape {tuple(t.shape)} for a CoreNet checkpoint")
+        return t.reshape(t.shape[t.dim() - ndim:])
+
+    return go
+
+
+Rule = tuple[re.Pattern, "str | Callable[[re.Match], str]", "Callable | None"]
+
+
+def _rules(spec: list[tuple]) -> list[Rule]:
+    return [(re.compile(p + r"\Z"), r, f) for p, r, *rest in spec for f in [rest[0] if rest else None]]
+
+
+_CORENET_RULES = _rules([
+    (r"logit_scale", "logit_scale"),
+    (r"image_encoder\.patch_emb\.0\.block\.conv\.weight", "visual.stem.conv1.weight"),
+    (rf"image_encoder\.patch_emb\.0\.block\.norm\.{_BN}", r"visual.stem.bn1.\1"),
+    (r"image_encoder\.patch_emb\.1\.block\.conv\.weight", "visual.stem.conv2.weight"),
+    (rf"image_encoder\.patch_emb\.1\.block\.norm\.{_BN}", r"visual.stem.bn2.\1"),
+    (rf"image_encoder\.patch_emb\.2\.block\.conv\.{_WB}", r"visual.stem.conv3.\1"),
+    (r"image_encoder\.pos_embed\.pos_embed\.pos_embed", "visual.pos_embed", _squeeze_to(2)),
+    (r"image_encoder\.cls_token", "visual.cls_token", _squeeze_to(1)),
+    (rf"image_encoder\.transformer\.(\d+)\.{_alt(_CORENET_BLOCK)}\.{_WB}",
+     lambda m: f"visual.transformer.blocks.{m[1]}.{_CORENET_BLOCK[m[2]]}.{m[3]}"),
+    (rf"image_encoder\.post_transformer_norm\.{_WB}", r"visual.ln_post.\1"),
+    (r"image_encoder\.classifier\.proj", "visual.proj"),
+    (r"image_encoder\.neural_augmentor\.(brightness|contrast|noise)\.(_low|_high)", r"image_augmentor.\1.\2"),
+    (r"text_encoder\.embedding_layer\.weight", "text.token_embedding.weight"),
+    (r"text_encoder\.positional_embedding\.pos_embed\.pos_embed", "text.pos_embed", _squeeze_to(2)),
+    (rf"text_encoder\.transformer\.(\d+)\.{_alt(_CORENET_BLOCK)}\.{_WB}",
+     lambda m: f"text.transformer.blocks.{m[1]}.{_CORENET_BLOCK[m[2]]}.{m[3]}"),
+    (rf"text_encoder\.final_layer_norm\.{_WB}", r"text.ln_final.\1"),
+    (r"text_encoder\.projection_layer", "text.proj"),
+])
+
+_OPENCLIP_RULES = _rules([
+    (r"logit_scale", "logit_scale"),
+    (r"visual\.conv1\.weight", "visual.stem.weight"),
+    (r"visual\.class_embedding", "visual.cls_token"),
+    (r"visual\.positional_embedding", "visual.pos_embed"),
+    (rf"visual\.(ln_pre|ln_post)\.{_WB}", r"visual.\1.\2"),
+    (r"visual\.proj", "visual.proj"),
+    (rf"visual\.transformer\.resblocks\.(\d+)\.{_alt(_OPENCLIP_BLOCK)}",
+     lambda m: f"visual.transformer.blocks.{m[1]}.{_OPENCLIP_BLOCK[m[2]]}"),
+    (r"(?:text\.)?token_embedding\.weight", "text.token_embedding.weight"),
+    (r"(?:text\.)?positional_embedding", "text.pos_embed"),
+    (rf"(?:text\.)?transformer\.resblocks\.(\d+)\.{_alt(_OPENCLIP_BLOCK)}",
+     lambda m: f"text.transformer.blocks.{m[1]}.{_OPENCLIP_BLOCK[m[2]]}"),
+    (rf"(?:text\.)?ln_final\.{_WB}", r"text.ln_final.\1"),
+    (r"(?:text\.)?text_projection", "text.proj"),
+])
+# buffers and metadata of the OpenAI/OpenCLIP layouts that carry no weights
+_OPENCLIP_DROP = re.compile(r"((text\.)?attn_mask|input_resolution|context_length|vocab_size)\Z")
+
+
+def _rename(sd: Tensors, rules: list[Rule], layout: str, drop: re.Pattern | None = None) -> Tensors:
+    out: Tensors = {}
+    unknown = []
+    for key, t in sd.items():
+        if drop is not None and drop.match(key):
+            continue
+        for pattern, repl, reshape in rules:
+            m = pattern.match(key)
+            if m:
+                new = repl(m) if callable(repl) else m.expand(repl)
+                out[new] = reshape(key, t) if reshape else t
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ClipjobError(f"{len(unknown)} {layout} key(s) have no clipjob counterpart (unsupported variant?): "
+                           f"{', '.join(unknown[:4])}{' ...' if len(unknown) > 4 else ''}")
+    return out
+
+
+def detect_layout(sd: Tensors) -> str:
+    keys = set(sd)
+    if any(k.startswith(("image_encoder.", "text_encoder.")) for k in keys):
+        return "corenet"
+    if "visual.conv1.weight" in keys or "visual.class_embedding" in keys:
+        return "openclip"
+    if any(k.startswith("visual.layer1.") for k in keys):
+        raise ClipjobError("this is a ResNet CLIP checkpoint; clipjob supports ViT image towers only")
+    if "visual.cls_token" in keys:
+        return "clipjob"
+    raise ClipjobError(f"unrecognised checkpoint layout (keys such as {', '.join(sorted(keys)[:3])}); "
+                       f"expected clipjob, CoreNet or OpenCLIP/OpenAI ViT weights")
+
+
+def to_clipjob(sd: Tensors, layout: str = "auto") -> Tensors:
+    """Rename (and reshape) a state dict of any supported layout into clipjob's keys."""
+    sd = _strip_prefix(sd, "module.")
+    found = detect_layout(sd)
+    if layout not in ("auto", found):
+        raise ClipjobError(f"expected a {layout} checkpoint, but its keys look like {found} (use --from {found})")
+    if found == "corenet":
+        return _rename(sd, _CORENET_RULES, "CoreNet")
+    if found == "openclip":
+        return _rename(sd, _OPENCLIP_RULES, "OpenCLIP", _OPENCLIP_DROP)
+    return dict(sd)
+
+
+def _strip_prefix(sd: Tensors, prefix: str) -> Tensors:
+    if sd and all(k.startswith(prefix) for k in sd):
+        return {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------------------
+# architecture from weights, and the strict shape check against a config
+
+
+def _count_blocks(sd: Tensors, prefix: str) -> int:
+    ids = {int(m[1]) for k in sd if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))}
+    if ids != set(range(len(ids))):
+        raise ClipjobError(f"{prefix}*: block indices {sorted(ids)[:8]} are not 0..N-1")
+    return len(ids)
+
+
+def _heads(width: int) -> int:
+    """CoreNet, OpenAI and OpenCLIP ViTs all use 64-dim heads; shapes cannot tell the head count, so narrower
+    towers get one head (override with `--set model.vision.heads=N`)."""
+    return width // 64 if width % 64 == 0 else 1
+
+
+def infer_model_config(sd: Tensors, act: str = "gelu") -> ModelConfig:
+    """The ModelConfig of a clipjob-layout state dict (after `to_clipjob`). Heads assume 64-dim heads and the
+    activation cannot be seen in the weights (OpenAI: quick_gelu); both can be overridden by the caller."""
+    try:
+        corenet = "visual.stem.conv1.weight" in sd
+        vw = sd["visual.ln_post.weight"].shape[0]
+        n_pos = sd["visual.pos_embed"].shape[0]
+        if corenet:
+            patch, grid = 16, math.isqrt(n_pos)
+            square = grid * grid == n_pos
+        else:
+            patch, grid = sd["visual.stem.weight"].shape[-1], math.isqrt(n_pos - 1)
+            square = grid * grid == n_pos - 1
+        if not square:
+            raise ClipjobError(f"visual.pos_embed: {n_pos} positions do not form a square patch grid")
+        vision = VisionConfig(
+            family="corenet" if corenet else "openai", image_size=grid * patch, patch_size=patch, width=vw,
+            layers=_count_blocks(sd, "visual.transformer.blocks."), heads=_heads(vw),
+            mlp_ratio=sd["visual.transformer.blocks.0.mlp.0.weight"].shape[0] / vw, act=act,
+            ln_eps=1e-6 if corenet else 1e-5)
+        tw = sd["text.ln_final.weight"].shape[0]
+        text = TextConfig(
+            kind="transformer", context_length=sd["text.pos_embed"].shape[0],
+            vocab_size=sd["text.token_embedding.weight"].shape[0], width=tw,
+            layers=_count_blocks(sd, "text.transformer.blocks."), heads=_heads(tw),
+            mlp_ratio=sd["text.transformer.blocks.0.mlp.0.weight"].shape[0] / tw, act=act, ln_eps=1e-5)
+        embed = sd["visual.proj"].shape[1]
+    except KeyError as e:
+        raise ClipjobError(f"checkpoint has no {e.args[0]}: cannot tell its architecture "
+                           "(a MiniLM text tower needs its config.yaml)") from None
+    return ModelConfig(embed_dim=embed, vision=vision, text=text,
+                       range_augment=any(k.startswith("image_augmentor.") for k in sd))
+
+
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the state dict of a model built from `cfg` (built on the meta device: no memory)."""
+    from clipjob.model.clip import CLIP
+
+    with torch.device("meta"):
+        model = CLIP(cfg, pretrained_text=False)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def fit_to_config(sd: Tensors, cfg: ModelConfig, source: str) -> Tensors:
+    """Check that `sd` has exactly the keys and shapes of a model built from `cfg` (one-line error naming
+    the first difference). RangeAugment ranges are training-only: dropped when model.range_augment is off,
+    filled with their initial values when it is on and the checkpoint has none (e.g. OpenCLIP weights)."""
+    from clipjob.model.range_augment import RangeAugment
+
+    want = expected_shapes(cfg)
+    sd = {k: v for k, v in sd.items() if cfg.range_augment or not k.startswith("image_augmentor.")}
+    if cfg.range_augment and not any(k.startswith("image_augmentor.") for k in sd):
+        sd.update({f"image_augmentor.{k}": v for k, v in RangeAugment().state_dict().items()})
+    missing = [k for k in want if k not in sd]
+    extra = [k for k in sd if k not in want]
+    if missing or extra:
+        what = f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(extra[:3])}"
+        raise ClipjobError(f"{source}: weights do not fit the model config ({what}); check model.vision/"
+                           "model.text layers, or convert with `clipjob ckpt convert` to keep the config")
+    for k, shape in want.items():
+        if tuple(sd[k].shape) != shape:
+            section = "model.vision" if k.startswith("visual.") else "model.text" if k.startswith("text.") else "model"
+            raise ClipjobError(f"{source}: {k} has shape {tuple(sd[k].shape)} in the checkpoint but {shape} in the "
+                               f"model; check {section} in the config")
+    return sd
+
+
+def count_parameters(cfg: ModelConfig) -> int:
+    from clipjob.model.clip import CLIP
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in CLIP(cfg, pretrained_text=False).parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# reading files: tensors only
+
+
+def _refusal(e: Exception) -> str:
+    m = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
+    what = f"it references {m[1]}" if m else "it holds objects other than tensors and plain containers"
+    return f"refusing to unpickle: {what}, which could run code; clipjob loads only tensors (safetensors, " \
+           f"or torch.load with weights_only=True)"
+
+
+def load_tensor_file(data: bytes, url: str) -> object:
+    """Safetensors bytes, or a torch pickle restricted to tensors and plain containers."""
+    from safetensors.torch import load as st_load
+
+    if url.endswith(".safetensors"):
+        try:
+            return st_load(data)
+        except Exception as e:  # noqa: BLE001
+            raise ClipjobError(f"{url}: corrupt safetensors file ({str(e).splitlines()[0][:160]})") from None
+    if data[:4] == b"PK\x03\x04":
+        try:
+            names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+        except zipfile.BadZipFile:
+            raise ClipjobError(f"{url}: not a readable checkpoint (a truncated or corrupt zip file)") from None
+        if any("/code/" in n or n.endswith("constants.pkl") for n in names):
+            raise ClipjobError(f"{url}: a TorchScript archive (e.g. OpenAI's original ViT-B-32.pt); clipjob does "
+                               "not load TorchScript: use the OpenCLIP state dict of the same weights "
+                               "(open_clip_model.safetensors) instead")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ClipjobError(f"{url}: {_refusal(e)}") from None
+    except Exception as e:  # noqa: BLE001 - corrupt/truncated file
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        raise ClipjobError(f"{url}: not a readable checkpoint ({type(e).__name__}: {first})") from None
+
+
+def read_state_dict(url: str) -> tuple[Tensors, str]:
+    """(raw state dict, resolved URL) of a run dir, step folder or weights file at any fsspec URL."""
+    from clipjob import fs
+    from clipjob.train import checkpoint as ckpt
+
+    resolved = ckpt.resolve_checkpoint(url)
+    file = resolved if resolved.endswith((".safetensors", ".pt", ".pth", ".bin", ".ckpt")) \
+        else fs.join(resolved, "model.safetensors")
+    obj = load_tensor_file(fs.read_bytes(file), file)
+    for key in ("state_dict", "model", "model_state_dict"):  # training checkpoints of other frameworks
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ClipjobError(f"{file}: expected a state dict of tensors")
+    return obj, resolved
+
+
+def load_any_weights(url: str, model_cfg: ModelConfig, layout: str = "auto") -> Tensors:
+    """clipjob run dirs, step folders and files, CoreNet and OpenCLIP/OpenAI state dicts, from any fsspec
+    URL -> a state dict that `CLIP(model_cfg).load_state_dict` accepts strictly."""
+    raw, resolved = read_state_dict(url)
+    try:
+        sd = to_clipjob(raw, layout)
+    except ClipjobError as e:
+        raise ClipjobError(f"{resolved}: {e}") from None
+    return fit_to_config(sd, model_cfg, resolved)
+
+
+
+_INIT_FNS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "trunc_normal_", "xavier_uniform_",
+             "xavier_normal_")
+
+
+def model_with_weights(cfg: ModelConfig, sd: Tensors):
+    """A CLIP built for `cfg` holding `sd` (loaded strictly, fp32), skipping the random initialisation and the
+    copy that loading into a fresh model costs (seconds for a ViT-B, a minute for a ViT-H on a CPU)."""
+    from torch import nn
+
+    from clipjob.model.clip import CLIP
+
+    saved = {n: getattr(nn.init, n) for n in _INIT_FNS}
+    try:
+        for n in _INIT_FNS:
+            setattr(nn.init, n, lambda t, *a, **k: t)
+        model = CLIP(cfg, pretrained_text=False)
+    finally:
+        for n, fn in saved.items():
+            setattr(nn.init, n, fn)
+    want = model.state_dict()
+    sd = {k: v.to(want[k].dtype) if k in want else v for k, v in sd.items()}
+    model.load_state_dict(sd, assign=True)
+    return model

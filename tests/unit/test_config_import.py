@@ -1,0 +1,179 @@
+"""`clipjob config from-corenet`: CoreNet CLIP YAML -> clipjob config. The YAML below is written for this test
+from the values of CoreNet's projects/clip/clip_vit_base.yaml (reference/corenet-clip.md) in CoreNet's key
+structure; it does not depend on ../shared being present."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clipjob.config import build_config
+from clipjob.config_import import import_corenet, make_divisible, multiscale_sizes
+from clipjob.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+
+VIT_B16 = """
+taskname: '+ CLIP-ViT-B/16'
+_anchor_context_length: &ctx 77
+common:
+  run_label: train
+  log_freq: 500
+  auto_resume: true
+  mixed_precision: true
+  save_all_checkpoints: true
+  save_interval_freq: 5000
+dataset:
+  root_train: ""
+  root_val: "/mnt/vision_datasets/imagenet/validation"
+  name: img_text_tar
+  train_batch_size0: 256
+  val_batch_size0: 4
+  workers: -1
+  category: multi_modal_image_text
+  multi_modal_img_text:
+    zero_shot_img_cls_dataset_name: imagenet
+    context_length: *ctx
+text_tokenizer:
+  name: openai_clip
+image_augmentation:
+  random_resized_crop: {enable: true, interpolation: bilinear, scale: [0.9, 1.0]}
+  resize: {enable: true, size: 224, interpolation: bilinear}
+  center_crop: {enable: true, size: 224}
+sampler:
+  name: variable_batch_sampler
+  use_shards: true
+  vbs:
+    crop_size_width: 224
+    crop_size_height: 224
+    max_n_scales: 5
+    min_crop_size_width: 160
+    max_crop_size_width: 320
+    min_crop_size_height: 160
+    max_crop_size_height: 320
+    check_scale: 32
+loss:
+  category: composite_loss
+  composite_loss:
+    - loss_category: multi_modal_image_text
+      loss_weight: 1.0
+      multi_modal_image_text: {name: contrastive_loss_clip}
+    - loss_category: neural_augmentation
+      loss_weight: 1.0
+      neural_augmentation: {perceptual_metric: psnr, target_value: [40, 20], curriculum_method: cosine}
+optim:
+  name: adamw
+  weight_decay: 0.2
+  no_decay_bn_filter_bias: true
+  adamw: {beta1: 0.9, beta2: 0.98, eps: 1.e-6}
+scheduler:
+  is_iteration_based: true
+  max_iterations: 200000
+  name: cosine
+  warmup_init_lr: 1.e-06
+  warmup_iterations: 10000
+  cosine: {max_lr: 0.001, min_lr: 1.e-06}
+model:
+  activation_checkpointing: true
+  multi_modal_image_text:
+    name: clip
+    lr_multiplier_img_encoder: 1.0
+    lr_multiplier_text_encoder: 1.0
+    clip: {projection_dim: 512}
+  classification:
+    name: vit
+    vit: {mode: base, norm_layer: layer_norm_fp32}
+  image_projection_head: {name: simple_projection_nc2nc}
+  text:
+    name: transformer
+    vocab_size: 49408
+    context_length: *ctx
+    transformer:
+      causal_masking: true
+      model_dim: 512
+      n_transformer_layers: 12
+      ffn_multiplier_per_layer: 4.0
+      n_heads_per_layer: 8
+      norm_layer: layer_norm_fp32
+  learn_augmentation: {brightness: true, contrast: true, noise: true, mode: distribution}
+  activation: {name: gelu, inplace: true}
+  layer: {global_pool: mean, conv_init: kaiming_uniform, linear_init: trunc_normal, linear_init_std_dev: 0.02}
+ema:
+  enable: true
+  momentum: 0.0005
+stats:
+  val: [top1]
+  checkpoint_metric: top1.zero_shot_image_logits
+"""
+
+
+def test_should_map_the_corenet_vit_b16_recipe():
+    cfg, ignored = import_corenet(yaml.safe_load(VIT_B16))
+    m, t, d, tr = cfg.model, cfg.train, cfg.data, cfg.train
+    assert (m.vision.family, m.vision.width, m.vision.layers, m.vision.heads, m.vision.patch_size,
+            m.vision.image_size, m.vision.ln_eps, m.vision.act) == ("corenet", 768, 12, 12, 16, 224, 1e-6, "gelu")
+    assert (m.text.width, m.text.layers, m.text.heads, m.text.context_length, m.text.vocab_size, m.text.ln_eps) == \
+        (512, 12, 8, 77, 49408, 1e-5)
+    assert m.embed_dim == 512 and m.range_augment and m.grad_checkpointing
+    assert (tr.steps, tr.batch_size, tr.lr, tr.min_lr, tr.warmup_steps, tr.warmup_init_lr) == \
+        (200_000, 256, 1e-3, 1e-6, 10_000, 1e-6)
+    assert (tr.betas, tr.eps, tr.weight_decay, tr.ema_momentum, tr.precision, tr.ckpt_every_steps, tr.loss) == \
+        ((0.9, 0.98), 1e-6, 0.2, 0.0005, "fp16", 5000, "clip")
+    assert d.multiscale and d.multiscale_sizes == [160, 192, 224, 256, 288, 320] and d.rrc_scale == (0.9, 1.0)
+    assert cfg.eval.data == "imagenet:/mnt/vision_datasets/imagenet/validation" and cfg.eval.resolution == 0
+    assert set(ignored) == {"taskname", "common.run_label", "common.save_all_checkpoints", "dataset.root_train",
+                            "dataset.name", "dataset.val_batch_size0", "dataset.workers", "dataset.category",
+                            "sampler.use_shards", "model.layer.global_pool", "model.layer.conv_init",
+                            "model.layer.linear_init", "model.layer.linear_init_std_dev", "stats.val",
+                            "stats.checkpoint_metric"}
+
+
+def test_should_map_the_vit_h16_variant_and_bf16():
+    data = yaml.safe_load(VIT_B16)
+    data["model"]["classification"]["vit"]["mode"] = "huge"
+    data["model"]["text"]["transformer"].update(model_dim=768, n_heads_per_layer=12)
+    data["common"]["mixed_precision_dtype"] = "bfloat16"
+    data["ema"]["enable"] = False
+    cfg, _ = import_corenet(data)
+    assert (cfg.model.vision.width, cfg.model.vision.layers, cfg.model.vision.heads) == (1280, 32, 20)
+    assert (cfg.model.text.width, cfg.model.text.heads, cfg.train.precision, cfg.train.ema_momentum) == (768, 12, "bf16", 0.0)
+
+
+def test_should_report_what_clipjob_does_not_do():
+    data = yaml.safe_load(VIT_B16)
+    data["model"]["learn_augmentation"]["noise"] = False  # partial RangeAugment: not expressible
+    data["model"]["text"]["transformer"]["dropout"] = 0.1
+    data["optim"]["name"] = "sgd"
+    cfg, ignored = import_corenet(data)
+    assert not cfg.model.range_augment
+    assert ignored["model.learn_augmentation.noise"] is False and ignored["model.text.transformer.dropout"] == 0.1
+    assert ignored["optim.name"] == "sgd"
+
+
+def test_should_compute_corenet_multiscale_resolutions():
+    assert [make_divisible(v, 32) for v in (160, 200, 240, 280, 320, 224)] == [160, 192, 256, 288, 320, 224]
+    assert multiscale_sizes(224, 160, 320, 5, 32) == [160, 192, 224, 256, 288, 320]
+    assert multiscale_sizes(256, 128, 384, 3, 32) == [128, 256, 384]
+
+
+def test_should_refuse_an_unknown_vit_mode_in_one_line():
+    data = yaml.safe_load(VIT_B16)
+    data["model"]["classification"]["vit"]["mode"] = "gigantic"
+    with pytest.raises(ConfigError, match="model.classification.vit.mode: 'gigantic' is not one of"):
+        import_corenet(data)
+
+
+def test_should_print_a_usable_config_through_the_cli(tmp_path):
+    src = tmp_path / "clip_vit_base.yaml"
+    src.write_text(VIT_B16)
+    r = subprocess.run([sys.executable, "-m", "clipjob", "config", "from-corenet", str(src)], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "clipjob.yaml").write_text(r.stdout)
+    cfg = build_config(None, str(tmp_path / "clipjob.yaml"))
+    assert cfg.model.vision.family == "corenet" and cfg.train.steps == 200_000 and cfg.data.multiscale
+    assert "ignored: model.layer.conv_init = 'kaiming_uniform'" in r.stderr.splitlines()
+    assert "ignored" not in r.stdout
