@@ -23,16 +23,40 @@ T = TypeVar("T")
 
 RETRIES = int(os.environ.get("CLIPJOB_FS_RETRIES", "5"))
 BACKOFF_S = float(os.environ.get("CLIPJOB_FS_BACKOFF", "0.5"))
+STREAM_BLOCK = 4 << 20  # read-ahead of streamed shards: few, large range requests
+
+# The only environment variables S3 settings come from (boto3's standard names). Values are never logged.
+_S3_ENV = {"key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY", "token": "AWS_SESSION_TOKEN"}
+_session: tuple[int, Any] | None = None  # (pid, aiobotocore session): one per process, so s3fs caches clients
+
+
+def _s3_session() -> Any:
+    """An aiobotocore session that never reads ~/.aws/config or ~/.aws/credentials (profiles there could
+    carry credentials or an endpoint). Credentials still come from the environment, web identity tokens
+    (EKS IRSA, named by environment variables) or the container/instance role."""
+    global _session
+    if _session is None or _session[0] != os.getpid():
+        from aiobotocore.session import AioSession
+
+        # (config name, env var, default, converter): no profile (AWS_PROFILE names a file's section), no files
+        s = AioSession(session_vars={"profile": (None, None, None, None),
+                                     "config_file": (None, None, os.devnull, None),
+                                     "credentials_file": (None, None, os.devnull, None)})
+        _session = (os.getpid(), s)
+    return _session[1]
 
 
 def storage_options(url: str) -> dict[str, Any]:
-    """fsspec options for a URL, filled from the environment (S3 endpoint; nothing secret is kept here)."""
+    """fsspec options for a URL. For S3: endpoint (AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL) and credentials
+    (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) from the environment only."""
     proto = protocol(url)
     if proto in ("s3", "s3a"):
+        opts: dict[str, Any] = {"config_kwargs": {"retries": {"max_attempts": 3, "mode": "standard"}},
+                                "session": _s3_session()}
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        opts: dict[str, Any] = {"config_kwargs": {"retries": {"max_attempts": 3, "mode": "standard"}}}
         if endpoint:
             opts["client_kwargs"] = {"endpoint_url": endpoint}
+        opts.update({k: os.environ[v] for k, v in _S3_ENV.items() if os.environ.get(v)})
         return opts
     return {}
 
@@ -68,10 +92,10 @@ def _is_transient(e: BaseException) -> bool:
 def describe(e: BaseException, url: str) -> str:
     """One line saying what went wrong with a URL and what to do."""
     text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "NoSuchBucket" in text or "bucket does not exist" in text:
+        return f"{url}: bucket does not exist (create it, or check the URL and AWS_ENDPOINT_URL_S3)"
     if isinstance(e, FileNotFoundError) or "NoSuchKey" in text or "Not Found" in text:
         return f"{url}: not found"
-    if "NoSuchBucket" in text:
-        return f"{url}: bucket does not exist"
     if isinstance(e, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
         return f"{url}: access denied (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and the bucket policy)"
     if "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
@@ -108,6 +132,11 @@ def open_url(url: str, mode: str = "rb", **kw: Any) -> Iterator[IO]:
             f.close()
         except Exception as e:  # noqa: BLE001 - a failed upload on close is a real error
             raise ClipjobError(describe(e, url)) from e
+
+
+def open_stream(url: str, block_size: int = STREAM_BLOCK) -> IO[bytes]:
+    """A binary read stream for sequential reading (webdataset's gopen handler); the caller closes it."""
+    return retry(lambda: fsspec.open(url, "rb", block_size=block_size, **storage_options(url)).open(), url)
 
 
 def read_bytes(url: str) -> bytes:
@@ -178,6 +207,35 @@ def glob(url: str) -> list[str]:
     found = retry(lambda: fs.glob(path), url)
     proto = protocol(url)
     return sorted(p if proto == "file" else f"{proto}://{p}" for p in found)
+
+
+def find(url: str) -> list[str]:
+    """URLs of all files under a directory URL, recursively, sorted; [] if it does not exist."""
+    fs_, path = get_fs(url)
+
+    def go() -> list[str]:
+        try:
+            return fs_.find(path)
+        except FileNotFoundError:
+            return []
+
+    proto = protocol(url)
+    return sorted(p if proto == "file" else f"{proto}://{p}" for p in retry(go, url))
+
+
+def bucket_missing(url: str) -> bool:
+    """True when an object-store URL's bucket surely does not exist; False when it does, for local paths, and
+    whenever it cannot be told (e.g. a policy that allows reading objects but not looking at the bucket)."""
+    if protocol(url) not in ("s3", "s3a"):
+        return False
+    fs_, path = get_fs(url)
+    try:
+        fs_.call_s3("head_bucket", Bucket=path.split("/", 1)[0])
+    except FileNotFoundError:
+        return True
+    except Exception:  # noqa: BLE001 - no answer is not a "no"; the reads that follow will say what is wrong
+        return False
+    return False
 
 
 def makedirs(url: str) -> None:

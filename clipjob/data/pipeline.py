@@ -1,10 +1,15 @@
 """The training data pipeline: resampled shards -> tar samples -> shuffle -> decode + augment -> batches
 with tokenised captions, all inside DataLoader workers.
 
-Every (rank, worker) draws shards with replacement from its own RNG, seeded from (seed, rank, worker,
-start step), so no rank or worker ever runs dry (no DDP hang on uneven shards) and a restart at step N gets
-a fresh, reproducible stream. Bad samples are skipped and counted by reason; the counts ride along with each
-batch so the trainer can log them and stop past `data.max_bad_fraction`.
+Every (rank, worker) draws shards with replacement from its own RNG, seeded from (seed, rank, worker, start
+step), first picking a source by weight, then a shard of it. So no rank or worker ever runs dry (no DDP hang
+on uneven shards, even with fewer shards than ranks x workers) and a restart at step N gets a fresh,
+reproducible stream. Bad samples and unreadable shards are skipped and counted by reason; the counts ride
+along with each batch so the trainer can log them and stop past `data.max_bad_fraction`.
+
+Batch shapes can change per step (multi-scale training): `batch_schedule(step) -> (image_size, batch_size)`
+is called by the worker that produces that step's batch. DataLoader hands batches out round-robin, so worker
+k of W produces steps start_step + k, start_step + k + W, ...
 """
 
 from __future__ import annotations
@@ -13,14 +18,19 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipjob.data.decode import BadSample, decode_caption, decode_image
-from clipjob.data.shards import derive_seed, expand_shard_urls, register_gopen_handlers
+from clipjob.data.shards import Source, derive_seed, parse_sources, read_tar_samples, register_gopen_handlers
 from clipjob.data.transforms import train_transform
+from clipjob.errors import ClipjobError
+
+BatchSchedule = Callable[[int], tuple[int, int]]  # step -> (image_size, batch_size)
+MIN_HOPELESS = 10_000  # bad samples/shards in a row, with nothing good in between, before giving up
 
 
 @dataclass
@@ -30,70 +40,114 @@ class Batch:
     bad: dict[str, int] = field(default_factory=dict)  # samples skipped since the previous batch, by reason
 
 
-class _Counter:
-    def __init__(self) -> None:
-        self.bad: Counter = Counter()
+class ConstantSchedule:
+    """The default batch schedule: the same (image_size, batch_size) every step."""
 
-    def shard_error(self, exn: Exception) -> bool:
-        """webdataset handler: a truncated or unreadable shard is counted and skipped."""
-        self.bad["bad_shard"] += 1
-        return True
+    def __init__(self, image_size: int, batch_size: int):
+        self.shape = (image_size, batch_size)
 
-    def take(self) -> dict[str, int]:
-        out, self.bad = dict(self.bad), Counter()
-        return out
+    def __call__(self, step: int) -> tuple[int, int]:
+        return self.shape
 
 
 class ShardStream(IterableDataset):
-    """An endless stream of augmented, tokenised batches for one rank."""
+    """An endless stream of augmented, tokenised batches for one rank. `urls` is a list of shard URLs (one
+    source) or of `Source`s (weighted mix)."""
 
-    def __init__(self, urls: list[str], batch_size: int, image_size: int, tokenizer: Callable,
+    def __init__(self, urls: list[str] | list[Source], batch_size: int, image_size: int, tokenizer: Callable,
                  seed: int = 0, rank: int = 0, start_step: int = 0, shuffle_buffer: int = 1000,
-                 rrc_scale: tuple[float, float] = (0.9, 1.0), caption_key: str = "txt"):
-        self.urls, self.batch_size, self.image_size, self.tokenizer = urls, batch_size, image_size, tokenizer
+                 rrc_scale: tuple[float, float] = (0.9, 1.0), caption_key: str = "txt",
+                 batch_schedule: BatchSchedule | None = None):
+        if urls and isinstance(urls[0], str):
+            urls = [Source("", tuple(urls), 1.0, None)]  # type: ignore[arg-type]
+        self.sources: list[Source] = list(urls)  # type: ignore[arg-type]
+        self.batch_size, self.image_size, self.tokenizer = batch_size, image_size, tokenizer
         self.seed, self.rank, self.start_step = seed, rank, start_step
         self.shuffle_buffer, self.rrc_scale, self.caption_key = shuffle_buffer, rrc_scale, caption_key
+        self.schedule = batch_schedule or ConstantSchedule(image_size, batch_size)
+        self.n_shards = sum(len(s.urls) for s in self.sources)
 
-    def _shards(self, rng: random.Random) -> Iterator[dict]:
+    def _shard_urls(self, rng: random.Random) -> Iterator[str]:
+        """Shards drawn with replacement: a source by weight, then one of its shards uniformly."""
+        cum = list(accumulate(s.weight for s in self.sources))
         while True:
-            yield {"url": rng.choice(self.urls)}
+            src = self.sources[0] if len(self.sources) == 1 else rng.choices(self.sources, cum_weights=cum)[0]
+            yield rng.choice(src.urls)
+
+    def _samples(self, rng: random.Random, bad: Counter) -> Iterator[dict]:
+        for url in self._shard_urls(rng):
+            yield from read_tar_samples(url, bad)
+            yield {}  # end of shard: lets the consumer notice shards that gave nothing
 
     def __iter__(self) -> Iterator[Batch]:
         register_gopen_handlers()
         info = get_worker_info()
-        worker = info.id if info else 0
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         seed = derive_seed(self.seed, self.rank, worker, self.start_step)
         rng = random.Random(seed)
         torch.manual_seed(seed)
-        counter = _Counter()
-        transform = train_transform(self.image_size, self.rrc_scale)
-        samples = wds.tarfile_to_samples(handler=counter.shard_error)(self._shards(rng))
+        bad: Counter = Counter()
+        transforms: dict[int, Callable] = {}
+        samples: Iterator[dict] = self._samples(rng, bad)
         if self.shuffle_buffer > 1:
             samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(self.shuffle_buffer, 100), rng)
+        hopeless = max(MIN_HOPELESS, 20 * self.n_shards)
+        step = self.start_step + worker
+        size, batch_size = self.schedule(step)
         images, captions = [], []
+        bad_before, bad_at_last_good = 0, 0  # bad counts of earlier batches; the total when last good
         for sample in samples:
-            try:
-                caption = decode_caption(sample, self.caption_key)
-                img = transform(decode_image(sample, self.image_size))
-            except BadSample as e:
-                counter.bad[e.reason] += 1
-                continue
-            images.append(img)
-            captions.append(caption)
-            if len(images) == self.batch_size:
-                yield Batch(torch.stack(images), self.tokenizer(captions), counter.take())
+            if sample:  # {} marks the end of a shard: no sample, but a chance to notice failing shards
+                try:
+                    caption = decode_caption(sample, self.caption_key)
+                    if size not in transforms:
+                        transforms[size] = train_transform(size, self.rrc_scale)
+                    images.append(transforms[size](decode_image(sample, size)))
+                    captions.append(caption)
+                    bad_at_last_good = bad_before + sum(bad.values())
+                except BadSample as e:
+                    bad[e.reason] += 1
+            if bad_before + sum(bad.values()) - bad_at_last_good >= hopeless:
+                raise ClipjobError(f"data.train: {hopeless} bad samples/shards in a row and nothing usable "
+                                   f"({dict(bad)}); check the shards with `clipjob data inspect`")
+            if len(images) == batch_size:
+                yield Batch(torch.stack(images), self.tokenizer(captions), dict(bad))
+                bad_before += sum(bad.values())
+                bad.clear()
                 images, captions = [], []
+                step += n_workers
+                size, batch_size = self.schedule(step)
+
+
+class TrainLoader(DataLoader):
+    """A DataLoader whose worker-side ClipjobErrors surface as one-line ClipjobErrors (torch wraps them in
+    a multi-line traceback)."""
+
+    def __iter__(self):
+        try:
+            yield from super().__iter__()
+        except ClipjobError as e:
+            raise ClipjobError(_original_message(str(e))) from None
+
+
+def _original_message(text: str) -> str:
+    marker = "ClipjobError: "
+    lines = [ln for ln in text.splitlines() if marker in ln]
+    return lines[-1].split(marker, 1)[1] if lines else text.splitlines()[0]
 
 
 def build_train_loader(spec: str, batch_size: int, image_size: int, tokenizer: Callable, *, seed: int, rank: int,
                        start_step: int, num_workers: int, shuffle_buffer: int,
-                       rrc_scale: tuple[float, float], caption_key: str = "txt") -> DataLoader:
-    urls = expand_shard_urls(spec)
-    stream = ShardStream(urls, batch_size, image_size, tokenizer, seed=seed, rank=rank, start_step=start_step,
-                         shuffle_buffer=shuffle_buffer, rrc_scale=rrc_scale, caption_key=caption_key)
-    return DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
-                      collate_fn=_identity)
+                       rrc_scale: tuple[float, float], caption_key: str = "txt",
+                       batch_schedule: BatchSchedule | None = None, prefetch_factor: int = 4) -> DataLoader:
+    """The training loader of one rank: endless, in step order, batches built inside `num_workers` workers.
+    `batch_schedule(step) -> (image_size, batch_size)` varies the batch shape per step (multi-scale)."""
+    stream = ShardStream(parse_sources(spec), batch_size, image_size, tokenizer, seed=seed, rank=rank,
+                         start_step=start_step, shuffle_buffer=shuffle_buffer, rrc_scale=rrc_scale,
+                         caption_key=caption_key, batch_schedule=batch_schedule)
+    return TrainLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                       persistent_workers=num_workers > 0,
+                       prefetch_factor=prefetch_factor if num_workers > 0 else None, collate_fn=_identity)
 
 
 def _identity(x):  # module-level so it pickles for spawn-started workers

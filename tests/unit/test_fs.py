@@ -1,0 +1,203 @@
+"""fs.py: S3 settings from the environment only, retries on transient errors, one-line errors naming the URL,
+against the loopback S3 server (real HTTP through s3fs)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+import time
+
+import pytest
+
+from clipjob import fs
+from clipjob.errors import ClipjobError
+from s3server import S3Server, apply_env, free_port
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e)
+    assert "\n" not in text, text
+    return text
+
+
+def test_should_take_s3_endpoint_and_credentials_from_the_environment_when_set(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDENV")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-from-env")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    opts = fs.storage_options("s3://bucket/key")
+    assert opts["client_kwargs"] == {"endpoint_url": "http://127.0.0.1:9"}
+    assert (opts["key"], opts["secret"]) == ("AKIDENV", "secret-from-env") and "token" not in opts
+    assert fs.storage_options("/local/path") == {} and fs.storage_options("memory://x") == {}
+
+
+def test_should_ignore_aws_config_and_credentials_files_when_resolving_s3_credentials(tmp_path, monkeypatch):
+    creds, config = tmp_path / "credentials", tmp_path / "config"
+    creds.write_text("[default]\naws_access_key_id = AKIDFILE\naws_secret_access_key = from-file\n")
+    config.write_text("[default]\nendpoint_url = http://evil.invalid\nregion = eu-west-1\n")
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3",
+              "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(creds))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_PROFILE", "default")  # names a section of those files: ignored, not an error
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setattr(fs, "_session", None)
+    opts = fs.storage_options("s3://bucket/key")
+    assert "key" not in opts and "client_kwargs" not in opts
+    session = opts["session"]
+    assert asyncio.run(session.get_credentials()) is None  # the file's keys are never picked up
+    assert session.get_config_variable("region") != "eu-west-1"
+
+
+def test_should_retry_transient_errors_with_backoff_when_a_call_fails_then_succeeds(monkeypatch):
+    monkeypatch.setattr(fs, "BACKOFF_S", 0.01)
+    calls = []
+
+    def flaky() -> str:
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise ConnectionError("connection reset by peer")
+        return "ok"
+
+    assert fs.retry(flaky, "s3://b/k") == "ok" and len(calls) == 3
+    assert calls[1] - calls[0] >= 0.004 and calls[2] - calls[1] >= 0.009  # backed off, longer each time
+
+
+def test_should_not_retry_when_the_error_is_permanent():
+    calls = []
+
+    def missing() -> None:
+        calls.append(1)
+        raise FileNotFoundError("nope")
+
+    with pytest.raises(ClipjobError) as e:
+        fs.retry(missing, "s3://b/k")
+    assert len(calls) == 1 and one_line(e.value) == "s3://b/k: not found"
+
+
+def test_should_name_the_url_when_the_bucket_does_not_exist(s3_server):
+    with pytest.raises(ClipjobError) as e:
+        fs.read_bytes("s3://no-such-bucket-x1/a/b.tar")
+    assert one_line(e.value).startswith("s3://no-such-bucket-x1/a/b.tar: bucket does not exist")
+
+
+def test_should_tell_a_missing_bucket_from_an_existing_one(s3_bucket, tmp_path):
+    assert fs.bucket_missing("s3://no-such-bucket-x1/a/{0..9}.tar")
+    assert not fs.bucket_missing(f"{s3_bucket}/nothing/here") and not fs.bucket_missing(str(tmp_path / "x"))
+
+
+def test_should_name_the_url_when_the_key_does_not_exist(s3_bucket):
+    url = f"{s3_bucket}/missing.tar"
+    for call in (fs.read_bytes, fs.open_stream):
+        with pytest.raises(ClipjobError) as e:
+            call(url)
+        assert one_line(e.value) == f"{url}: not found"
+
+
+class _LateProxy:
+    """A TCP forwarder on loopback that refuses connections until `delay` seconds have passed (an S3
+    endpoint that is briefly down), then pipes bytes to the real server."""
+
+    def __init__(self, target_port: int, delay: float):
+        self.port, self.target, self.delay = free_port(), target_port, delay
+        self.stop = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        time.sleep(self.delay)
+        srv = socket.create_server(("127.0.0.1", self.port))
+        srv.settimeout(0.2)
+        while not self.stop.is_set():
+            try:
+                client, _ = srv.accept()
+            except TimeoutError:
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+        srv.close()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+def test_should_read_an_object_when_the_endpoint_comes_up_after_a_few_failed_connections(s3_server, s3_bucket,
+                                                                                        monkeypatch):
+    url = f"{s3_bucket}/k.bin"
+    fs.write_bytes(url, b"payload")
+    proxy = _LateProxy(s3_server.port, delay=1.5)
+    monkeypatch.setattr(fs, "BACKOFF_S", 0.2)
+    try:
+        apply_env({**s3_server.env(), "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}"})
+        t0 = time.monotonic()
+        assert fs.read_bytes(url) == b"payload"
+        assert time.monotonic() - t0 >= 1.0  # it had to wait for the endpoint
+    finally:
+        proxy.stop.set()
+        apply_env(s3_server.env())
+
+
+def test_should_report_access_denied_without_printing_secrets_when_the_request_is_refused(monkeypatch):
+    """A second moto server that enforces IAM: a user without any policy is refused."""
+    import boto3
+    from botocore.exceptions import ClientError
+
+    monkeypatch.setenv("INITIAL_NO_AUTH_ACTION_COUNT", "30")  # setup calls below run unauthenticated
+    server = S3Server().start()
+    monkeypatch.delenv("INITIAL_NO_AUTH_ACTION_COUNT")
+    old = {k: os.environ.get(k) for k in server.env()}
+    try:
+        root = dict(endpoint_url=server.endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                    region_name="us-east-1")
+        boto3.client("s3", **root).create_bucket(Bucket="locked")
+        boto3.client("s3", **root).put_object(Bucket="locked", Key="a.tar", Body=b"x")
+        boto3.client("iam", **root).create_user(UserName="nobody")
+        key = boto3.client("iam", **root).create_access_key(UserName="nobody")["AccessKey"]
+        nobody = boto3.client("s3", **{**root, "aws_access_key_id": key["AccessKeyId"],
+                                       "aws_secret_access_key": key["SecretAccessKey"]})
+        for _ in range(40):  # use up the unauthenticated allowance until the server starts refusing
+            try:
+                nobody.head_object(Bucket="locked", Key="a.tar")
+            except ClientError:
+                break
+        else:
+            pytest.fail("the IAM-enforcing server never refused the request")
+        apply_env({**server.env(), "AWS_ACCESS_KEY_ID": key["AccessKeyId"],
+                   "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]})
+        for call in (fs.read_bytes, fs.open_stream):
+            with pytest.raises(ClipjobError) as e:
+                call("s3://locked/a.tar")
+            msg = one_line(e.value)
+            assert msg.startswith("s3://locked/a.tar: access denied")
+            assert key["SecretAccessKey"] not in msg and key["AccessKeyId"] not in msg
+        assert not fs.bucket_missing("s3://locked/a.tar")  # refused is not "missing"
+    finally:
+        server.stop()
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        apply_env({})
+
+
+def test_should_list_files_recursively_when_finding_under_a_directory(tmp_path, s3_bucket):
+    for base in (str(tmp_path), s3_bucket):
+        fs.write_text(fs.join(base, "a", "1.txt"), "1")
+        fs.write_text(fs.join(base, "a", "b", "2.txt"), "2")
+        assert fs.find(fs.join(base, "a")) == [fs.join(base, "a", "1.txt"), fs.join(base, "a", "b", "2.txt")]
+    assert fs.find(str(tmp_path / "nothing")) == []

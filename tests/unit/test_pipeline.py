@@ -1,0 +1,104 @@
+"""pipeline.py: batches built in workers, seeded resampling per rank/worker (no rank runs dry), weighted
+sources, per-step batch shapes (multi-scale hook), one-line errors out of workers."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+
+from clipjob.data import pipeline
+from clipjob.data.pipeline import Batch, build_train_loader
+from clipjob.data.writer import ShardWriter
+from clipjob.errors import ClipjobError
+
+
+def png(color: tuple[int, int, int], size: int = 24) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def write_shards(out: str, shards: int, per_shard: int, tag: str = "a") -> str:
+    with ShardWriter(out, prefix="s", max_samples=per_shard) as w:
+        for i in range(shards * per_shard):
+            w.write(f"{i:06d}", {"png": png((i % 256, 0, 0)), "txt": f"{tag} {i}"})
+    return out
+
+
+def tokenize(captions: list[str]) -> torch.Tensor:
+    """Caption 'a 12' -> [ord('a'), 12]: lets tests see which samples a batch holds."""
+    return torch.tensor([[ord(c[0]), int(c.split()[1])] for c in captions])
+
+
+def loader(spec: str, batch: int = 4, size: int = 16, workers: int = 0, rank: int = 0, seed: int = 0, **kw):
+    return build_train_loader(spec, batch, size, tokenize, seed=seed, rank=rank, start_step=0, num_workers=workers,
+                              shuffle_buffer=kw.pop("shuffle_buffer", 8), rrc_scale=(0.9, 1.0), **kw)
+
+
+def take(dl, n: int) -> list[Batch]:
+    it = iter(dl)
+    return [next(it) for _ in range(n)]
+
+
+def test_should_yield_batches_of_images_and_tokens_when_reading_shards(tmp_path):
+    d = write_shards(str(tmp_path / "ds"), 2, 5)
+    (b,) = take(loader(d), 1)
+    assert b.images.shape == (4, 3, 16, 16) and b.images.dtype == torch.float32
+    assert 0 <= b.images.min() and b.images.max() <= 1
+    assert b.tokens.shape == (4, 2) and b.bad == {}
+
+
+def test_should_repeat_the_stream_with_the_same_seed_and_differ_across_ranks(tmp_path):
+    d = write_shards(str(tmp_path / "ds"), 4, 5)
+    first = [b.tokens for b in take(loader(d), 3)]
+    again = [b.tokens for b in take(loader(d), 3)]
+    other_rank = [b.tokens for b in take(loader(d, rank=1), 3)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other_rank, strict=True))
+
+
+@pytest.mark.timeout(120)
+def test_should_keep_every_rank_and_worker_fed_when_there_are_fewer_shards_than_workers_times_ranks(tmp_path):
+    d = write_shards(str(tmp_path / "ds"), 1, 3)  # one shard for 2 ranks x 2 workers
+    for rank in (0, 1):
+        batches = take(loader(d, workers=2, rank=rank), 6)  # three batches from each worker
+        assert all(b.images.shape[0] == 4 for b in batches)
+
+
+def test_should_mix_sources_by_weight(tmp_path):
+    a = write_shards(str(tmp_path / "a"), 4, 4, tag="a")
+    b = write_shards(str(tmp_path / "b"), 4, 4, tag="b")
+    tags = Counter(int(t) for batch in take(loader(f"{a}@0.8::{b}@0.2", batch=8, shuffle_buffer=0), 50)
+                   for t in batch.tokens[:, 0])
+    share_a = tags[ord("a")] / (tags[ord("a")] + tags[ord("b")])
+    assert 0.7 < share_a < 0.9, share_a
+
+
+class Schedule:
+    """Multi-scale stand-in: (image size, batch) per step."""
+
+    def __call__(self, step: int) -> tuple[int, int]:
+        return (16, 4) if step % 3 == 0 else (8 + 8 * (step % 3), 2 + step % 3)
+
+
+def test_should_follow_the_batch_schedule_in_step_order_when_workers_take_turns(tmp_path):
+    d = write_shards(str(tmp_path / "ds"), 3, 6)
+    sched = Schedule()
+    for workers in (0, 2):
+        batches = take(loader(d, workers=workers, batch_schedule=sched), 6)
+        for step, b in enumerate(batches):
+            size, n = sched(step)
+            assert tuple(b.images.shape) == (n, 3, size, size), (workers, step)
+
+
+@pytest.mark.timeout(120)
+def test_should_fail_with_one_line_when_no_shard_is_readable(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "MIN_HOPELESS", 200)
+    with pytest.raises(ClipjobError) as e:
+        take(loader(f"{tmp_path}/missing-{{0..3}}.tar", workers=1), 1)
+    msg = str(e.value)
+    assert "\n" not in msg and "bad samples/shards in a row" in msg and "missing_shard" in msg
