@@ -69,7 +69,7 @@ def train(
     from clipjob.train.trainer import train as run_training
 
     state = run_training(cfg)
-    if cfg.eval.data and int(os.environ.get("RANK", 0)) == 0:
+    if cfg.eval.data and state.step >= cfg.train.steps and int(os.environ.get("RANK", 0)) == 0:  # not when stopped
         from clipjob.eval.runner import run_zeroshot
 
         run_zeroshot(cfg.storage.run_dir, [d for d in cfg.eval.data.split(",") if d],

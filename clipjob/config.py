@@ -98,7 +98,9 @@ class TrainConfig:
     ema_momentum: float = F(0.0, "EMA of the weights: ema = (1 - m) * ema + m * w each step (0 = off; CoreNet 0.0005)")
     accum_steps: int = F(1, "Micro-batches per step; features are cached so the contrastive batch stays whole")
     compile: bool = F(False, "torch.compile the model")
-    loss: Literal["clip", "siglip"] = F("clip", "Contrastive loss: clip (softmax InfoNCE) or siglip (sigmoid)")
+    loss: Literal["clip", "siglip"] = F("clip", "Contrastive loss: clip (softmax InfoNCE) or siglip (sigmoid, learnable logit bias init -10; logit scale starts at ln 10 unless model.logit_scale_init is changed)")
+    peak_flops: float = F(0.0, "Peak FLOP/s of one device for the MFU estimate (0 = known GPU table, else a matmul measured at startup)")
+    dist_timeout_s: float = F(1800.0, "Timeout of process-group init and collectives (a checkpoint save must finish within it)")
 
 
 @dataclass(frozen=True)
@@ -297,6 +299,9 @@ def validate(cfg: Config) -> None:
     _check(cfg.model.logit_scale_max > 0, "model.logit_scale_max: must be > 0")
     _check(tr.ema_momentum >= 0 and tr.ema_momentum < 1, f"train.ema_momentum: must be in [0, 1), got {tr.ema_momentum}")
     _check(tr.accum_steps >= 1, f"train.accum_steps: must be >= 1, got {tr.accum_steps}")
+    _check(tr.accum_steps <= tr.batch_size, f"train.accum_steps: {tr.accum_steps} micro-batches do not fit in train.batch_size={tr.batch_size}")
+    _check(tr.peak_flops >= 0, f"train.peak_flops: must be >= 0, got {tr.peak_flops}")
+    _check(tr.dist_timeout_s > 0, f"train.dist_timeout_s: must be > 0, got {tr.dist_timeout_s}")
     _check(all(s > 0 and s % stride == 0 for s in d.multiscale_sizes),
            f"data.multiscale_sizes: each must be a positive multiple of the patch size {stride}, got {d.multiscale_sizes}")
     _check(cfg.eval.resolution >= 0, f"eval.resolution: must be >= 0, got {cfg.eval.resolution}")

@@ -1,8 +1,14 @@
 """The one place that reads torchrun / PyTorchJob environment variables.
 
-`clipjob train` as a pod's entrypoint: `elastic_launch_argv` turns flags or the PET_* env a PyTorchJob
-injects into a torch.distributed.run (elastic agent, c10d rendezvous) command line that runs the workers.
-Started by torchrun directly (LOCAL_RANK etc. set), it is a worker: `init_distributed` joins the group.
+`clipjob train` as a pod's entrypoint: `launch_spec` + `elastic_launch_argv` turn flags, or the PET_* env a
+PyTorchJob injects, into a torch.distributed.run command line (elastic agent, c10d rendezvous) that the CLI
+exec()s, so the agent becomes the pod's main process, receives SIGTERM and forwards it to the workers.
+Started by torchrun directly (LOCAL_RANK etc. set), the process is a worker: `init_distributed` joins the
+group (NCCL on GPU, gloo on CPU) with a timeout.
+
+Precedence: flags > PET_* > the master address a non-elastic PyTorchJob sets > single-process defaults.
+Variables clipjob does not translate (PET_RDZV_CONF, PET_STANDALONE, PET_SHUTDOWN_TIMEOUT, ...) are read by
+torchrun itself, which takes every option from PET_<OPTION> when the flag is absent.
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 from clipjob.errors import ClipjobError
+
+DEFAULT_RDZV_PORT = 29400
 
 
 @dataclass(frozen=True)
@@ -37,66 +45,108 @@ class LaunchSpec:
     rdzv_endpoint: str = ""
     rdzv_id: str = "clipjob"
     max_restarts: int = 0
-    node_rank: str = ""
 
     @property
     def single_process(self) -> bool:
-        return self.nnodes in ("1", "1:1") and self.nproc_per_node in ("1",) and not self.rdzv_endpoint
+        return self.nnodes in ("1", "1:1") and self.nproc_per_node == "1" and not self.rdzv_endpoint
 
 
 def is_worker() -> bool:
-    """True when torchrun started this process (it sets LOCAL_RANK and TORCHELASTIC_RUN_ID)."""
+    """True when torchrun started this process (it sets LOCAL_RANK, WORLD_SIZE and TORCHELASTIC_RUN_ID).
+    A PyTorchJob pod has WORLD_SIZE/RANK (per node) but no LOCAL_RANK: it is a launcher, not a worker."""
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def _nproc(value: str) -> str:
+    """N, or torchrun's auto|gpu|cpu: one worker per visible GPU; on a CPU-only node one worker (a CPU
+    worker already uses every core through intra-op threads)."""
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if value == "gpu" and gpus == 0:
+        raise ClipjobError("--nproc-per-node gpu: no GPU is visible on this node (use a number, auto or cpu)")
+    if value in ("gpu", "auto"):
+        return str(max(1, gpus))
+    if value == "cpu":
+        return "1"
+    if not value.isdigit() or int(value) < 1:
+        raise ClipjobError(f"--nproc-per-node: expected a positive integer, auto, gpu or cpu, got {value!r}")
+    return value
+
+
+def _master_endpoint(env: os._Environ | dict) -> str:
+    """HOST:PORT of a non-elastic PyTorchJob's master pod (PET_MASTER_ADDR/MASTER_ADDR), '' if none."""
+    host = env.get("PET_MASTER_ADDR") or env.get("MASTER_ADDR")
+    port = env.get("PET_MASTER_PORT") or env.get("MASTER_PORT") or str(DEFAULT_RDZV_PORT)
+    return f"{host}:{port}" if host else ""
+
+
 def launch_spec(nnodes: str | None = None, nproc_per_node: str | None = None, rdzv_endpoint: str | None = None,
-                rdzv_id: str | None = None, rdzv_backend: str | None = None, max_restarts: int | None = None) -> LaunchSpec:
+                rdzv_id: str | None = None, rdzv_backend: str | None = None,
+                max_restarts: int | None = None) -> LaunchSpec:
     """Flags win over the PET_* env (PyTorchJob), which wins over single-process defaults."""
     env = os.environ
-    nproc = nproc_per_node or env.get("PET_NPROC_PER_NODE") or "1"
-    if nproc in ("gpu", "auto"):
-        nproc = str(max(1, torch.cuda.device_count())) if torch.cuda.is_available() or nproc == "gpu" else "1"
-    elif nproc == "cpu":
-        nproc = "1"
-    if not nproc.isdigit() or int(nproc) < 1:
-        raise ClipjobError(f"--nproc-per-node: expected a positive integer, auto, gpu or cpu, got {nproc!r}")
+    restarts = max_restarts if max_restarts is not None else env.get("PET_MAX_RESTARTS") or 0
+    try:
+        restarts = int(restarts)
+    except ValueError:
+        raise ClipjobError(f"--max-restarts / PET_MAX_RESTARTS: expected an integer, got {restarts!r}") from None
     spec = LaunchSpec(
         nnodes=str(nnodes or env.get("PET_NNODES") or "1"),
-        nproc_per_node=nproc,
+        nproc_per_node=_nproc(str(nproc_per_node or env.get("PET_NPROC_PER_NODE") or "1")),
         rdzv_backend=rdzv_backend or env.get("PET_RDZV_BACKEND") or "c10d",
-        rdzv_endpoint=rdzv_endpoint or env.get("PET_RDZV_ENDPOINT") or "",
+        rdzv_endpoint=rdzv_endpoint or env.get("PET_RDZV_ENDPOINT") or _master_endpoint(env),
         rdzv_id=rdzv_id or env.get("PET_RDZV_ID") or "clipjob",
-        max_restarts=int(max_restarts if max_restarts is not None else env.get("PET_MAX_RESTARTS") or 0),
-        node_rank=env.get("PET_NODE_RANK", ""),
+        max_restarts=restarts,
     )
-    for part in spec.nnodes.split(":"):
-        if not part.isdigit() or int(part) < 1:
-            raise ClipjobError(f"--nnodes: expected N or MIN:MAX with positive integers, got {spec.nnodes!r}")
+    parts = spec.nnodes.split(":")
+    if len(parts) > 2 or not all(p.isdigit() and int(p) >= 1 for p in parts) or int(parts[0]) > int(parts[-1]):
+        raise ClipjobError(f"--nnodes: expected N or MIN:MAX with 1 <= MIN <= MAX, got {spec.nnodes!r}")
+    if spec.max_restarts < 0:
+        raise ClipjobError(f"--max-restarts: must be >= 0, got {spec.max_restarts}")
+    if spec.rdzv_endpoint and ":" not in spec.rdzv_endpoint:
+        spec = LaunchSpec(**{**spec.__dict__, "rdzv_endpoint": f"{spec.rdzv_endpoint}:{DEFAULT_RDZV_PORT}"})
     return spec
 
 
 def elastic_launch_argv(spec: LaunchSpec, worker_args: list[str]) -> list[str]:
-    """The torch.distributed.run command line that starts the elastic agent, which runs the workers."""
-    endpoint = spec.rdzv_endpoint or "127.0.0.1:29400"
+    """The `python -m torch.distributed.run ...` arguments that start the elastic agent and its workers."""
+    endpoint = spec.rdzv_endpoint or f"127.0.0.1:{DEFAULT_RDZV_PORT}"
     argv = ["-m", "torch.distributed.run", "--nnodes", spec.nnodes, "--nproc-per-node", spec.nproc_per_node,
             "--rdzv-backend", spec.rdzv_backend, "--rdzv-endpoint", endpoint, "--rdzv-id", spec.rdzv_id,
             "--max-restarts", str(spec.max_restarts), "--monitor-interval", "1"]
     return argv + ["-m", "clipjob", "train", *worker_args]
 
 
-def init_distributed(timeout_s: float = 600.0) -> DistInfo:
-    """Join the process group when started by torchrun (NCCL on GPU, gloo on CPU), with a timeout."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group when started by torchrun (NCCL on GPU, gloo on CPU); a lone process is rank 0
+    of 1 whatever WORLD_SIZE/RANK a PyTorchJob put in its environment."""
+    worker = is_worker()
+    rank = int(os.environ["RANK"]) if worker else 0
+    world = int(os.environ["WORLD_SIZE"]) if worker else 1
+    local_rank = int(os.environ["LOCAL_RANK"]) if worker else 0
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = _worker_store(rank, world, timeout)
+        if device.type == "cuda":
+            dist.init_process_group("nccl", store=store, rank=rank, world_size=world, timeout=timeout, device_id=device)
+        else:
+            dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
     return DistInfo(rank, local_rank, world, device)
+
+
+def _worker_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
+    """The workers' key-value store, namespaced by the restart attempt. torchrun's agent hosts one TCPStore
+    for the whole job and hands it to every worker group it starts; without the namespace, a restarted group
+    would read the previous group's keys (its gloo/NCCL addresses) and fail to connect."""
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    hosts = rank == 0 and not agent_hosts
+    store = dist.TCPStore(host, port, world, is_master=hosts, timeout=timeout, multi_tenant=hosts)
+    return dist.PrefixStore(f"clipjob/attempt-{restart_count()}", store)
 
 
 def restart_count() -> int:
@@ -104,26 +154,51 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
 
 
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _active():
         dist.barrier()
 
 
-def broadcast_flag(flag: bool, device: torch.device) -> bool:
-    """True on every rank if any rank set the flag (e.g. SIGTERM seen by one process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+def any_flags(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag true on every rank if any rank set it (SIGTERM seen by one process, a save due by the
+    clock): one small all-reduce so every rank takes the same decision at the same step."""
+    if not _active():
+        return list(flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return [bool(v > 0) for v in t.tolist()]
+
+
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """True on every rank if any rank set the flag."""
+    return any_flags([flag], device)[0]
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
+    if not _active():
+        return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
+    world = dist.get_world_size() if _active() else 1
+    return [v / world for v in all_reduce_sum(values, device)]
+
+
+def average_grads(params: list[torch.Tensor]) -> None:
+    """Average .grad over ranks for parameters outside the DDP module (e.g. SigLIP's logit bias)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not _active() or not grads:
+        return
+    for g in grads:
+        dist.all_reduce(g)
+        g /= dist.get_world_size()
 
 
 def cleanup() -> None:

@@ -37,21 +37,23 @@ def config_for_checkpoint(step_or_file: str, preset: str | None, config_file: st
 
 
 def load_for_eval(checkpoint: str, preset: str | None = None, config_file: str | None = None,
-                  overrides: list[str] = (), device: torch.device | None = None):
+                  overrides: list[str] = (), device: torch.device | None = None, ema: bool = False):
+    """The model of a checkpoint, ready for eval; `ema` takes the step's EMA weights (ema.safetensors)."""
     from clipjob.model.convert import load_any_weights
 
     url = ckpt.resolve_checkpoint(checkpoint)
     cfg = config_for_checkpoint(url, preset, config_file, list(overrides))
     model = build_model(cfg.model, pretrained_text=False)
-    model.load_state_dict(load_any_weights(url, cfg.model))
+    model.load_state_dict(load_any_weights(ckpt.ema_weights_url(url) if ema else url, cfg.model))
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), cfg, url
 
 
 def run_zeroshot(checkpoint: str, data: list[str], *, preset=None, config_file=None, overrides=(),
                  resolution: int = 0, batch_size: int = 256, workers: int = 2, precision: str = "fp32",
-                 classnames: str | None = None, templates: str | None = None, out: str | None = None) -> list[dict]:
-    model, cfg, url = load_for_eval(checkpoint, preset, config_file, overrides)
+                 classnames: str | None = None, templates: str | None = None, out: str | None = None,
+                 ema: bool = False) -> list[dict]:
+    model, cfg, url = load_for_eval(checkpoint, preset, config_file, overrides, ema=ema)
     tokenizer = build_tokenizer(cfg.model)
     device = next(model.parameters()).device
     size = resolution or cfg.eval.resolution or cfg.model.vision.image_size
@@ -60,7 +62,7 @@ def run_zeroshot(checkpoint: str, data: list[str], *, preset=None, config_file=N
     for spec in data:
         es = build_eval_set(spec, size, cfg.model.vision.family, classnames, templates)
         r = evaluate(model, tokenizer, es, device, batch_size, workers, precision)
-        r.update(checkpoint=url, step=step, resolution=size, time=time.time())
+        r.update(checkpoint=url, step=step, resolution=size, time=time.time(), ema=ema)
         print(format_result(r), flush=True)
         results.append(r)
     if out:

@@ -1,16 +1,23 @@
 """Step-level atomic checkpoints on any fsspec URL.
 
-Layout: `{run}/checkpoints/step-{N:08d}/` holding `model.safetensors` (weights), `train_state.pt` (optimizer,
-scaler, EMA, RNG, counters; tensors and plain containers only), `config.yaml`, `meta.json`, and finally
-`COMMITTED`, written last. A step folder without COMMITTED does not exist as far as readers are concerned,
-so a crash mid-save never hides or corrupts the previous checkpoint. "Latest" is the newest committed step:
-no mutable pointer, which is safe on object stores. Loading never unpickles arbitrary objects.
+Layout: `{run}/checkpoints/step-{N:08d}/` holding `model.safetensors` (weights, RangeAugment's included),
+`ema.safetensors` (EMA weights, when enabled), `train_state.pt` (optimizer, scaler, loss parameters, counters,
+data RNG; tensors and plain containers only), `config.yaml`, `meta.json`, and finally `COMMITTED`, written
+last and only after every other file is listed in the folder. A step folder without COMMITTED does not exist
+as far as readers are concerned, so a crash mid-save never hides or corrupts the previous checkpoint.
+"Latest" is the newest committed step: no mutable pointer, which is safe on object stores. Loading never
+unpickles arbitrary objects.
+
+Test hook: CLIPJOB_TEST_CRASH_DURING_SAVE=K makes the K-th save of a process os._exit(1) right after
+model.safetensors is written and before COMMITTED, on the first attempt only (a worker group restarted by the
+elastic agent saves normally): fault-injection tests.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import os
 import pickle
 import re
 import time
@@ -20,10 +27,11 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from clipjob import fs
+from clipjob import dist, fs
 from clipjob.errors import ClipjobError
 
 MARKER = "COMMITTED"
+EMA_FILE = "ema.safetensors"
 STEP_RE = re.compile(r"^step-(\d{8})$")
 
 
@@ -54,15 +62,43 @@ def _tensor_bytes(obj: Any) -> bytes:
     return buf.getvalue()
 
 
+def _safetensors_bytes(state: dict[str, torch.Tensor], step: int) -> bytes:
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    return st_save(weights, metadata={"step": str(step)})
+
+
+_saves_in_process = 0
+
+
+def _crash_hook() -> None:
+    """Fault injection for tests: die mid-save (see the module doc)."""
+    global _saves_in_process
+    _saves_in_process += 1
+    if os.environ.get("CLIPJOB_TEST_CRASH_DURING_SAVE") == str(_saves_in_process) and dist.restart_count() == 0:
+        print(f"CLIPJOB_TEST_CRASH_DURING_SAVE: exiting during save {_saves_in_process}", flush=True)
+        os._exit(1)
+
+
 def save_checkpoint(run_dir: str, step: int, model_state: dict[str, torch.Tensor], train_state: dict[str, Any],
-                    config_yaml: str, meta: dict[str, Any]) -> str:
-    """Write every file of step N, then the commit marker. Returns the step URL."""
+                    config_yaml: str, meta: dict[str, Any],
+                    extra_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> str:
+    """Write every file of step N, check they are all there, then write the commit marker. `extra_weights`
+    maps file names (e.g. ema.safetensors) to further state dicts. Returns the step URL."""
     url = step_url(run_dir, step)
-    weights = {k: v.detach().to("cpu").contiguous() for k, v in model_state.items()}
-    fs.write_bytes(fs.join(url, "model.safetensors"), st_save(weights, metadata={"step": str(step)}))
+    files = ["model.safetensors"]
+    fs.write_bytes(fs.join(url, "model.safetensors"), _safetensors_bytes(model_state, step))
+    _crash_hook()
+    for name, state in (extra_weights or {}).items():
+        fs.write_bytes(fs.join(url, name), _safetensors_bytes(state, step))
+        files.append(name)
     fs.write_bytes(fs.join(url, "train_state.pt"), _tensor_bytes(train_state))
     fs.write_text(fs.join(url, "config.yaml"), config_yaml)
     fs.write_text(fs.join(url, "meta.json"), json.dumps({**meta, "step": step, "saved_at": time.time()}, indent=1))
+    files += ["train_state.pt", "config.yaml", "meta.json"]
+    missing = sorted(set(files) - set(fs.ls(url)))
+    if missing:  # e.g. the object store lost data mid-save: never commit an incomplete checkpoint
+        raise ClipjobError(f"{url}: {', '.join(missing)} missing after writing them; checkpoint not committed "
+                           f"(check the storage at {run_dir})")
     fs.write_text(fs.join(url, MARKER), f"{step}\n")
     return url
 
@@ -127,6 +163,21 @@ def load_weights(url: str) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ClipjobError(f"{url}: expected a state dict of tensors")
     return obj
+
+
+def ema_weights_url(step_dir: str) -> str:
+    """The EMA weights file of a committed step folder (ClipjobError when there is none)."""
+    u = fs.join(step_dir, EMA_FILE)
+    if step_dir.endswith((".safetensors", ".pt", ".pth", ".bin", ".ckpt")) or not fs.exists(u):
+        raise ClipjobError(f"{step_dir}: no {EMA_FILE} (EMA weights exist only in step folders of runs trained "
+                           f"with train.ema_momentum > 0)")
+    return u
+
+
+def load_ema(step_dir: str) -> dict[str, torch.Tensor] | None:
+    """The EMA weights of a step folder, None when the run had no EMA."""
+    u = fs.join(step_dir, EMA_FILE)
+    return load_weights(u) if fs.exists(u) else None
 
 
 def load_train_state(step_dir: str) -> dict[str, Any]:

@@ -1,32 +1,74 @@
-"""Contrastive losses. Pure torch; the distributed variant gathers features with an autograd-aware
-all_gather and computes the "local" loss (local rows x all columns, labels offset by rank), which equals
-the single-process loss on the concatenated batch, gradients included."""
+"""Contrastive losses. Pure torch; no I/O, no env.
+
+Distributed: features are gathered with an autograd-aware all_gather and each rank computes the "local" loss
+(its own rows against all gathered columns, labels offset by rank). With n rows per rank and W ranks the
+global loss is the mean of the W local losses, and the gradient math works out exactly:
+  - all_gather's backward sums, over ranks, the gradients every local loss sends to each rank's slice, so rank
+    r's features receive d(sum_r' L_r')/d f_r;
+  - DDP then averages parameter gradients over ranks: (1/W) sum_r d(sum_r' L_r')/d theta|via f_r
+    = d((1/W) sum_r' L_r')/d theta = d L_global / d theta.
+So loss and gradients equal the single-process loss on the concatenated batch (tests/integration/
+test_distributed.py checks both). Without the local-loss labels, gathering with grad would scale gradients by W.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch import nn
+
+SIGLIP_LOGIT_SCALE_INIT = math.log(10.0)  # SigLIP paper / OpenCLIP: t' = ln 10, b = -10
+SIGLIP_LOGIT_BIAS_INIT = -10.0
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+# newer torch calls them *_single and warns on every call of the *_tensor names
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums each rank's slice of the output gradient over all ranks (a
+    reduce-scatter; gloo has none, so there an all-reduce followed by taking the own slice)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
+        _all_gather(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        n = grad.shape[0] // world
+        if dist.get_backend() == "nccl":
+            out = grad.new_empty((n, *grad.shape[1:]))
+            _reduce_scatter(out, grad.contiguous())
+            return out
+        total = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total)
+        return total[rank * n:(rank + 1) * n]
 
 
 def gather_features(x: torch.Tensor) -> torch.Tensor:
-    """All ranks' features concatenated along dim 0; gradients flow back to every rank's slice."""
+    """All ranks' features concatenated along dim 0 (rank order); gradients flow back to every rank's slice."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x.contiguous()), dim=0)
+    return _GatherWithGrad.apply(x)
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE: 0.5 * (CE(image -> text) + CE(text -> image)) over the global batch.
-
-    Each rank scores its local rows against all gathered columns. DDP averages gradients over ranks, so the
-    gathered-loss gradient (which every rank computes for its own rows only) matches the full-batch one."""
+    """Symmetric InfoNCE: 0.5 * (CE(image -> text) + CE(text -> image)), local rows x global columns."""
     n = image_features.shape[0]
     all_img, all_txt = gather_features(image_features), gather_features(text_features)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    labels = torch.arange(n, device=image_features.device) + n * rank
+    labels = torch.arange(n, device=image_features.device) + n * _rank()
     logits_img = logit_scale * image_features @ all_txt.T
     logits_txt = logit_scale * text_features @ all_img.T
     return 0.5 * (F.cross_entropy(logits_img.float(), labels) + F.cross_entropy(logits_txt.float(), labels))
@@ -35,12 +77,38 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 logit_bias: torch.Tensor) -> torch.Tensor:
     """Sigmoid loss (SigLIP): every (image, text) pair is a binary problem; positives on the diagonal.
-    Normalised by the local batch size, local rows against all gathered texts."""
+    Local images against all gathered texts, normalised by the local batch size, so the global loss
+    (normalised by the global batch) is again the mean of the local ones."""
     n = image_features.shape[0]
     all_txt = gather_features(text_features)
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     logits = (logit_scale * image_features @ all_txt.T + logit_bias).float()
     targets = -torch.ones_like(logits)
     idx = torch.arange(n, device=logits.device)
-    targets[idx, idx + n * rank] = 1.0
+    targets[idx, idx + n * _rank()] = 1.0
     return -F.logsigmoid(targets * logits).sum() / n
+
+
+class ContrastiveLoss(nn.Module):
+    """`train.loss` as a module. SigLIP's learnable logit bias lives here: it trains with the model (same
+    optimizer, no weight decay), its gradient is averaged over ranks by the trainer (it is outside DDP), and
+    its state is saved in the checkpoint's train state."""
+
+    def __init__(self, kind: str = "clip"):
+        super().__init__()
+        if kind not in ("clip", "siglip"):
+            raise ValueError(f"unknown loss {kind!r}")
+        self.kind = kind
+        self.logit_bias = nn.Parameter(torch.tensor(SIGLIP_LOGIT_BIAS_INIT)) if kind == "siglip" else None
+
+    def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+                learn_params: bool = True) -> torch.Tensor:
+        """`learn_params=False` keeps the loss's own parameters out of this backward (used by gradient
+        accumulation, where the full loss is evaluated once per micro-batch but must count once)."""
+        if self.logit_bias is None:
+            return clip_loss(image_features, text_features, logit_scale)
+        bias = self.logit_bias if learn_params else self.logit_bias.detach()
+        return siglip_loss(image_features, text_features, logit_scale, bias)
+
+
+def build_loss(kind: str) -> ContrastiveLoss:
+    return ContrastiveLoss(kind)

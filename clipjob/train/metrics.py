@@ -1,13 +1,30 @@
-"""Metrics: JSON lines in `{run}/metrics.jsonl` (rank 0), a progress bar on a TTY, plain lines otherwise."""
+"""Metrics on rank 0: JSON lines in `{run}/metrics.jsonl`, TensorBoard event files in `{run}/tb/` (when the
+optional `tensorboard` package is installed), a progress bar on a TTY and plain lines otherwise.
+
+Throughput: samples/s (all ranks and per device), step time, the fraction of time spent waiting for data,
+and an MFU estimate: model FLOPs per sample from the config (forward ~ 2 * params * tokens + attention, x3 for
+forward + backward; recomputation for grad checkpointing or cached accumulation features is not counted)
+over the device's peak FLOP/s (`train.peak_flops`, else a table of GPUs, else a matmul timed at startup).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import time
 from typing import Any
 
+import torch
+
 from clipjob import fs
+from clipjob.config import ModelConfig
+
+# dense bf16/fp16 tensor-core peaks (FLOP/s) by device-name fragment, most specific first
+GPU_PEAK_FLOPS = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
+                  ("A10", 125e12), ("V100", 125e12)]
+MINILM_DIMS = (384, 6, 4.0)  # width, layers, mlp ratio of the all-MiniLM-L6-v2 text tower
 
 
 class MetricsLogger:
@@ -22,11 +39,14 @@ class MetricsLogger:
         self._pending: list[str] = []
         self._last_flush = time.monotonic()
         self._remote = not fs.is_local(run_dir)
+        self.tb = TensorBoard(run_dir) if enabled else None
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         self._pending.append(json.dumps(record, sort_keys=True) + "\n")
+        if self.tb is not None:
+            self.tb.add(record)
         # object stores have no append: batch lines to keep the read-modify-write cost down
         if not self._remote or time.monotonic() - self._last_flush > 30:
             self.flush()
@@ -35,21 +55,144 @@ class MetricsLogger:
             self.bar.n = record["step"]
             self.bar.refresh()
         else:
-            keys = ("loss", "lr", "logit_scale", "samples_per_s", "data_wait_frac")
-            parts = " ".join(f"{k}={record[k]:.4g}" for k in keys if k in record)
+            keys = ("loss", "lr", "logit_scale", "samples_per_s", "data_wait_frac", "mfu")
+            parts = " ".join(f"{k}={record[k]:.4g}" for k in keys if record.get(k) is not None)
             print(f"step {record['step']}: {parts}", file=sys.stderr, flush=True)
 
     def flush(self) -> None:
         if self._pending:
             fs.append_text(self.url, "".join(self._pending))
             self._pending = []
+        if self.tb is not None:
+            self.tb.flush()
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
         if self.enabled:
             self.flush()
+        if self.tb is not None:
+            self.tb.close()
         if self.bar is not None:
             self.bar.close()
+
+
+class TensorBoard:
+    """Scalars to `{run}/tb/`; for remote run dirs the event files are written locally and uploaded on
+    flush. Without the optional `tensorboard` package this does nothing."""
+
+    def __init__(self, run_dir: str):
+        self.writer = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return
+        self.remote_dir = None if fs.is_local(run_dir) else fs.join(run_dir, "tb")
+        self.local_dir = fs.join(run_dir, "tb") if self.remote_dir is None else tempfile.mkdtemp(prefix="clipjob-tb-")
+        self.writer = SummaryWriter(self.local_dir)
+
+    def add(self, record: dict[str, Any]) -> None:
+        if self.writer is None:
+            return
+        for k, v in record.items():
+            if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool):
+                self.writer.add_scalar(k, v, record["step"])
+
+    def flush(self) -> None:
+        if self.writer is None:
+            return
+        self.writer.flush()
+        if self.remote_dir is not None:
+            for name in os.listdir(self.local_dir):
+                with open(os.path.join(self.local_dir, name), "rb") as f:
+                    fs.write_bytes(fs.join(self.remote_dir, name), f.read())
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.flush()
+            self.writer.close()
+            self.writer = None
+
+
+class Throughput:
+    """Samples, FLOPs and data-wait time since the previous log line, turned into rates."""
+
+    def __init__(self, world_size: int, peak_flops: float):
+        self.world_size, self.peak = world_size, peak_flops
+        self._reset()
+
+    def _reset(self) -> None:
+        self.t0, self.wait, self.steps, self.samples, self.flops = time.monotonic(), 0.0, 0, 0, 0.0
+
+    def waited(self, seconds: float) -> None:
+        self.wait += seconds
+
+    def stepped(self, local_samples: int, local_flops: float) -> None:
+        self.steps += 1
+        self.samples += local_samples
+        self.flops += local_flops
+
+    def take(self) -> dict[str, float]:
+        dt = max(time.monotonic() - self.t0, 1e-9)
+        per_device = self.samples / dt
+        out = {"samples_per_s": per_device * self.world_size, "samples_per_s_per_device": per_device,
+               "step_time_s": dt / max(1, self.steps), "data_wait_frac": self.wait / dt,
+               "tflops_per_device": self.flops / dt / 1e12,
+               "mfu": self.flops / dt / self.peak if self.peak > 0 else None}
+        self._reset()
+        return out
+
+
+def transformer_flops(width: int, layers: int, mlp_ratio: float, tokens: int) -> float:
+    """Forward FLOPs of one sequence: 2 FLOPs per weight per token (qkv, out-proj, MLP) + attention's
+    QK^T and AV (2 * 2 * tokens^2 * width per layer)."""
+    weights = layers * (4 + 2 * mlp_ratio) * width * width
+    return 2 * weights * tokens + layers * 4 * tokens * tokens * width
+
+
+def flops_per_sample(cfg: ModelConfig, image_size: int) -> float:
+    """Training FLOPs (forward + backward = 3x forward) of one image-caption pair at a resolution;
+    a frozen text tower costs its forward only."""
+    v, t, e = cfg.vision, cfg.text, cfg.embed_dim
+    if v.family == "corenet":
+        mid, g = max(32, v.width // 4), image_size // 16
+        stem = 2 * (3 * 16 * mid * (4 * g) ** 2 + mid * 4 * mid * (2 * g) ** 2 + mid * 4 * v.width * g * g)
+    else:
+        g = image_size // v.patch_size
+        stem = 2 * 3 * v.patch_size**2 * v.width * g * g
+    vision = stem + transformer_flops(v.width, v.layers, v.mlp_ratio, g * g + 1) + 2 * v.width * e
+    tw, tl, tm = MINILM_DIMS if t.kind == "minilm" else (t.width, t.layers, t.mlp_ratio)
+    text = transformer_flops(tw, tl, tm, t.context_length) + 2 * tw * e
+    return 3 * vision + (1 if t.freeze else 3) * text
+
+
+def peak_flops(device: torch.device, precision: str, configured: float = 0.0) -> float:
+    """Peak FLOP/s of one device: the configured value, a known GPU's dense bf16/fp16 peak, or measured."""
+    if configured > 0:
+        return configured
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if device.type == "cuda" and precision != "fp32":
+        name = torch.cuda.get_device_name(device)
+        for fragment, value in GPU_PEAK_FLOPS:
+            if fragment in name:
+                return value
+    return measure_matmul_flops(device, dtype)
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
+    """FLOP/s of a square matmul in this dtype on this device (a stand-in peak for CPUs and unknown GPUs)."""
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    iters, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        iters += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if time.perf_counter() - t0 > seconds:
+            break
+    return 2 * n**3 * iters / (time.perf_counter() - t0)
 
 
 def read_jsonl(url: str) -> list[dict[str, Any]]:

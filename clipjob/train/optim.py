@@ -10,8 +10,9 @@ from torch import nn
 from clipjob.config import TrainConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No decay for 1-D parameters (biases, norms, scalars such as logit_scale) and embeddings' tables."""
+def param_groups(model: nn.Module, weight_decay: float, extra: nn.Module | None = None) -> list[dict]:
+    """No decay for 1-D parameters (biases, norms, scalars such as logit_scale, RangeAugment's ranges) and
+    embeddings' tables. `extra` (the loss module: SigLIP's bias) trains alongside, never decayed."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -19,13 +20,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         skip = p.ndim < 2 or "logit_scale" in name or name.endswith("pos_embed") or "cls_token" in name \
             or "embedding" in name or ".ln" in name or "bn" in name
         (no_decay if skip else decay).append(p)
+    if extra is not None:
+        no_decay += [p for p in extra.parameters() if p.requires_grad]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, extra: nn.Module | None = None) -> torch.optim.Optimizer:
+    """AdamW; the fused CUDA kernel when the parameters live on a GPU."""
     on_cuda = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                             fused=True if on_cuda else None)
+    return torch.optim.AdamW(param_groups(model, cfg.weight_decay, extra), lr=cfg.lr, betas=cfg.betas,
+                             eps=cfg.eps, fused=True if on_cuda else None)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

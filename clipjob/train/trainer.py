@@ -3,29 +3,39 @@
     clipjob train --preset tiny-cpu --set data.train=data/emoji --run-dir runs/demo
     clipjob train --preset corenet-vit-b16 --config my.yaml --nnodes 32 --nproc-per-node 8 ...
 
-Rerunning with the same run directory resumes from the newest committed checkpoint.
+Rerunning with the same run directory resumes from the newest committed checkpoint. SIGTERM/SIGINT (pod
+deletion, preemption, the elastic agent shutting the group down) makes every rank stop at the same step,
+after a checkpoint of that step is committed.
 """
 
 from __future__ import annotations
 
-import contextlib
+import os
 import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from clipjob import dist, fs
-from clipjob.config import Config, to_yaml
+from clipjob.config import Config, ModelConfig, to_yaml
+from clipjob.data.multiscale import build_schedule
 from clipjob.data.pipeline import build_train_loader
+from clipjob.data.shards import derive_seed
 from clipjob.errors import ClipjobError
 from clipjob.model import build_model, build_tokenizer
 from clipjob.train import checkpoint as ckpt
-from clipjob.train.loss import clip_loss
-from clipjob.train.metrics import MetricsLogger
+from clipjob.train.ema import EMA
+from clipjob.train.loss import SIGLIP_LOGIT_SCALE_INIT, ContrastiveLoss, build_loss
+from clipjob.train.metrics import MetricsLogger, Throughput, flops_per_sample, peak_flops
 from clipjob.train.optim import build_optimizer, lr_at, set_lr
+from clipjob.train.step import StepResult, forward_backward, optimizer_step
+
+# fault-injection tests slow the loop down so they can act mid-run; never set in real runs
+_TEST_STEP_DELAY_S = float(os.environ.get("CLIPJOB_TEST_STEP_DELAY_S", "0") or 0)
 
 
 @dataclass
@@ -36,55 +46,176 @@ class TrainState:
     good_samples: int = 0
 
 
+@dataclass
+class Parts:
+    """Everything the loop updates: the model, its loss (SigLIP's bias), optimizer, grad scaler, EMA."""
+
+    model: nn.Module
+    loss_fn: ContrastiveLoss
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None
+    ema: EMA | None = None
+
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
 class StopFlag:
-    """Set by SIGTERM/SIGINT (preemption, pod deletion): the loop checkpoints and exits cleanly."""
+    """Set by SIGTERM/SIGINT (preemption, pod deletion, the agent stopping the group): the loop checkpoints
+    and exits cleanly at the next step boundary, on every rank at the same step. A second signal, or any
+    signal once training is over (a context manager), acts as usual and ends the process."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
         self.set = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if self.set:  # asked twice: stop now
+            signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
+            os.kill(os.getpid(), signum)
+            return
         self.set = True
 
 
-def autocast(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+# ---------------------------------------------------------------------------------------------------------
+# set-up
 
 
-def save(cfg: Config, model: torch.nn.Module, opt, scaler, state: TrainState, d: dist.DistInfo) -> None:
-    """Rank 0 writes step N (weights, full train state, config, marker last), then prunes old steps."""
+def build_parts(cfg: Config, d: dist.DistInfo) -> Parts:
+    torch.manual_seed(cfg.train.seed)  # same init on every rank (DDP broadcasts rank 0's anyway)
+    model = build_model(cfg.model).to(d.device)
+    if cfg.train.loss == "siglip" and cfg.model.logit_scale_init == ModelConfig.logit_scale_init:
+        with torch.no_grad():
+            model.logit_scale.fill_(SIGLIP_LOGIT_SCALE_INIT)
+    loss_fn = build_loss(cfg.train.loss).to(d.device)
+    opt = build_optimizer(model, cfg.train, loss_fn)
+    scaler = torch.amp.GradScaler(d.device.type) if cfg.train.precision == "fp16" else None
+    return Parts(model, loss_fn, opt, scaler)
+
+
+def wrap_model(model: nn.Module, cfg: Config, d: dist.DistInfo) -> nn.Module:
+    """torch.compile (in place, so the no-grad caching pass is compiled too), then DDP across ranks."""
+    if cfg.train.compile:
+        model.compile()
+    if d.world_size == 1:
+        return model
+    return DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None)
+
+
+def build_loader(cfg: Config, d: dist.DistInfo, start_step: int):
+    schedule = None
+    if cfg.data.multiscale:
+        schedule = build_schedule(cfg.data.multiscale_sizes, cfg.model.vision.image_size, cfg.train.batch_size,
+                                  cfg.train.seed, min_batch=cfg.train.accum_steps)
+    return build_train_loader(cfg.data.train, cfg.train.batch_size, cfg.model.vision.image_size,
+                              build_tokenizer(cfg.model), seed=cfg.train.seed, rank=d.rank, start_step=start_step,
+                              num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
+                              rrc_scale=cfg.data.rrc_scale, caption_key=cfg.data.caption_key,
+                              batch_schedule=schedule)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def save(cfg: Config, parts: Parts, state: TrainState, d: dist.DistInfo) -> None:
+    """Rank 0 writes step N (weights, EMA, full train state, config, marker last) and prunes old steps;
+    the others wait, so nobody runs ahead of a checkpoint being written."""
     if d.is_main:
-        train_state = {"optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler else {},
+        t0 = time.monotonic()
+        train_state = {"optimizer": parts.opt.state_dict(), "loss": parts.loss_fn.state_dict(),
+                       "scaler": parts.scaler.state_dict() if parts.scaler else {},
                        "step": state.step, "samples_seen": state.samples_seen, "bad_samples": state.bad_samples,
-                       "good_samples": state.good_samples, "torch_rng": torch.get_rng_state()}
-        meta = {"samples_seen": state.samples_seen, "world_size": d.world_size,
-                "params": sum(p.numel() for p in model.parameters())}
-        ckpt.save_checkpoint(cfg.storage.run_dir, state.step, model.state_dict(), train_state, to_yaml(cfg), meta)
+                       "good_samples": state.good_samples,
+                       "data_rng": {"seed": cfg.train.seed, "start_step": state.step, "world_size": d.world_size}}
+        meta = {"samples_seen": state.samples_seen, "world_size": d.world_size, "ema": parts.ema is not None,
+                "params": sum(p.numel() for p in parts.model.parameters())}
+        extra = {ckpt.EMA_FILE: parts.ema.state_dict()} if parts.ema else None
+        ckpt.save_checkpoint(cfg.storage.run_dir, state.step, parts.model.state_dict(), train_state,
+                             to_yaml(cfg), meta, extra)
         ckpt.prune_checkpoints(cfg.storage.run_dir, cfg.train.keep_last)
+        print(f"checkpoint: step {state.step} committed in {time.monotonic() - t0:.1f}s", flush=True)
     dist.barrier()
 
 
-def restore(cfg: Config, model: torch.nn.Module, opt, scaler, d: dist.DistInfo) -> TrainState:
-    """Resume from the newest committed step of the run, else start from train.init_from (weights only)."""
-    latest = ckpt.latest_checkpoint(cfg.storage.run_dir)
-    if latest is None:
-        if cfg.train.init_from:
-            from clipjob.model.convert import load_any_weights
+def _load(parts: Parts, url: str) -> tuple[dict, dict | None]:
+    """Weights and train state of one committed step into the parts (ClipjobError if it does not fit);
+    returns the train state and the EMA weights (None without)."""
+    weights, ts, ema = ckpt.load_weights(url), ckpt.load_train_state(url), ckpt.load_ema(url)
+    try:
+        parts.model.load_state_dict(weights)
+        parts.opt.load_state_dict(ts["optimizer"])
+        parts.loss_fn.load_state_dict(ts.get("loss", {}))
+        if parts.scaler is not None and ts.get("scaler"):
+            parts.scaler.load_state_dict(ts["scaler"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise ClipjobError(f"{url}: checkpoint does not fit this run's config (model, train.loss or optimizer "
+                           f"changed?): {first}") from None
+    return ts, ema
 
-            model.load_state_dict(load_any_weights(cfg.train.init_from, cfg.model), strict=False)
+
+def restore(cfg: Config, parts: Parts, d: dist.DistInfo) -> TrainState:
+    """Resume from the newest committed step that loads (an unreadable one is skipped with a warning),
+    else start from train.init_from (weights only). The EMA resumes too, or starts from the weights."""
+    steps, ts, ema = ckpt.committed_steps(cfg.storage.run_dir), None, None
+    for step in reversed(steps):
+        url = ckpt.step_url(cfg.storage.run_dir, step)
+        try:
+            ts, ema = _load(parts, url)
+        except ClipjobError as e:
+            if d.is_main:
+                print(f"warning: skipping checkpoint: {e}", flush=True)
+            continue
+        if d.is_main:
+            print(f"resumed from {url} (step {ts['step']})", flush=True)
+        break
+    if steps and ts is None:
+        raise ClipjobError(f"{cfg.storage.run_dir}: none of the committed checkpoints {steps} loads (see warnings)")
+    if ts is None and cfg.train.init_from:
+        from clipjob.model.convert import load_any_weights
+
+        parts.model.load_state_dict(load_any_weights(cfg.train.init_from, cfg.model), strict=False)
+    if cfg.train.ema_momentum > 0:
+        parts.ema = EMA(parts.model, cfg.train.ema_momentum)
+        if ema is not None:
+            parts.ema.load_state_dict(ema)
+    if ts is None:
         return TrainState()
-    model.load_state_dict(ckpt.load_weights(latest))
-    ts = ckpt.load_train_state(latest)
-    opt.load_state_dict(ts["optimizer"])
-    if scaler and ts.get("scaler"):
-        scaler.load_state_dict(ts["scaler"])
-    if d.is_main:
-        print(f"resumed from {latest} (step {ts['step']})", flush=True)
     return TrainState(ts["step"], ts["samples_seen"], dict(ts.get("bad_samples", {})), ts.get("good_samples", 0))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# per-step pieces
+
+
+def begin_step(cfg: Config, parts: Parts, step: int, rank: int) -> float:
+    """Everything that is a function of the step number, so a resumed run continues the same curves: the
+    learning rate, the RNG (RangeAugment's draws) and RangeAugment's PSNR curriculum."""
+    lr = lr_at(step, cfg.train)
+    set_lr(parts.opt, lr)
+    torch.manual_seed(derive_seed(cfg.train.seed, rank, step))
+    augmentor = getattr(parts.model, "image_augmentor", None)
+    if augmentor is not None and hasattr(augmentor, "set_progress"):
+        augmentor.set_progress(step / cfg.train.steps)
+    return lr
+
+
+def count_samples(state: TrainState, batch) -> None:
+    for reason, n in batch.bad.items():
+        state.bad_samples[reason] = state.bad_samples.get(reason, 0) + n
+    state.good_samples += batch.images.shape[0]
 
 
 def check_bad_fraction(cfg: Config, state: TrainState) -> None:
@@ -95,79 +226,94 @@ def check_bad_fraction(cfg: Config, state: TrainState) -> None:
                            f"data.max_bad_fraction={cfg.data.max_bad_fraction}; check the shards with `clipjob data inspect`")
 
 
+def log_step(metrics: MetricsLogger, speed: Throughput, state: TrainState, out: StepResult, lr: float,
+             grad_norm: float | None, parts: Parts, images: torch.Tensor, d: dist.DistInfo) -> None:
+    """One metrics record. Every rank calls this (the loss is averaged over ranks); rank 0 writes."""
+    aux = float(out.aux_loss) if out.aux_loss is not None else 0.0
+    loss, aux = dist.all_reduce_mean([float(out.loss), aux], d.device)
+    record = {"step": state.step, "loss": loss, "lr": lr, "logit_scale": float(out.logit_scale),
+              **speed.take(), "samples_seen": state.samples_seen, "bad_samples": sum(state.bad_samples.values()),
+              "image_size": images.shape[-1], "batch_size": images.shape[0], "time": time.time()}
+    if out.aux_loss is not None:
+        record["aux_loss"] = aux
+    if parts.loss_fn.logit_bias is not None:
+        record["logit_bias"] = float(parts.loss_fn.logit_bias)
+    if grad_norm is not None:
+        record["grad_norm"] = grad_norm
+    metrics.log(record)
+
+
+def save_due(cfg: Config, step: int) -> bool:
+    return step == cfg.train.steps or bool(cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0)
+
+
+def minutes_due(cfg: Config, last_save: float) -> bool:
+    return bool(cfg.train.ckpt_every_minutes) and time.monotonic() - last_save > 60 * cfg.train.ckpt_every_minutes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the loop
+
+
 def train(cfg: Config) -> TrainState:
-    d = dist.init_distributed()
+    """Train until train.steps, or until a stop signal (then state.step < train.steps)."""
+    with StopFlag() as stop:  # first: a SIGTERM during set-up must not end the process before it can save
+        state = run(cfg, stop)
+    dist.cleanup()
+    return state
+
+
+def run(cfg: Config, stop: StopFlag) -> TrainState:
+    d = dist.init_distributed(cfg.train.dist_timeout_s)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    torch.manual_seed(cfg.train.seed)
-    run_dir = cfg.storage.run_dir
     if d.is_main:
-        fs.write_text(fs.join(run_dir, "config.yaml"), to_yaml(cfg))
-    model = build_model(cfg.model).to(d.device)
-    tokenizer = build_tokenizer(cfg.model)
-    opt = build_optimizer(model, cfg.train)
-    scaler = torch.amp.GradScaler(d.device.type) if cfg.train.precision == "fp16" else None
-    state = restore(cfg, model, opt, scaler, d)
-    net = DDP(model, device_ids=[d.local_rank] if d.device.type == "cuda" else None) if d.world_size > 1 else model
-    loader = build_train_loader(cfg.data.train, cfg.train.batch_size, cfg.model.vision.image_size, tokenizer,
-                                seed=cfg.train.seed, rank=d.rank, start_step=state.step,
-                                num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-                                rrc_scale=cfg.data.rrc_scale, caption_key=cfg.data.caption_key)
-    metrics = MetricsLogger(run_dir, d.is_main, cfg.train.steps, state.step)
-    stop = StopFlag()
-    last_save, t_log, wait, n_log = time.monotonic(), time.monotonic(), 0.0, 0
-    model.train()
-    batches = iter(loader)
+        fs.write_text(fs.join(cfg.storage.run_dir, "config.yaml"), to_yaml(cfg))
+    parts = build_parts(cfg, d)
+    state = restore(cfg, parts, d)
+    net = wrap_model(parts.model, cfg, d)
+    batches = iter(build_loader(cfg, d, state.step))
+    metrics = MetricsLogger(cfg.storage.run_dir, d.is_main, cfg.train.steps, state.step)
+    peak = peak_flops(d.device, cfg.train.precision, cfg.train.peak_flops) if d.is_main else 0.0
+    speed = Throughput(d.world_size, peak)
+    last_save = time.monotonic()
+    parts.model.train()
     while state.step < cfg.train.steps:
-        # data: time spent waiting here is the data-wait fraction
+        # data: the time blocked here is the data-wait fraction
         t0 = time.monotonic()
         batch = next(batches)
         images, tokens = batch.images.to(d.device, non_blocking=True), batch.tokens.to(d.device, non_blocking=True)
-        wait += time.monotonic() - t0
-        for reason, n in batch.bad.items():
-            state.bad_samples[reason] = state.bad_samples.get(reason, 0) + n
-        state.good_samples += images.shape[0]
-        # lr schedule
-        lr = lr_at(state.step, cfg.train)
-        set_lr(opt, lr)
-        # forward + backward
-        with autocast(cfg.train.precision, d.device):
-            out = net(images, tokens)
-            loss = clip_loss(out.image_features, out.text_features, out.logit_scale)
-            total = loss + out.aux_loss if out.aux_loss is not None else loss
-        opt.zero_grad(set_to_none=True)
-        (scaler.scale(total) if scaler else total).backward()
-        # clip + step
-        if scaler:
-            scaler.unscale_(opt)
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        scaler.step(opt) if scaler else opt.step()
-        if scaler:
-            scaler.update()
-        model.clamp_logit_scale()
+        speed.waited(time.monotonic() - t0)
+        count_samples(state, batch)
+        # lr, RNG and curriculum follow the step
+        lr = begin_step(cfg, parts, state.step, d.rank)
+        # forward + backward (micro-batches with cached features when train.accum_steps > 1)
+        out = forward_backward(net, parts.model, parts.loss_fn, images, tokens, accum_steps=cfg.train.accum_steps,
+                               precision=cfg.train.precision, scaler=parts.scaler)
+        # clip, optimizer step, logit-scale clamp, EMA
+        grad_norm = optimizer_step(parts.opt, parts.scaler, parts.params, list(parts.loss_fn.parameters()),
+                                   cfg.train.grad_clip)
+        parts.model.clamp_logit_scale()
+        if parts.ema is not None:
+            parts.ema.update(parts.model)
         state.step += 1
         state.samples_seen += images.shape[0] * d.world_size
-        n_log += 1
+        speed.stepped(images.shape[0], images.shape[0] * flops_per_sample(cfg.model, images.shape[-1]))
         # log
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
-            dt = time.monotonic() - t_log
-            metrics.log({"step": state.step, "loss": loss.item(), "lr": lr, "logit_scale": out.logit_scale.item(),
-                         "samples_per_s": n_log * images.shape[0] * d.world_size / dt, "step_time_s": dt / n_log,
-                         "data_wait_frac": wait / dt, "samples_seen": state.samples_seen,
-                         "bad_samples": sum(state.bad_samples.values()), "time": time.time()})
-            t_log, wait, n_log = time.monotonic(), 0.0, 0
+            log_step(metrics, speed, state, out, lr, grad_norm, parts, images, d)
             check_bad_fraction(cfg, state)
-        # checkpoint: every N steps, every T minutes, at the end, or when asked to stop
-        stopping = dist.broadcast_flag(stop.set, d.device)
-        due = (cfg.train.ckpt_every_steps and state.step % cfg.train.ckpt_every_steps == 0) or \
-              (cfg.train.ckpt_every_minutes and time.monotonic() - last_save > 60 * cfg.train.ckpt_every_minutes)
-        if due or stopping or state.step == cfg.train.steps:
-            save(cfg, model, opt, scaler, state, d)
+        # checkpoint: every N steps, every T minutes, at the end, or when any rank was asked to stop
+        stopping, clock_due = dist.any_flags([stop.set, minutes_due(cfg, last_save)], d.device)
+        if stopping or clock_due or save_due(cfg, state.step):
+            metrics.flush()  # metrics are durable up to the checkpoint a restart resumes from
+            save(cfg, parts, state, d)
             last_save = time.monotonic()
         if stopping:
             if d.is_main:
                 print(f"stop requested: saved step {state.step}, exiting", flush=True)
             break
+        if _TEST_STEP_DELAY_S:
+            time.sleep(_TEST_STEP_DELAY_S)
     metrics.close()
     return state

@@ -1,0 +1,187 @@
+"""train/checkpoint.py and the trainer's save/restore: commit marker last, newest committed wins, pruning,
+a crash mid-save, incomplete folders never committed, S3, EMA weights for eval, resume of the full state."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from clipjob import dist, fs
+from clipjob.config import build_config, to_yaml
+from clipjob.errors import ClipjobError
+from clipjob.train import checkpoint as ckpt
+
+TINY = ["model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2", "model.vision.image_size=16",
+        "model.text.width=32", "model.text.layers=1", "model.text.heads=2", "model.text.context_length=8",
+        "model.embed_dim=16", "model.text.vocab_size=64"]
+CPU = dist.DistInfo(0, 0, 1, torch.device("cpu"))
+
+
+def _save(run: str, step: int, **kw) -> str:
+    return ckpt.save_checkpoint(run, step, {"w": torch.full((2,), float(step))}, {"step": step}, "a: 1\n",
+                                {"note": "x"}, **kw)
+
+
+def test_should_find_the_newest_committed_step_when_saved(tmp_path):
+    run = str(tmp_path / "run")
+    for s in (2, 4):
+        _save(run, s, extra_weights={ckpt.EMA_FILE: {"w": torch.zeros(2)}})
+    assert ckpt.committed_steps(run) == [2, 4]
+    latest = ckpt.latest_checkpoint(run)
+    assert latest == ckpt.step_url(run, 4)
+    assert ckpt.load_weights(latest)["w"].tolist() == [4.0, 4.0]
+    assert ckpt.load_train_state(latest) == {"step": 4}
+    assert ckpt.load_ema(latest)["w"].tolist() == [0.0, 0.0]
+    assert ckpt.load_meta(latest)["step"] == 4
+    assert sorted(os.listdir(latest)) == sorted(["COMMITTED", "config.yaml", "ema.safetensors", "meta.json",
+                                                 "model.safetensors", "train_state.pt"])
+
+
+def test_should_ignore_a_step_folder_when_it_has_no_marker(tmp_path):
+    run = str(tmp_path / "run")
+    _save(run, 2)
+    partial = ckpt.step_url(run, 6)
+    fs.write_bytes(fs.join(partial, "model.safetensors"), b"half")
+    assert ckpt.latest_checkpoint(run) == ckpt.step_url(run, 2)
+    with pytest.raises(ClipjobError, match="not committed"):
+        ckpt.resolve_checkpoint(partial)
+
+
+def test_should_keep_the_newest_k_and_drop_stale_partials_when_pruning(tmp_path):
+    run = str(tmp_path / "run")
+    for s in (1, 2, 4, 5):
+        _save(run, s)
+    fs.write_bytes(fs.join(ckpt.step_url(run, 3), "model.safetensors"), b"crashed")  # older than newest
+    fs.write_bytes(fs.join(ckpt.step_url(run, 9), "model.safetensors"), b"in progress")  # newer: left alone
+    assert ckpt.prune_checkpoints(run, keep=2) == [1, 2, 3]
+    assert ckpt.committed_steps(run) == [4, 5]
+    assert sorted(os.listdir(ckpt.checkpoints_url(run))) == ["step-00000004", "step-00000005", "step-00000009"]
+
+
+def test_should_not_commit_when_a_written_file_is_missing(tmp_path, monkeypatch):
+    run = str(tmp_path / "run")
+    real = fs.write_bytes
+    lose_train_state = lambda url, data: None if url.endswith("train_state.pt") else real(url, data)  # noqa: E731
+    monkeypatch.setattr(fs, "write_bytes", lose_train_state)
+    with pytest.raises(ClipjobError, match="train_state.pt missing"):
+        _save(run, 3)
+    assert ckpt.committed_steps(run) == []
+
+
+def test_should_keep_the_previous_checkpoint_loadable_when_killed_during_a_save(tmp_path):
+    run = str(tmp_path / "run")
+    script = textwrap.dedent(f"""
+        import torch
+        from clipjob.train import checkpoint as ckpt
+        for step in (1, 2):
+            ckpt.save_checkpoint({run!r}, step, {{"w": torch.ones(3) * step}}, {{"step": step}}, "", {{}})
+    """)
+    p = subprocess.run([sys.executable, "-c", script], env={**os.environ, "CLIPJOB_TEST_CRASH_DURING_SAVE": "2"},
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "exiting during save 2" in p.stdout
+    assert os.listdir(ckpt.step_url(run, 2)) == ["model.safetensors"]
+    assert ckpt.committed_steps(run) == [1]
+    assert ckpt.load_weights(ckpt.resolve_checkpoint(run))["w"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_should_commit_prune_and_load_when_the_run_dir_is_on_s3(s3_bucket):
+    run = fs.join(s3_bucket, "runs", "a")
+    for s in (10, 20, 30):
+        _save(run, s, extra_weights={ckpt.EMA_FILE: {"w": torch.ones(2)}})
+        ckpt.prune_checkpoints(run, keep=2)
+    assert ckpt.committed_steps(run) == [20, 30]
+    latest = ckpt.resolve_checkpoint(run)
+    assert latest == f"{run}/checkpoints/step-00000030"
+    assert ckpt.load_weights(latest)["w"].tolist() == [30.0, 30.0]
+    assert ckpt.ema_weights_url(latest).endswith("step-00000030/ema.safetensors")
+
+
+def test_should_evaluate_the_ema_weights_when_asked(tmp_path):
+    from clipjob.eval.runner import load_for_eval
+    from clipjob.model import build_model
+
+    cfg = build_config("tiny-cpu-scratch", None, TINY)
+    model = build_model(cfg.model, pretrained_text=False)
+    ema = {k: v + 1.0 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    run = str(tmp_path / "run")
+    ckpt.save_checkpoint(run, 5, model.state_dict(), {}, to_yaml(cfg), {}, {ckpt.EMA_FILE: ema})
+    raw, _, _ = load_for_eval(run, device=torch.device("cpu"))
+    averaged, _, _ = load_for_eval(run, device=torch.device("cpu"), ema=True)
+    torch.testing.assert_close(averaged.logit_scale, raw.logit_scale + 1.0)
+    _save(str(tmp_path / "plain"), 1)
+    with pytest.raises(ClipjobError, match="no ema.safetensors"):
+        ckpt.ema_weights_url(ckpt.resolve_checkpoint(str(tmp_path / "plain")))
+
+
+# -- the trainer's save / restore ---------------------------------------------------------------------------
+
+
+def _parts_after_one_step(cfg):
+    from clipjob.train.step import forward_backward, optimizer_step
+    from clipjob.train.trainer import build_parts, restore
+
+    parts = build_parts(cfg, CPU)
+    state = restore(cfg, parts, CPU)
+    images, tokens = torch.rand(4, 3, 16, 16), torch.randint(1, 64, (4, 8))
+    forward_backward(parts.model, parts.model, parts.loss_fn, images, tokens, accum_steps=1,
+                     precision=cfg.train.precision, scaler=parts.scaler)
+    optimizer_step(parts.opt, parts.scaler, parts.params, list(parts.loss_fn.parameters()), 0.0)
+    parts.ema.update(parts.model)
+    state.step, state.samples_seen = 1, 4
+    return parts, state
+
+
+def test_should_restore_the_full_train_state_when_resuming(tmp_path, capsys):
+    from clipjob.train.trainer import build_parts, restore, save
+
+    cfg = build_config("tiny-cpu-scratch", None, TINY + [f"storage.run_dir={tmp_path / 'run'}", "train.loss=siglip",
+                                                         "train.precision=fp16", "train.ema_momentum=0.5"])
+    parts, state = _parts_after_one_step(cfg)
+    with torch.no_grad():
+        parts.loss_fn.logit_bias.fill_(-7.5)  # (fp16's first steps may be skipped by the scaler)
+    save(cfg, parts, state, CPU)
+    fresh = build_parts(cfg, CPU)
+    got = restore(cfg, fresh, CPU)
+    assert f"resumed from {ckpt.step_url(cfg.storage.run_dir, 1)} (step 1)" in capsys.readouterr().out
+    assert (got.step, got.samples_seen) == (1, 4)
+    for a, b in zip(parts.model.state_dict().values(), fresh.model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert fresh.loss_fn.logit_bias.item() == -7.5
+    assert fresh.opt.state_dict()["state"].keys() == parts.opt.state_dict()["state"].keys()
+    assert fresh.opt.state_dict()["param_groups"] == parts.opt.state_dict()["param_groups"]
+    assert fresh.scaler.state_dict() == parts.scaler.state_dict()
+    for k, v in parts.ema.state_dict().items():
+        torch.testing.assert_close(fresh.ema.state_dict()[k], v)
+
+
+def test_should_fall_back_to_an_older_checkpoint_when_the_newest_is_unreadable(tmp_path, capsys):
+    from clipjob.train.trainer import build_parts, restore, save
+
+    cfg = build_config("tiny-cpu-scratch", None, TINY + [f"storage.run_dir={tmp_path / 'run'}",
+                                                         "train.ema_momentum=0.5"])
+    parts, state = _parts_after_one_step(cfg)
+    save(cfg, parts, state, CPU)
+    state.step = 2
+    save(cfg, parts, state, CPU)
+    with open(fs.join(ckpt.step_url(cfg.storage.run_dir, 2), "model.safetensors"), "wb") as f:
+        f.write(b"garbage")
+    got = restore(cfg, build_parts(cfg, CPU), CPU)
+    out = capsys.readouterr().out
+    assert got.step == 1 and "warning: skipping checkpoint" in out and "step-00000001 (step 1)" in out
+
+
+def test_should_say_the_checkpoint_does_not_fit_when_the_model_changed(tmp_path):
+    from clipjob.train.trainer import build_parts, restore, save
+
+    run = f"storage.run_dir={tmp_path / 'run'}"
+    cfg = build_config("tiny-cpu-scratch", None, TINY + [run, "train.ema_momentum=0.5"])
+    parts, state = _parts_after_one_step(cfg)
+    save(cfg, parts, state, CPU)
+    wider = build_config("tiny-cpu-scratch", None, TINY + [run, "model.embed_dim=8"])
+    with pytest.raises(ClipjobError, match="none of the committed checkpoints"):
+        restore(wider, build_parts(wider, CPU), CPU)

@@ -1,0 +1,158 @@
+"""dist.py: launch spec from flags / PyTorchJob env, the torchrun command line, worker detection, and the
+CLI's choice between exec()ing the elastic agent and running as a worker."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clipjob import dist
+from clipjob.errors import ClipjobError
+
+ENV_KEYS = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_RDZV_ENDPOINT", "PET_RDZV_BACKEND", "PET_RDZV_ID",
+            "PET_MAX_RESTARTS", "PET_MASTER_ADDR", "PET_MASTER_PORT", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK",
+            "WORLD_SIZE", "RANK", "TORCHELASTIC_RUN_ID", "PET_NODE_RANK")
+
+
+@pytest.fixture
+def env(monkeypatch):
+    for k in ENV_KEYS:
+        monkeypatch.delenv(k, raising=False)
+    return monkeypatch
+
+
+def test_should_be_single_process_when_nothing_is_set(env):
+    spec = dist.launch_spec()
+    assert spec.single_process and spec.nnodes == "1" and spec.nproc_per_node == "1"
+
+
+def test_should_read_the_pytorchjob_env_when_no_flags_are_given(env):
+    env.setenv("PET_NNODES", "2:4")
+    env.setenv("PET_NPROC_PER_NODE", "2")
+    env.setenv("PET_RDZV_ENDPOINT", "job-worker-0:23456")
+    env.setenv("PET_RDZV_ID", "job-abc")
+    env.setenv("PET_MAX_RESTARTS", "3")
+    spec = dist.launch_spec()
+    assert spec == dist.LaunchSpec("2:4", "2", "c10d", "job-worker-0:23456", "job-abc", 3)
+    assert not spec.single_process
+
+
+def test_should_launch_two_workers_when_the_env_asks_for_two_processes(env):
+    env.setenv("PET_NNODES", "1")
+    env.setenv("PET_NPROC_PER_NODE", "2")
+    spec = dist.launch_spec()
+    assert not spec.single_process
+    argv = dist.elastic_launch_argv(spec, ["--preset", "tiny-cpu"])
+    assert argv[:2] == ["-m", "torch.distributed.run"]
+    assert argv[argv.index("--nproc-per-node") + 1] == "2"
+    assert argv[argv.index("--rdzv-backend") + 1] == "c10d"
+    assert argv[-5:] == ["-m", "clipjob", "train", "--preset", "tiny-cpu"]
+
+
+def test_should_prefer_flags_over_env_when_both_are_given(env):
+    env.setenv("PET_NNODES", "4")
+    env.setenv("PET_NPROC_PER_NODE", "8")
+    spec = dist.launch_spec(nnodes="1", nproc_per_node="2", rdzv_endpoint="127.0.0.1:1234", max_restarts=1)
+    assert (spec.nnodes, spec.nproc_per_node, spec.rdzv_endpoint, spec.max_restarts) == ("1", "2", "127.0.0.1:1234", 1)
+
+
+def test_should_rendezvous_at_the_master_pod_when_the_job_is_not_elastic(env):
+    env.setenv("PET_NNODES", "2")
+    env.setenv("PET_NPROC_PER_NODE", "1")
+    env.setenv("MASTER_ADDR", "job-master-0")
+    env.setenv("MASTER_PORT", "23456")
+    env.setenv("PET_NODE_RANK", "1")
+    assert dist.launch_spec().rdzv_endpoint == "job-master-0:23456"
+
+
+def test_should_add_the_default_port_when_the_endpoint_has_none(env):
+    assert dist.launch_spec(rdzv_endpoint="head").rdzv_endpoint == f"head:{dist.DEFAULT_RDZV_PORT}"
+
+
+@pytest.mark.parametrize("kw, key", [({"nnodes": "0"}, "--nnodes"), ({"nnodes": "3:2"}, "--nnodes"),
+                                     ({"nnodes": "a"}, "--nnodes"), ({"nproc_per_node": "x"}, "--nproc-per-node"),
+                                     ({"max_restarts": -1}, "--max-restarts")])
+def test_should_name_the_flag_when_a_launch_value_is_bad(env, kw, key):
+    with pytest.raises(ClipjobError, match=key):
+        dist.launch_spec(**kw)
+
+
+def test_should_refuse_gpu_workers_when_no_gpu_is_visible(env, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ClipjobError, match="no GPU"):
+        dist.launch_spec(nproc_per_node="gpu")
+    assert dist.launch_spec(nproc_per_node="auto").nproc_per_node == "1"
+    assert dist.launch_spec(nproc_per_node="cpu").nproc_per_node == "1"
+
+
+def test_should_be_a_worker_only_when_torchrun_set_local_rank(env):
+    env.setenv("WORLD_SIZE", "2")  # a PyTorchJob pod: per-node WORLD_SIZE/RANK, no LOCAL_RANK
+    env.setenv("RANK", "1")
+    assert not dist.is_worker()
+    d = dist.init_distributed()
+    assert (d.rank, d.world_size, d.is_main) == (0, 1, True)
+    env.setenv("LOCAL_RANK", "0")
+    assert dist.is_worker()
+
+
+def test_should_pass_flags_through_when_not_distributed(env):
+    device = torch.device("cpu")
+    assert dist.any_flags([True, False], device) == [True, False]
+    assert dist.all_reduce_mean([2.0, 4.0], device) == [2.0, 4.0]
+    dist.barrier()
+
+
+# -- the CLI's decision -------------------------------------------------------------------------------------
+
+
+def _cli_train(monkeypatch, tmp_path, *extra: str):
+    """Run `clipjob train` in-process with training and exec() stubbed; returns (exec argv or None, trained)."""
+    from typer.testing import CliRunner
+
+    from clipjob import cli
+    from clipjob.train import trainer
+
+    calls: dict = {"exec": None, "trained": False}
+
+    def fake_exec(path, argv):
+        calls["exec"] = argv
+        raise SystemExit(0)
+
+    def fake_train(cfg):
+        calls["trained"] = True
+        return trainer.TrainState(step=cfg.train.steps)
+
+    monkeypatch.setattr(cli.os, "execv", fake_exec)
+    monkeypatch.setattr(trainer, "train", fake_train)
+    r = CliRunner().invoke(cli.app, ["train", "--preset", "tiny-cpu-scratch", "--run-dir", str(tmp_path / "run"),
+                                     "--set", f"data.train={tmp_path}", "--set", "train.steps=3", *extra])
+    assert r.exit_code == 0, r.output
+    return calls
+
+
+def test_should_exec_the_elastic_agent_when_the_env_asks_for_workers(env, tmp_path):
+    env.setenv("PET_NNODES", "1")
+    env.setenv("PET_NPROC_PER_NODE", "2")
+    calls = _cli_train(env, tmp_path, "--max-restarts", "2")
+    argv = calls["exec"]
+    assert argv is not None and not calls["trained"]
+    assert argv[1:3] == ["-m", "torch.distributed.run"]
+    assert argv[argv.index("--max-restarts") + 1] == "2"
+    tail = argv[len(argv) - argv[::-1].index("clipjob") - 1:]
+    assert tail[:4] == ["clipjob", "train", "--preset", "tiny-cpu-scratch"]
+    assert f"storage.run_dir={tmp_path / 'run'}" in tail and "train.steps=3" in tail
+
+
+def test_should_train_in_process_when_started_by_torchrun(env, tmp_path):
+    env.setenv("PET_NNODES", "1")
+    env.setenv("PET_NPROC_PER_NODE", "2")
+    env.setenv("LOCAL_RANK", "0")  # what torchrun sets in each worker
+    env.setenv("WORLD_SIZE", "2")
+    env.setenv("RANK", "0")
+    calls = _cli_train(env, tmp_path)
+    assert calls["exec"] is None and calls["trained"]
+
+
+def test_should_train_in_process_when_one_process_is_asked_for(env, tmp_path):
+    calls = _cli_train(env, tmp_path)
+    assert calls["exec"] is None and calls["trained"]

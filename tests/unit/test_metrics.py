@@ -1,0 +1,78 @@
+"""train/metrics.py: FLOPs per sample against OpenCLIP's published numbers, throughput rates, the peak, the
+JSON-lines file and the optional TensorBoard writer."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from clipjob.config import build_config
+from clipjob.train.metrics import MetricsLogger, Throughput, flops_per_sample, peak_flops, read_jsonl
+
+
+def test_should_match_openclips_gflops_when_vit_b16_at_224():
+    cfg = build_config("openclip-vit-b16").model
+    # OpenCLIP (FlopCounterMode, forward): image 35.13 + text 5.96 GFLOPs; training = 3x forward
+    assert flops_per_sample(cfg, 224) / 3 == pytest.approx((35.13 + 5.96) * 1e9, rel=0.02)
+    assert flops_per_sample(cfg, 320) > 1.9 * flops_per_sample(cfg, 224)  # the image side scales with area
+
+
+def test_should_count_only_the_forward_of_a_frozen_text_tower():
+    trained = build_config("openclip-vit-b32").model
+    frozen = build_config("openclip-vit-b32", None, ["model.text.freeze=true"]).model
+    text_fwd = (flops_per_sample(trained, 224) - flops_per_sample(frozen, 224)) / 2
+    assert text_fwd == pytest.approx(5.96e9, rel=0.02)
+
+
+def test_should_cover_the_corenet_stem_when_estimating():
+    cfg = build_config("corenet-vit-b16").model
+    assert flops_per_sample(cfg, 224) / 3 == pytest.approx(41.3e9, rel=0.03)
+
+
+def test_should_turn_counts_into_rates_when_taken(monkeypatch):
+    clock = iter([0.0, 10.0, 10.0])
+    monkeypatch.setattr("clipjob.train.metrics.time.monotonic", lambda: next(clock))
+    t = Throughput(world_size=4, peak_flops=1e12)
+    t.waited(2.5)
+    for _ in range(5):
+        t.stepped(8, 8 * 1e11)
+    r = t.take()
+    assert r["samples_per_s_per_device"] == 4.0 and r["samples_per_s"] == 16.0
+    assert r["step_time_s"] == 2.0 and r["data_wait_frac"] == 0.25
+    assert r["mfu"] == pytest.approx(0.4) and r["tflops_per_device"] == pytest.approx(0.4)
+
+
+def test_should_use_the_configured_peak_or_measure_one():
+    assert peak_flops(torch.device("cpu"), "bf16", configured=5e12) == 5e12
+    assert peak_flops(torch.device("cpu"), "fp32") > 1e8
+
+
+def test_should_write_json_lines_and_skip_tensorboard_quietly_when_absent(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    m = MetricsLogger(run, enabled=True, total_steps=10)
+    m.log({"step": 1, "loss": 2.0, "lr": 0.1, "mfu": None})
+    m.log({"step": 2, "loss": 1.5, "lr": 0.1, "mfu": 0.3})
+    m.close()
+    rows = read_jsonl(os.path.join(run, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2] and rows[1]["mfu"] == 0.3
+    assert "step 2: loss=1.5 lr=0.1 mfu=0.3" in capsys.readouterr().err
+    has_tb = importlib.util.find_spec("tensorboard") is not None
+    assert os.path.isdir(os.path.join(run, "tb")) == has_tb
+    MetricsLogger(str(tmp_path / "other"), enabled=False, total_steps=1).log({"step": 1})
+    assert not (tmp_path / "other").exists()
+
+
+def test_should_upload_tensorboard_events_when_the_run_dir_is_remote(s3_bucket):
+    pytest.importorskip("tensorboard")
+    from clipjob import fs
+
+    run = fs.join(s3_bucket, "run")
+    m = MetricsLogger(run, enabled=True, total_steps=3)
+    m.log({"step": 1, "loss": 2.0})
+    m.close()
+    assert any(n.startswith("events.out.tfevents") for n in fs.ls(fs.join(run, "tb")))
+    assert json.loads(fs.read_text(fs.join(run, "metrics.jsonl")))["loss"] == 2.0

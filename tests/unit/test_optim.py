@@ -1,0 +1,66 @@
+"""train/optim.py: weight-decay groups and the warmup + cosine schedule."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clipjob.config import TrainConfig, build_config
+from clipjob.model import build_model
+from clipjob.train.loss import build_loss
+from clipjob.train.optim import build_optimizer, lr_at, param_groups, set_lr
+
+
+def _model(*extra: str):
+    cfg = build_config("tiny-cpu-scratch", None, ["model.vision.width=32", "model.vision.layers=1",
+                                                  "model.vision.heads=2", "model.vision.image_size=16",
+                                                  "model.text.width=32", "model.text.layers=1", "model.text.heads=2",
+                                                  "model.text.context_length=8", "model.embed_dim=16",
+                                                  "model.text.vocab_size=64", *extra])
+    return build_model(cfg.model)
+
+
+def test_should_not_decay_scalars_norms_biases_and_embeddings_when_grouping():
+    model = _model("model.range_augment=true")
+    loss = build_loss("siglip")
+    decay, no_decay = param_groups(model, 0.2, loss)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names.get(id(p), "loss") for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    assert "logit_scale" in kept and "loss" in kept
+    assert any("image_augmentor" in n for n in kept)
+    assert any(n.endswith("qkv.weight") for n in decayed) and "visual.proj" in decayed
+    assert not any(n.endswith("bias") or "token_embedding" in n or "pos_embed" in n or "ln_" in n for n in decayed)
+    assert len(decay["params"]) + len(no_decay["params"]) == sum(1 for _ in model.parameters()) + 1
+
+
+def test_should_skip_frozen_parameters_when_grouping():
+    model = _model()
+    for p in model.text.parameters():
+        p.requires_grad_(False)
+    grouped = {id(p) for g in param_groups(model, 0.1) for p in g["params"]}
+    assert not grouped & {id(p) for p in model.text.parameters()}
+
+
+def test_should_use_the_configured_adamw_when_building():
+    model = _model()
+    cfg = TrainConfig(lr=1e-3, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2)
+    opt = build_optimizer(model, cfg, build_loss("siglip"))
+    assert isinstance(opt, torch.optim.AdamW)
+    assert opt.defaults["betas"] == (0.9, 0.98) and opt.defaults["eps"] == 1e-6
+    assert not opt.defaults.get("fused")  # fused kernels only for CUDA parameters
+    set_lr(opt, 0.5)
+    assert all(g["lr"] == 0.5 for g in opt.param_groups)
+
+
+def test_should_warm_up_linearly_then_follow_a_cosine_when_scheduling():
+    cfg = TrainConfig(steps=110, warmup_steps=10, lr=1e-3, min_lr=1e-6, warmup_init_lr=1e-6)
+    assert lr_at(0, cfg) == pytest.approx(1e-6)
+    assert lr_at(5, cfg) == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))
+    assert lr_at(10, cfg) == pytest.approx(1e-3)
+    assert lr_at(60, cfg) == pytest.approx(1e-6 + 0.5 * (1e-3 - 1e-6))
+    assert lr_at(110, cfg) == pytest.approx(1e-6)
+    assert lr_at(500, cfg) == pytest.approx(1e-6)
+    lrs = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))

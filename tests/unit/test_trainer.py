@@ -1,0 +1,61 @@
+"""train/trainer.py pieces: what follows the step number, the stop flag, when checkpoints are due."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from clipjob import dist
+from clipjob.config import build_config
+from clipjob.train import trainer
+
+TINY = ["model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2", "model.vision.image_size=16",
+        "model.text.width=32", "model.text.layers=1", "model.text.heads=2", "model.text.context_length=8",
+        "model.embed_dim=16", "model.text.vocab_size=64", "train.steps=100", "train.warmup_steps=10"]
+CPU = dist.DistInfo(0, 0, 1, torch.device("cpu"))
+
+
+def test_should_set_lr_rng_and_curriculum_from_the_step_when_a_step_begins():
+    cfg = build_config("tiny-cpu-scratch", None, TINY + ["model.range_augment=true"])
+    parts = trainer.build_parts(cfg, CPU)
+    lr = trainer.begin_step(cfg, parts, 25, rank=1)
+    assert all(g["lr"] == lr for g in parts.opt.param_groups) and 0 < lr <= cfg.train.lr
+    assert parts.model.image_augmentor.progress == pytest.approx(0.25)
+    a = torch.rand(3)
+    trainer.begin_step(cfg, parts, 25, rank=1)
+    assert torch.equal(torch.rand(3), a)  # a resumed run redraws the same augmentation at step 25
+    trainer.begin_step(cfg, parts, 25, rank=0)
+    assert not torch.equal(torch.rand(3), a)  # ranks draw differently
+
+
+def test_should_stop_at_the_first_sigterm_and_die_at_the_second():
+    before = signal.getsignal(signal.SIGTERM)
+    with trainer.StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.set
+        assert signal.getsignal(signal.SIGTERM) == stop._handle
+    assert signal.getsignal(signal.SIGTERM) == before  # training over: signals act as usual again
+    seen = []
+    signal.signal(signal.SIGUSR1, lambda *a: seen.append("second"))
+    try:
+        stop = trainer.StopFlag()
+        stop.SIGNALS = (signal.SIGUSR1,)
+        with stop:
+            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), signal.SIGUSR1)  # the second goes to the previous handler
+        assert stop.set and seen == ["second"]
+    finally:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+
+
+def test_should_save_every_n_steps_at_the_end_and_by_the_clock(monkeypatch):
+    cfg = build_config("tiny-cpu-scratch", None, TINY + ["train.ckpt_every_steps=30", "train.ckpt_every_minutes=2"])
+    assert [s for s in range(1, 101) if trainer.save_due(cfg, s)] == [30, 60, 90, 100]
+    monkeypatch.setattr(trainer.time, "monotonic", lambda: 1000.0)
+    assert trainer.minutes_due(cfg, last_save=1000.0 - 121) and not trainer.minutes_due(cfg, last_save=1000.0 - 60)
+    never = build_config("tiny-cpu-scratch", None, TINY + ["train.ckpt_every_steps=0"])
+    assert [s for s in range(1, 101) if trainer.save_due(never, s)] == [100]
+    assert not trainer.minutes_due(never, last_save=0.0)
