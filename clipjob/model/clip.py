@@ -40,6 +40,9 @@ class CLIP(nn.Module):
             self.text = MiniLMText(cfg.text, cfg.embed_dim, pretrained=pretrained_text)
         else:
             self.text = TextTransformer(cfg.text, cfg.embed_dim)
+            if cfg.text.freeze:  # LiT-style: only the projection of a frozen text tower trains
+                for name, p in self.text.named_parameters():
+                    p.requires_grad_(name == "proj")
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
         self.image_augmentor = RangeAugment() if cfg.range_augment else None  # runs in training only
         normalise = cfg.vision.family == "openai"

@@ -151,7 +151,7 @@ def transformer_flops(width: int, layers: int, mlp_ratio: float, tokens: int) ->
 
 def flops_per_sample(cfg: ModelConfig, image_size: int) -> float:
     """Training FLOPs (forward + backward = 3x forward) of one image-caption pair at a resolution;
-    a frozen text tower costs its forward only."""
+    a frozen text tower costs its forward only, and a frozen MiniLM (cached features) nothing."""
     v, t, e = cfg.vision, cfg.text, cfg.embed_dim
     if v.family == "corenet":
         mid, g = max(32, v.width // 4), image_size // 16
@@ -162,6 +162,8 @@ def flops_per_sample(cfg: ModelConfig, image_size: int) -> float:
     vision = stem + transformer_flops(v.width, v.layers, v.mlp_ratio, g * g + 1) + 2 * v.width * e
     tw, tl, tm = MINILM_DIMS if t.kind == "minilm" else (t.width, t.layers, t.mlp_ratio)
     text = transformer_flops(tw, tl, tm, t.context_length) + 2 * tw * e
+    if t.freeze and t.kind == "minilm":
+        text = 0  # frozen MiniLM features are cached per caption: after the first epoch they cost nothing
     return 3 * vision + (1 if t.freeze else 3) * text
 
 
