@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.backends.cudnn.allow_tf32 = True
     if args.cmd == "peak":
         peak, src = device_peak(device, args.precision)
-        print(json.dumps({"peak_tflops": round(peak / 1e12, 3), "source": src}))
+        print(json.dumps({"peak_tflops": round(peak / 1e12, 4), "source": src}))
         return
     rec = run_config(args.side, MODELS[args.model], device, args.precision, args.batch, args.steps, args.warmup,
                      args.compile)

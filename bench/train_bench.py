@@ -140,6 +140,16 @@ def steady_state(steps: list[dict], warmup: int, timed: int, batch_size: int) ->
             "all_steps_s": round(sum(s["step_s"] for s in steps), 2)}
 
 
+def matmul_peak(precision: str, threads: int) -> float | None:
+    """TFLOP/s of a 2048 x 2048 matmul in this precision and thread count, measured just before a run."""
+    r = subprocess.run([str(CLIPJOB_PY), "bench/mfu.py", "peak", "--precision", precision, "--threads", str(threads)],
+                       cwd=ROOT, env=run_env(threads), capture_output=True, text=True)
+    try:
+        return json.loads(r.stdout.strip().splitlines()[-1])["peak_tflops"]
+    except (IndexError, ValueError, KeyError):
+        return None
+
+
 # -- main ---------------------------------------------------------------------------------------------------------
 
 
@@ -152,7 +162,9 @@ def run_one(side: str, precision: str, spec: ModelSpec, data: Path, a: argparse.
     else:
         cmd = openclip_cmd(spec.write_openclip_config(work / "model_configs").parent, data, work / "logs",
                            precision, a)
+    peak = matmul_peak(precision, a.threads)  # this run's own yardstick: the machine's load drifts
     res = run_monitored(cmd, env=run_env(a.threads), log=work / "out.log", timeout_s=a.timeout)
+    res["peak_tflops_before"] = peak
     steps = clipjob_steps(work / "run") if side == "clipjob" else openclip_steps(work / "out.log", a.batch_size)
     res.update(steady_state(steps, a.warmup, a.timed, a.batch_size))
     if "all_steps_s" in res:
