@@ -18,13 +18,11 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
 import re
 import time
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from clipjob import dist, fs
@@ -119,15 +117,10 @@ def prune_checkpoints(run_dir: str, keep: int) -> list[int]:
 
 
 def safe_torch_load(data: bytes, url: str) -> Any:
-    """torch.load restricted to tensors and plain containers: a pickle that would run code is refused."""
-    try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ClipjobError(f"{url}: refusing to load: the file contains objects that are not plain tensors or "
-                           f"containers (possibly code). {first[:160]}") from None
-    except Exception as e:  # noqa: BLE001 - corrupt/truncated file
-        raise ClipjobError(f"{url}: not a readable checkpoint ({type(e).__name__}: {str(e)[:160]})") from None
+    """Tensors-only loading (safetensors, or torch.load(weights_only=True)); one reader for every checkpoint."""
+    from clipjob.model.convert import load_tensor_file
+
+    return load_tensor_file(data, url)
 
 
 def resolve_checkpoint(url: str) -> str:
@@ -150,13 +143,7 @@ def load_weights(url: str) -> dict[str, torch.Tensor]:
     """Weights of a committed step folder or a single file (safetensors, or a tensors-only torch pickle)."""
     if not url.endswith((".safetensors", ".pt", ".pth", ".bin", ".ckpt")):
         url = fs.join(url, "model.safetensors")
-    data = fs.read_bytes(url)
-    if url.endswith(".safetensors"):
-        try:
-            return st_load(data)
-        except Exception as e:  # noqa: BLE001
-            raise ClipjobError(f"{url}: corrupt safetensors file ({str(e)[:160]})") from None
-    obj = safe_torch_load(data, url)
+    obj = safe_torch_load(fs.read_bytes(url), url)
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
