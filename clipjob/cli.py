@@ -155,6 +155,9 @@ def report(run: Annotated[str, typer.Argument(help="Run directory URL")],
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after the tokenizer is built
+    from clipjob.hostmem import tune_malloc
+
+    tune_malloc()  # before any tensor: freed host buffers stay mapped (clipjob/hostmem.py)
     try:
         app()
     except ClipjobError as e:

@@ -13,7 +13,7 @@ from torch import nn
 
 from clipjob.config import TextConfig
 from clipjob.errors import ClipjobError
-from clipjob.model.transformer import Transformer, init_transformer
+from clipjob.model.transformer import Transformer, attention, init_transformer
 
 
 class TextTransformer(nn.Module):
@@ -63,7 +63,7 @@ class _BertLayer(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         b, s, d = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).reshape(b, s, d)
+        a = attention(q, k, v, mask).transpose(1, 2).reshape(b, s, d)
         x = self.ln_1(x + self.attn_out(a))
         return self.ln_2(x + self.fc2(F.gelu(self.fc1(x))))
 

@@ -6,7 +6,21 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
+
+_HALF = (torch.bfloat16, torch.float16)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+              causal: bool = False) -> torch.Tensor:
+    """scaled_dot_product_attention. On the CPU in bf16/fp16 it goes through the math backend: there the CPU
+    flash kernel is slower than two half-precision matmuls and a softmax (a whole CPU training step in bf16:
+    1.36x faster; bench/README.md). In fp32 and on GPUs torch picks the kernel."""
+    if q.device.type == "cpu" and q.dtype in _HALF and not torch.compiler.is_compiling():
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
 
 
 class QuickGELU(nn.Module):
@@ -32,7 +46,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         b, s, d = x.shape
         q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=self.causal and mask is None)
+        o = attention(q, k, v, mask, causal=self.causal and mask is None)
         return self.proj(o.transpose(1, 2).reshape(b, s, d))
 
 

@@ -26,10 +26,12 @@ def param_groups(model: nn.Module, weight_decay: float, extra: nn.Module | None 
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig, extra: nn.Module | None = None) -> torch.optim.Optimizer:
-    """AdamW; the fused CUDA kernel when the parameters live on a GPU."""
-    on_cuda = next(model.parameters()).is_cuda
+    """AdamW, fused (one kernel over all parameters) on CUDA and on the CPU: on the CPU 3x faster than the
+    per-parameter loop torch picks by default there (13 vs 43 ms for 22 M parameters on 2 cores)."""
+    device = next(model.parameters()).device
+    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay, extra), lr=cfg.lr, betas=cfg.betas,
-                             eps=cfg.eps, fused=True if on_cuda else None)
+                             eps=cfg.eps, fused=fused or None)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -34,6 +34,18 @@ def test_should_match_naive_attention_when_using_sdpa(causal):
     torch.testing.assert_close(attn(x), naive_attention(attn, x, causal), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_should_match_naive_attention_when_running_in_bf16_on_the_cpu(causal):
+    # bf16 on the CPU takes the math backend (clipjob.model.transformer.attention): same result, within bf16
+    torch.manual_seed(0)
+    attn = Attention(64, 4, causal=causal)
+    x = torch.randn(3, 9, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attn(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), naive_attention(attn, x, causal), atol=3e-2, rtol=3e-2)
+
+
 @pytest.mark.parametrize("family", ["openai", "corenet"])
 def test_should_return_unit_features_when_encoding(family):
     cfg = tiny(**{"model.vision.family": family, "model.vision.patch_size": 16 if family == "corenet" else 8})
