@@ -208,14 +208,29 @@ def count_step_flops(side: Side, images: torch.Tensor, tokens: torch.Tensor) -> 
     fwd, bwd = "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"
     if hasattr(aten, fwd) and hasattr(aten, bwd):
         custom = {getattr(aten, fwd): _cpu_sdpa_flop, getattr(aten, bwd): _cpu_sdpa_backward_flop}
-    counter = FlopCounterMode(display=False, custom_mapping=custom)
-    with counter:
-        side.forward_backward(images, tokens)
-    for p in side.model.parameters():
-        p.grad = None
+
+    def count() -> FlopCounterMode:
+        counter = FlopCounterMode(display=False, custom_mapping=custom)
+        with counter:
+            side.forward_backward(images, tokens)
+        for p in side.model.parameters():
+            p.grad = None
+        return counter
+
+    counter = count()
+    executed = counter.get_total_flops()
+    # The model's FLOPs, as MFU counts them: the full architecture. clipjob's towers skip the token-wise work
+    # of their last block for tokens the pooling never reads (Transformer.one_token_last_block); counted with
+    # that off, both tools' model FLOPs are equal, and the executed count is reported beside it.
+    towers = [m for m in side.model.modules() if hasattr(m, "one_token_last_block")]
+    for m in towers:
+        m.one_token_last_block = False
+    nominal = count().get_total_flops() if towers else executed
+    for m in towers:
+        m.one_token_last_block = True
     per_module = counter.get_flop_counts()
-    total = counter.get_total_flops()
-    return {"flops_per_step": total, "flops_per_sample": total / images.shape[0],
+    return {"flops_per_step": nominal, "flops_per_sample": nominal / images.shape[0],
+            "executed_flops_per_sample": executed / images.shape[0],
             "top_ops": {str(k): v for k, v in sorted(per_module.get("Global", {}).items(),
                                                         key=lambda kv: -kv[1])[:6]}}
 
@@ -299,7 +314,12 @@ def run_config(side_name: str, spec: ModelSpec, device: torch.device, precision:
 
 
 def cpu_suite(args: argparse.Namespace) -> dict:
-    """Both sides in one process, per precision: FLOPs, warm-up, then their steps interleaved."""
+    """Both sides in one process, per precision: FLOPs, warm-up, then their steps interleaved. The process runs
+    with clipjob's host-allocator setting (clipjob/hostmem.py), which both sides then share: this part
+    compares the model code alone; the train part shows the allocator's share."""
+    from clipjob.hostmem import tune_malloc
+
+    host_malloc = "keep (clipjob/hostmem.py), both sides" if tune_malloc() else "glibc default, both sides"
     torch.set_num_threads(args.threads)
     device, spec = torch.device("cpu"), MODELS[args.model]
     images, tokens = synthetic_batch(spec, args.batch, device)
@@ -322,7 +342,7 @@ def cpu_suite(args: argparse.Namespace) -> dict:
         del sides
     out = {"what": "isolated training step on synthetic tensors (no data pipeline): FLOPs, samples/s, MFU",
            "machine": machine_info(), "torch": torch.__version__, "model": spec, "batch": args.batch,
-           "threads": args.threads, "steps": args.steps, "warmup": args.warmup,
+           "threads": args.threads, "steps": args.steps, "warmup": args.warmup, "host_malloc": host_malloc,
            "peak_tflops": {p: round(v / 1e12, 4) for p, v in peaks.items()},
            "runs": runs,
            "ratios_clipjob_over_openclip": {p: {"samples_per_s": ratio(r["clipjob"]["samples_per_s"],

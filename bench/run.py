@@ -74,6 +74,9 @@ def rows(parts_run: list[str]) -> list[dict]:
         add(f"train throughput {p}", "samples/s", r["clipjob"].get("samples_per_s"), r["openclip"].get("samples_per_s"))
         add(f"train throughput {p}, from the median step", "samples/s", r["clipjob"].get("samples_per_s_median_step"),
             r["openclip"].get("samples_per_s_median_step"))
+        if "openclip+malloc" in r:  # the peer given clipjob's allocator setting (bench/train_bench.py)
+            add(f"train throughput {p}, OpenCLIP with clipjob's malloc setting", "samples/s",
+                r["clipjob"].get("samples_per_s"), r["openclip+malloc"].get("samples_per_s"))
     for p, r in mfu.get("runs", {}).items():
         add(f"model step alone {p}", "samples/s", r["clipjob"]["samples_per_s"], r["openclip"]["samples_per_s"])
     for p, r in train.get("runs", {}).items():
@@ -92,6 +95,10 @@ def rows(parts_run: list[str]) -> list[dict]:
     for p, r in mfu.get("runs", {}).items():
         add(f"model FLOPs/sample fwd+bwd {p}", "GFLOP", round(r["clipjob"]["flops_per_sample"] / 1e9, 4),
             round(r["openclip"]["flops_per_sample"] / 1e9, 4), "equal")
+        if "executed_flops_per_sample" in r["clipjob"]:
+            add(f"executed FLOPs/sample fwd+bwd {p}", "GFLOP", round(r["clipjob"]["executed_flops_per_sample"] / 1e9, 4),
+                round(r["openclip"].get("executed_flops_per_sample", r["openclip"]["flops_per_sample"]) / 1e9, 4),
+                "lower")
     for p, r in train.get("runs", {}).items():
         add(f"train peak memory {p} (process tree PSS)", "MiB", r["clipjob"]["peak_tree_pss_mib"],
             r["openclip"]["peak_tree_pss_mib"], "lower")

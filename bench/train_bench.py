@@ -34,6 +34,11 @@ from bench.common import (CLIPJOB_PY, OPENCLIP_MODEL_NAME, PEER_PY, ROOT, TINY, 
 
 OPENCLIP_SHUFFLE = 5000  # open_clip_train.data._SAMPLE_SHUFFLE_SIZE (not a flag); clipjob is set to match
 LR, WD, BETAS, EPS, WARMUP_LR_STEPS = 5e-4, 0.2, (0.9, 0.98), 1e-6, 10
+# A third side: OpenCLIP with the host-allocator setting clipjob makes itself (clipjob/hostmem.py: no mmap'd
+# chunks, 1 GiB trim threshold), given through glibc's tunables, so the table shows how much of clipjob's lead
+# is that setting and how much is the rest.
+PEER_MALLOC = "openclip+malloc"
+PEER_MALLOC_TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1073741824"
 
 # open_clip_train.main with a model config registered first (its CLI takes only known model names)
 OPENCLIP_MAIN = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
@@ -157,13 +162,16 @@ def run_one(side: str, precision: str, spec: ModelSpec, data: Path, a: argparse.
     work = TMP / "train" / f"{side}-{precision}-{rep}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    env = run_env(a.threads)
     if side == "clipjob":
         cmd = clipjob_cmd(spec, data, work / "run", precision, a)
     else:
+        if side == PEER_MALLOC:  # OpenCLIP given clipjob's host-allocator setting through glibc's own tunables
+            env["GLIBC_TUNABLES"] = PEER_MALLOC_TUNABLES
         cmd = openclip_cmd(spec.write_openclip_config(work / "model_configs").parent, data, work / "logs",
                            precision, a)
     peak = matmul_peak(precision, a.threads)  # this run's own yardstick: the machine's load drifts
-    res = run_monitored(cmd, env=run_env(a.threads), log=work / "out.log", timeout_s=a.timeout)
+    res = run_monitored(cmd, env=env, log=work / "out.log", timeout_s=a.timeout)
     res["peak_tflops_before"] = peak
     steps = clipjob_steps(work / "run") if side == "clipjob" else openclip_steps(work / "out.log", a.batch_size)
     res.update(steady_state(steps, a.warmup, a.timed, a.batch_size))
@@ -171,7 +179,7 @@ def run_one(side: str, precision: str, spec: ModelSpec, data: Path, a: argparse.
         res["startup_and_exit_s"] = round(res["wall_s"] - res["all_steps_s"], 2)
     if res["rc"] != 0 or "error" in res:
         res["log_tail"] = tail(work / "out.log")
-    res["command"] = " ".join(cmd)
+    res["command"] = " ".join(cmd) if "GLIBC_TUNABLES" not in env else f"GLIBC_TUNABLES={env['GLIBC_TUNABLES']} " + " ".join(cmd)
     return res
 
 
@@ -186,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--data", default="", help="Shard folder with manifest.json (default: build the emoji shards)")
     ap.add_argument("--repeats", type=int, default=1, help="Runs per side and precision (sides alternate; best counts)")
     ap.add_argument("--timeout", type=float, default=600, help="Seconds before a run is killed")
+    ap.add_argument("--no-peer-malloc", dest="peer_malloc", action="store_false",
+                    help=f"Skip the extra OpenCLIP run with GLIBC_TUNABLES={PEER_MALLOC_TUNABLES}")
     ap.add_argument("--out", default="train", help="Result name under bench/results/ ('' = do not write)")
     a = ap.parse_args(argv)
     exit_on_sigterm()
@@ -194,14 +204,15 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[str, dict[str, dict]] = {}  # the best run per precision and side
     every: dict[str, dict[str, list[dict]]] = {}
     for i, precision in enumerate(a.precisions):
-        every[precision] = {"clipjob": [], "openclip": []}
+        sides = ["clipjob", "openclip"] + ([PEER_MALLOC] if a.peer_malloc else [])
+        every[precision] = {s: [] for s in sides}
         for rep in range(a.repeats):
-            order = ["clipjob", "openclip"] if (i + rep) % 2 == 0 else ["openclip", "clipjob"]  # alternate
+            order = sides if (i + rep) % 2 == 0 else sides[::-1]  # alternate who runs first
             for side in order:
                 r = run_one(side, precision, TINY, data, a, rep)
                 every[precision][side].append(r)
                 sps = r.get("samples_per_s")
-                print(f"  train {precision:4s} {side:8s} run {rep + 1}: " + (
+                print(f"  train {precision:4s} {side:15s} run {rep + 1}: " + (
                     f"{sps:7.1f} samples/s ({r['samples_per_s_median_step']:.1f} from the median step), peak "
                     f"tree PSS {r['peak_tree_pss_mib']:.0f} MiB, wall {r['wall_s']:.0f} s, load {r['loadavg_after']}"
                     if sps else f"FAILED (rc {r['rc']}): {r.get('error', '')}\n{r.get('log_tail', '')}"), flush=True)

@@ -32,9 +32,8 @@ class TextTransformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.token_embedding(tokens) + self.pos_embed[: tokens.shape[1]].to(self.token_embedding.weight.dtype)
-        x = self.ln_final(self.transformer(x))
-        pooled = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-        return pooled @ self.proj
+        pooled = self.transformer(x, tokens.argmax(dim=-1))  # the last block computes the EOT token only
+        return self.ln_final(pooled) @ self.proj
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -63,6 +63,25 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
+    def forward_token(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """`forward(x)[b, index[b]]` for each row b, computed for that one token: keys and values for the
+        whole sequence, but the query, the output projection and the MLP only where they are read. A tower
+        that pools one token (class token, EOT) needs nothing else from its last block."""
+        b, s, d = x.shape
+        rows = torch.arange(b, device=x.device)
+        h = self.ln_1(x)
+        w, bias = self.attn.qkv.weight, self.attn.qkv.bias
+        q = F.linear(h[rows, index], w[:d], bias[:d])  # (B, D)
+        kv = F.linear(h, w[d:], bias[d:])  # (B, S, 2D)
+        heads = self.attn.heads
+        k, v = kv.view(b, s, 2, heads, d // heads).permute(2, 0, 3, 1, 4)
+        mask = None
+        if self.attn.causal:  # the token at position p sees positions <= p
+            mask = (torch.arange(s, device=x.device)[None, :] <= index[:, None]).view(b, 1, 1, s)
+        o = attention(q.view(b, heads, 1, d // heads), k, v, mask)
+        y = x[rows, index] + self.attn.proj(o.reshape(b, d))
+        return y + self.mlp(self.ln_2(y))
+
 
 class Transformer(nn.Module):
     def __init__(self, dim: int, layers: int, heads: int, mlp_ratio: float, act: str, eps: float,
@@ -70,14 +89,22 @@ class Transformer(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, act, eps, causal) for _ in range(layers))
         self.grad_checkpointing = False
+        self.one_token_last_block = True  # False: the last block computes every token (FLOP counts, tests)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for blk in self.blocks:
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, use_reentrant=False)
-            else:
-                x = blk(x)
-        return x
+    def forward(self, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, S, D) -> (B, S, D); with `index` (B,) only the output token each row pools: (B, D), the last
+        block computing just that token (Block.forward_token: 1/S of its token-wise work)."""
+        ckpt = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        one_token = index is not None and self.one_token_last_block
+        last = len(self.blocks) - 1 if one_token else len(self.blocks)
+        for blk in self.blocks[:last]:
+            x = checkpoint(blk, x, use_reentrant=False) if ckpt else blk(x)
+        if index is None:
+            return x
+        if not one_token:
+            return x[torch.arange(x.shape[0], device=x.device), index]
+        blk = self.blocks[last]
+        return checkpoint(blk.forward_token, x, index, use_reentrant=False) if ckpt else blk.forward_token(x, index)
 
 
 def init_transformer(t: Transformer, width: int, layers: int) -> None:

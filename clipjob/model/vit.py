@@ -88,5 +88,6 @@ class VisionTransformer(nn.Module):
         return torch.cat([cls, x], dim=1) + pos.to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.transformer(self.ln_pre(self.tokens(x)))
-        return self.ln_post(x[:, 0]) @ self.proj
+        x = self.ln_pre(self.tokens(x))
+        cls = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+        return self.ln_post(self.transformer(x, cls)) @ self.proj  # the last block computes the class token only

@@ -46,6 +46,34 @@ def test_should_match_naive_attention_when_running_in_bf16_on_the_cpu(causal):
     torch.testing.assert_close(out.float(), naive_attention(attn, x, causal), atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_should_equal_the_full_block_when_computing_one_token(causal):
+    from clipjob.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    t = Transformer(32, 2, 4, 4.0, "gelu", 1e-5, causal=causal).eval()
+    x = torch.randn(5, 9, 32)
+    index = torch.tensor([0, 3, 8, 5, 1])
+    full = t(x)[torch.arange(5), index]
+    torch.testing.assert_close(t(x, index), full, atol=1e-5, rtol=1e-5)
+
+
+def test_should_give_the_same_gradients_when_computing_one_token():
+    from clipjob.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    t = Transformer(32, 2, 4, 4.0, "gelu", 1e-5, causal=True)
+    x = torch.randn(3, 7, 32)
+    index = torch.tensor([6, 2, 4])
+    t(x)[torch.arange(3), index].square().sum().backward()
+    full = {n: p.grad.clone() for n, p in t.named_parameters()}
+    t.zero_grad()
+    t.grad_checkpointing = True
+    t(x, index).square().sum().backward()
+    for n, p in t.named_parameters():
+        torch.testing.assert_close(p.grad, full[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
 @pytest.mark.parametrize("family", ["openai", "corenet"])
 def test_should_return_unit_features_when_encoding(family):
     cfg = tiny(**{"model.vision.family": family, "model.vision.patch_size": 16 if family == "corenet" else 8})
