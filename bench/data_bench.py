@@ -6,10 +6,12 @@
 Both sides read the same webdataset shards (built once by `clipjob data build` from synthetic 256..640 px
 JPEGs with captions), with the same number of DataLoader workers, image size, batch size and shuffle buffer,
 and do the same work per sample in their workers: decode, RandomResizedCrop(224, scale 0.9..1), to tensor,
-tokenise to 77 tokens, batch. Sources: a local directory and the loopback S3 server (moto). The peer reads
-s3:// through the same fsspec gopen handler (webdataset has none of its own; OpenCLIP shells out to
-`aws s3 cp`, which does not exist here). Samples/s are measured after a warm-up (workers started, shuffle
-buffer filled); each configuration runs `--repeats` times alternating sides, the best run counts.
+tokenise to 77 tokens, batch. clipjob's workers send uint8 images that its trainer turns into float [0, 1];
+here the consumer does that conversion (timed), so both sides deliver float batches. Sources: a local
+directory and the loopback S3 server (moto). The peer reads s3:// through the same fsspec gopen handler
+(webdataset has none of its own; OpenCLIP shells out to `aws s3 cp`, which does not exist here). Samples/s are
+measured after a warm-up (workers started, shuffle buffer filled); each configuration runs `--repeats` times
+alternating sides, the best run counts.
 
 Samples/s depend on everything else running on the machine. So each side's CPU cost per sample is also
 measured with the whole pipeline in one process (num_workers=0, one torch thread, process CPU time), which
@@ -148,7 +150,7 @@ def measure(make_loader, spec: str, args: argparse.Namespace) -> dict:
     n = 0
     for _ in range(args.batches):
         b = next(it)
-        images = b.images if hasattr(b, "images") else b[0]
+        images = _float_images(b)
         assert tuple(images.shape[1:]) == (3, args.image_size, args.image_size), images.shape
         n += images.shape[0]
     dt = time.perf_counter() - t1
@@ -169,14 +171,19 @@ def measure_cpu(make_loader, spec: str, args: argparse.Namespace) -> dict:
     for _ in range(args.warmup):
         next(it)
     t = time.process_time()
-    n = sum(_batch_len(next(it)) for _ in range(args.batches))
+    n = sum(_float_images(next(it)).shape[0] for _ in range(args.batches))
     cpu = time.process_time() - t
     torch.set_num_threads(threads)
     return {"cpu_ms_per_sample": round(cpu / n * 1e3, 3), "samples": n}
 
 
-def _batch_len(b) -> int:
-    return (b.images if hasattr(b, "images") else b[0]).shape[0]
+def _float_images(b):
+    """The batch's images as the model gets them: float in [0, 1]. clipjob's workers send uint8 and its trainer
+    converts (clipjob.data.transforms.to_unit_float); that conversion is counted here, in the consumer, so
+    both sides deliver the same thing."""
+    from clipjob.data.transforms import to_unit_float
+
+    return to_unit_float(b.images) if hasattr(b, "images") else b[0]
 
 
 # -- draft-mode decoding -------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ MIN_HOPELESS = 10_000  # bad samples/shards in a row, with nothing good in betwe
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # (B, 3, H, W) float in [0, 1]
+    images: torch.Tensor  # (B, 3, H, W) uint8 (transforms.to_unit_float makes it float in [0, 1])
     tokens: torch.Tensor  # (B, context_length) long
     bad: dict[str, int] = field(default_factory=dict)  # samples skipped since the previous batch, by reason
 

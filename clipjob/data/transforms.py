@@ -1,9 +1,11 @@
-"""Image transforms. Output is always a float tensor in [0, 1]; normalisation (if any) is the model's job."""
+"""Image transforms. They end in a uint8 (3, H, W) tensor: DataLoader workers hand the trainer a quarter of
+the bytes a float batch would be (shared memory between processes, then host-to-device), and the trainer
+turns a batch into float [0, 1] on its device with `to_unit_float`. Normalisation is the model's job."""
 
 from __future__ import annotations
 
-from torchvision.transforms import v2 as T
 import torch
+from torchvision.transforms import v2 as T
 
 BILINEAR = T.InterpolationMode.BILINEAR
 BICUBIC = T.InterpolationMode.BICUBIC
@@ -13,7 +15,6 @@ def train_transform(size: int, scale: tuple[float, float]) -> T.Compose:
     return T.Compose([
         T.ToImage(),
         T.RandomResizedCrop(size, scale=scale, ratio=(3 / 4, 4 / 3), interpolation=BILINEAR, antialias=True),
-        T.ToDtype(torch.float32, scale=True),
     ])
 
 
@@ -24,5 +25,12 @@ def eval_transform(size: int, family: str = "openai") -> T.Compose:
         T.ToImage(),
         T.Resize(size, interpolation=interp, antialias=True),
         T.CenterCrop(size),
-        T.ToDtype(torch.float32, scale=True),
     ])
+
+
+def to_unit_float(images: torch.Tensor) -> torch.Tensor:
+    """A uint8 image batch -> float32 in [0, 1] (what the transforms used to end with: ToDtype(scale=True)),
+    on the batch's device; float batches pass through."""
+    if images.dtype == torch.uint8:
+        return images.to(torch.float32).div_(255)
+    return images

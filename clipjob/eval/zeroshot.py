@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from clipjob import fs
 from clipjob.data.decode import BadSample, decode_image
-from clipjob.data.transforms import eval_transform
+from clipjob.data.transforms import eval_transform, to_unit_float
 from clipjob.errors import ClipjobError
 
 EMOJI_TEMPLATES = ["{}", "an emoji of {}.", "a {} emoji.", "an icon of {}.", "a picture of {}.",
@@ -214,7 +214,7 @@ def evaluate(model, tokenizer, es: EvalSet, device: torch.device, batch_size: in
     hits, n = {1: 0, 5: 0}, 0
     for images, labels in loader:
         with amp:
-            f = model.encode_image(images.to(device)).float()
+            f = model.encode_image(to_unit_float(images.to(device))).float()
         acc = accuracy(100.0 * f @ W, labels.to(device), ks=(1, min(5, len(es.classnames))))
         hits[1] += acc[1]
         hits[5] += acc[min(5, len(es.classnames))]

@@ -25,6 +25,7 @@ from clipjob.config import Config, ModelConfig, to_yaml
 from clipjob.data.multiscale import build_schedule
 from clipjob.data.pipeline import build_train_loader
 from clipjob.data.shards import derive_seed
+from clipjob.data.transforms import to_unit_float
 from clipjob.errors import ClipjobError
 from clipjob.model import build_model, build_tokenizer
 from clipjob.train import checkpoint as ckpt
@@ -282,7 +283,8 @@ def run(cfg: Config, stop: StopFlag) -> TrainState:
         # data: the time blocked here is the data-wait fraction
         t0 = time.monotonic()
         batch = next(batches)
-        images, tokens = batch.images.to(d.device, non_blocking=True), batch.tokens.to(d.device, non_blocking=True)
+        images = to_unit_float(batch.images.to(d.device, non_blocking=True))  # uint8 over the wire, float here
+        tokens = batch.tokens.to(d.device, non_blocking=True)
         speed.waited(time.monotonic() - t0)
         count_samples(state, batch)
         # lr, RNG and curriculum follow the step

@@ -12,6 +12,7 @@ from PIL import Image
 
 from clipjob.data import pipeline
 from clipjob.data.pipeline import Batch, build_train_loader
+from clipjob.data.transforms import to_unit_float
 from clipjob.data.writer import ShardWriter
 from clipjob.errors import ClipjobError
 
@@ -47,8 +48,9 @@ def take(dl, n: int) -> list[Batch]:
 def test_should_yield_batches_of_images_and_tokens_when_reading_shards(tmp_path):
     d = write_shards(str(tmp_path / "ds"), 2, 5)
     (b,) = take(loader(d), 1)
-    assert b.images.shape == (4, 3, 16, 16) and b.images.dtype == torch.float32
-    assert 0 <= b.images.min() and b.images.max() <= 1
+    assert b.images.shape == (4, 3, 16, 16) and b.images.dtype == torch.uint8  # a quarter of float's bytes
+    x = to_unit_float(b.images)
+    assert x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1 and x.max() > 0
     assert b.tokens.shape == (4, 2) and b.bad == {}
 
 
@@ -102,3 +104,12 @@ def test_should_fail_with_one_line_when_no_shard_is_readable(tmp_path, monkeypat
         take(loader(f"{tmp_path}/missing-{{0..3}}.tar", workers=1), 1)
     msg = str(e.value)
     assert "\n" not in msg and "bad samples/shards in a row" in msg and "missing_shard" in msg
+
+
+def test_should_scale_like_todtype_when_converting_uint8_batches():
+    from torchvision.transforms import v2 as T
+
+    x = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8)
+    torch.testing.assert_close(to_unit_float(x), T.ToDtype(torch.float32, scale=True)(x))
+    f = torch.rand(2, 3, 5, 5)
+    assert to_unit_float(f) is f
