@@ -10,6 +10,7 @@ Parts, each its own script and process (see bench/README.md for what each measur
   train  bench/train_bench.py  `clipjob train` vs `open_clip_train.main`: samples/s, peak memory of the process tree
   data   bench/data_bench.py   the data pipelines alone (decode + augment + tokenise), same workers
   eval   bench/eval_bench.py   `clipjob eval zeroshot` vs OpenCLIP's zero-shot path: images/s
+  ablate bench/ablate.py       (only when asked: --only ablate) clipjob's step with each speed-up undone alone
 OpenCLIP runs from .venv-bench/ (scripts/bench_venv.sh: open_clip_torch[training]==3.3.0, same torch wheels).
 Each part writes bench/results/{part}.json; this script adds bench/results/summary.json and prints the table of
 ratios (clipjob / OpenCLIP: > 1 means clipjob is faster, or uses more memory).
@@ -31,6 +32,7 @@ from bench.common import (CLIPJOB_PY, RESULTS, ROOT, exit_on_sigterm, loadavg, m
                           ratio, run_env, run_part, versions, wait_for_quiet, write_result)
 
 PARTS = ("mfu", "train", "data", "eval")
+EXTRA_PARTS = ("ablate",)  # not in the default run: clipjob alone, each speed-up undone (bench/ablate.py)
 
 
 def part_commands(a: argparse.Namespace) -> dict[str, list[str]]:
@@ -40,12 +42,14 @@ def part_commands(a: argparse.Namespace) -> dict[str, list[str]]:
         return {"mfu": [py, "bench/mfu.py", "cpu", "--threads", t, "--steps", "2", "--warmup", "1"],
                 "train": [py, "bench/train_bench.py", "--threads", t, "--warmup", "2", "--timed", "5"],
                 "data": [py, "bench/data_bench.py", "--images", "500", "--batches", "8", "--repeats", "1", "--no-s3"],
-                "eval": [py, "bench/eval_bench.py", "--threads", t, "--repeats", "1"]}
+                "eval": [py, "bench/eval_bench.py", "--threads", t, "--repeats", "1"],
+                "ablate": [py, "bench/ablate.py", "--threads", t, "--steps", "3", "--warmup", "1"]}
     return {"mfu": [py, "bench/mfu.py", "cpu", "--threads", t, "--steps", "4", "--warmup", "1"],
             "train": [py, "bench/train_bench.py", "--threads", t, "--warmup", "3", "--timed", "10",
                       "--repeats", str(a.train_repeats)],
             "data": [py, "bench/data_bench.py", "--repeats", "1"],
-            "eval": [py, "bench/eval_bench.py", "--threads", t, "--repeats", "1"]}
+            "eval": [py, "bench/eval_bench.py", "--threads", t, "--repeats", "1"],
+            "ablate": [py, "bench/ablate.py", "--threads", t]}
 
 
 def load(name: str) -> dict:
@@ -153,9 +157,9 @@ def main() -> int:
     a = ap.parse_args()
     exit_on_sigterm()
     only = [p for p in a.only.split(",") if p]
-    unknown = set(only) - set(PARTS)
+    unknown = set(only) - set(PARTS) - set(EXTRA_PARTS)
     if unknown:
-        ap.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; known: {', '.join(PARTS)}")
+        ap.error(f"--only: unknown part(s) {', '.join(sorted(unknown))}; known: {', '.join(PARTS + EXTRA_PARTS)}")
     if not CLIPJOB_PY.exists():
         ap.error(f"{CLIPJOB_PY} not found: run `make venv-dev` first")
 
