@@ -240,7 +240,12 @@ def main() -> None:
     ap.add_argument("--tmp", default=str(ROOT / "bench" / "results" / "tmp" / "data"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "data.json"))
     args = ap.parse_args()
+    # Both pipelines run in this process (and its forked workers), so both get clipjob's host-allocator setting,
+    # as clipjob's trainer has it (clipjob/hostmem.py); without it, the consumer's float conversion of every batch
+    # page-faults a fresh 38 MiB buffer in.
+    from clipjob.hostmem import tune_malloc
 
+    host_malloc = "keep (clipjob/hostmem.py), both sides" if tune_malloc() else "glibc default, both sides"
     tmp = Path(args.tmp)
     images = tmp / f"images-{args.images}"
     make_images(images, args.images)
@@ -287,8 +292,8 @@ def main() -> None:
     report = {
         "what": "training data pipeline samples/s: clipjob vs OpenCLIP-style webdataset pipeline",
         "command": "python bench/data_bench.py " + " ".join(sys.argv[1:]),
-        "setup": {"images": args.images, "image_px": "256..640 JPEG q90", "shards": args.images // args.per_shard,
-                  "workers": args.workers, "batch_size": args.batch_size, "image_size": args.image_size,
+        "setup": {"host_malloc": host_malloc, "images": args.images, "image_px": "256..640 JPEG q90",
+                  "shards": args.images // args.per_shard, "workers": args.workers, "batch_size": args.batch_size, "image_size": args.image_size,
                   "shuffle_buffer": args.shuffle, "batches_timed": args.batches, "repeats": args.repeats},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                     "loadavg_before": [round(x, 2) for x in load_before],

@@ -88,10 +88,10 @@ def rows(parts_run: list[str]) -> list[dict]:
         if not m:
             continue
         mfus = {}
-        for s in ("clipjob", "openclip"):  # each run against the matmul peak measured just before it
-            sps, peak = r[s].get("samples_per_s"), r[s].get("peak_tflops_before")
+        for s in ("clipjob", "openclip"):  # each run against the best matmul rate measured around it
+            sps, peak = r[s].get("samples_per_s"), r[s].get("peak_tflops") or r[s].get("peak_tflops_before")
             mfus[s] = round(sps * m[s]["flops_per_sample"] / (peak * 1e12), 4) if sps and peak else None
-        add(f"MFU training {p} (vs matmul before each run)", "fraction", mfus["clipjob"], mfus["openclip"])
+        add(f"MFU training {p} (vs matmul around each run)", "fraction", mfus["clipjob"], mfus["openclip"])
     for p, r in mfu.get("runs", {}).items():
         peak = mfu.get("peak_tflops", {}).get(p, 0)
         add(f"MFU model step alone {p} (vs {peak * 1e3:.0f} GFLOP/s)", "fraction", r["clipjob"]["mfu"],
@@ -143,6 +143,16 @@ def print_table(table: list[dict]) -> None:
               f"{fmt(r['ratio']):>7s}{note}")
 
 
+def markdown_table(table: list[dict]) -> str:
+    """The README's table, from a summary's rows."""
+    lines = ["| metric | unit | clipjob | OpenCLIP | ratio |", "|---|---|---|---|---|"]
+    for r in table:
+        note = {"higher": "", "lower": " (lower is better)", "equal": " (should be 1)"}[r["better"]]
+        lines.append(f"| {r['metric']}{note} | {r['unit']} | {fmt(r['clipjob'])} | {fmt(r['openclip'])} | "
+                     f"{fmt(r['ratio'])} |")
+    return "\n".join(lines)
+
+
 # -- main -----------------------------------------------------------------------------------------------------------
 
 
@@ -154,7 +164,11 @@ def main() -> int:
     ap.add_argument("--wait-quiet", type=float, default=0, help="Seconds to wait for a quiet machine first")
     ap.add_argument("--max-load", type=float, default=2.0, help="1-minute load average counted as quiet")
     ap.add_argument("--train-repeats", type=int, default=1, help="Training runs per side and precision (best counts)")
+    ap.add_argument("--markdown", action="store_true", help="Print bench/results/summary.json's table as Markdown; run nothing")
     a = ap.parse_args()
+    if a.markdown:
+        print(markdown_table(load("summary").get("table", [])))
+        return 0
     exit_on_sigterm()
     only = [p for p in a.only.split(",") if p]
     unknown = set(only) - set(PARTS) - set(EXTRA_PARTS)

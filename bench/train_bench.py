@@ -173,6 +173,8 @@ def run_one(side: str, precision: str, spec: ModelSpec, data: Path, a: argparse.
     peak = matmul_peak(precision, a.threads)  # this run's own yardstick: the machine's load drifts
     res = run_monitored(cmd, env=env, log=work / "out.log", timeout_s=a.timeout)
     res["peak_tflops_before"] = peak
+    res["peak_tflops_after"] = after = matmul_peak(precision, a.threads)
+    res["peak_tflops"] = max((x for x in (peak, after) if x), default=None)  # the machine's capability
     steps = clipjob_steps(work / "run") if side == "clipjob" else openclip_steps(work / "out.log", a.batch_size)
     res.update(steady_state(steps, a.warmup, a.timed, a.batch_size))
     if "all_steps_s" in res:
