@@ -142,3 +142,19 @@ def test_should_reuse_cached_text_features_when_the_minilm_tower_is_frozen():
     torch.testing.assert_close(first, m.embed(toks) @ m.proj)
     torch.testing.assert_close(m(toks), first)
     assert [n for n, p in m.named_parameters() if p.requires_grad] == ["proj"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_should_trace_the_one_token_block_when_compiled(dtype):
+    # aot_eager: dynamo + AOTAutograd graphs (what train.compile traces) without inductor's C++ build
+    from clipjob.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    t = Transformer(32, 2, 4, 4.0, "gelu", 1e-5, causal=True)
+    x = torch.randn(3, 7, 32)
+    index = torch.tensor([6, 2, 4])
+    with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        want = t(x, index).float()
+        got = torch.compile(t, backend="aot_eager", fullgraph=True)(x, index).float()
+    torch.testing.assert_close(got, want, atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
+    got.sum().backward()
