@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import braceexpand
 
 from clipjob import fs
+from clipjob.data.tarstream import tar_members
 from clipjob.data.writer import read_manifest
 from clipjob.errors import ClipjobError
 
@@ -171,14 +172,11 @@ def read_tar_samples(url: str, bad: Counter) -> Iterator[dict]:
     before the break are kept, the one in progress is dropped."""
     current: dict | None = None
     try:
-        with open_shard(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for info in tar:
-                if not info.isreg():
-                    continue
-                key, ext = split_member_name(info.name)
+        with open_shard(url) as stream:
+            for name, data in tar_members(stream):
+                key, ext = split_member_name(name)
                 if key is None or key.startswith("__"):
                     continue
-                data = tar.extractfile(info).read()  # type: ignore[union-attr]
                 if current is not None and current["__key__"] != key:
                     yield current
                     current = None
