@@ -44,8 +44,9 @@ def _plain(stream, header: bytes) -> Iterator[tuple[str, bytes]]:
             return
         _check(header)
         size, kind = _number(header[124:136]), header[156:157]
-        data = _read(stream, size + (-size % BLOCK))
-        if len(data) < size + (-size % BLOCK):
+        padded = size + (-size % BLOCK)
+        data = _read(stream, padded)
+        if len(data) < padded:
             raise tarfile.ReadError("unexpected end of data")
         data = data[:size]
         if kind == b"L":

@@ -205,14 +205,14 @@ def evaluate(model, tokenizer, es: EvalSet, device: torch.device, batch_size: in
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else torch.autocast(device.type, enabled=False)
     with amp:
         W = text_classifier(model, tokenizer, es.classnames, es.templates, device)
-    batches = DataLoader(es.dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+    loader = DataLoader(es.dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
     bar = None
     if progress and os.isatty(2):
         from tqdm import tqdm
 
         bar = tqdm(total=es.size, unit="img", desc="zero-shot")
     hits, n = {1: 0, 5: 0}, 0
-    for images, labels in batches:
+    for images, labels in loader:
         with amp:
             f = model.encode_image(to_unit_float(images.to(device))).float()
         acc = accuracy(100.0 * f @ W, labels.to(device), ks=(1, min(5, len(es.classnames))))
