@@ -17,7 +17,6 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -34,7 +33,7 @@ def one(variant: str, precision: str, steps: int, warmup: int, threads: int) -> 
     malloc = tune_malloc()
     import torch
 
-    from bench.mfu import ClipjobSide, synthetic_batch
+    from bench.mfu import ClipjobSide, synthetic_batch, timed_steps, warm_up
 
     torch.set_num_threads(threads)
     side = ClipjobSide(TINY, torch.device("cpu"), precision, False)
@@ -42,19 +41,17 @@ def one(variant: str, precision: str, steps: int, warmup: int, threads: int) -> 
         for m in side.model.modules():
             if hasattr(m, "one_token_last_block"):
                 m.one_token_last_block = False
-    if variant == "loop-adamw":
-        side.opt = torch.optim.AdamW(side.opt.param_groups, lr=5e-4, foreach=False)
+    if variant == "loop-adamw":  # same groups and hyper-parameters, torch's CPU default implementation
+        groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in side.opt.param_groups]
+        side.opt = torch.optim.AdamW(groups, foreach=False)
     if variant == "flash-sdpa":  # torch's own choice (the flash kernel) instead of clipjob's math backend
         import clipjob.model.transformer as tr
 
         tr._HALF = ()
-    images, tokens = synthetic_batch(TINY, 128, torch.device("cpu"))
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
-        side.step(images, tokens)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    device = torch.device("cpu")
+    images, tokens = synthetic_batch(TINY, 128, device)
+    warm_up(side, images, tokens, warmup, device)
+    times = timed_steps({variant: side}, images, tokens, steps, device)[variant]
     med = statistics.median(times)
     return {"variant": variant, "precision": precision, "host_malloc_keep": malloc, "step_s": [round(t, 3) for t in times],
             "step_s_median": round(med, 4), "samples_per_s": round(128 / med, 2)}

@@ -224,12 +224,12 @@ def count_step_flops(side: Side, images: torch.Tensor, tokens: torch.Tensor) -> 
     # The model's FLOPs, as MFU counts them: the full architecture. clipjob's towers skip the token-wise work
     # of their last block for tokens the pooling never reads (Transformer.one_token_last_block); counted with
     # that off, both tools' model FLOPs are equal, and the executed count is reported beside it.
-    towers = [m for m in side.model.modules() if hasattr(m, "one_token_last_block")]
+    towers = {m: m.one_token_last_block for m in side.model.modules() if hasattr(m, "one_token_last_block")}
     for m in towers:
         m.one_token_last_block = False
     nominal = count().get_total_flops() if towers else executed
-    for m in towers:
-        m.one_token_last_block = True
+    for m, was in towers.items():
+        m.one_token_last_block = was
     per_module = counter.get_flop_counts()
     return {"flops_per_step": nominal, "flops_per_sample": nominal / images.shape[0],
             "executed_flops_per_sample": executed / images.shape[0],

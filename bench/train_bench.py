@@ -181,7 +181,8 @@ def run_one(side: str, precision: str, spec: ModelSpec, data: Path, a: argparse.
         res["startup_and_exit_s"] = round(res["wall_s"] - res["all_steps_s"], 2)
     if res["rc"] != 0 or "error" in res:
         res["log_tail"] = tail(work / "out.log")
-    res["command"] = " ".join(cmd) if "GLIBC_TUNABLES" not in env else f"GLIBC_TUNABLES={env['GLIBC_TUNABLES']} " + " ".join(cmd)
+    prefix = f"GLIBC_TUNABLES={PEER_MALLOC_TUNABLES} " if side == PEER_MALLOC else ""
+    res["command"] = prefix + " ".join(cmd)
     return res
 
 
