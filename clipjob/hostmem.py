@@ -5,7 +5,7 @@ fresh mmap and unmaps it on free. A CPU training step allocates and frees hundre
 buffers of 1-50 MiB, so every step page-faults all of them in again, and the kernel zeroes each page first:
 on the 2-core VMs of bench/ that was ~30 % of a CPU training step (profiled: `aten::copy_` inside `addmm`
 and `aten::fill_` of the embedding gradient ran at < 1 GB/s, all first-touch faults). With mmap'd chunks
-off and a high trim threshold, freed buffers stay on the heap and are reused warm (1.32x per CPU training
+off and a high trim threshold, freed buffers stay on the heap and are reused warm (1.3-1.4x per CPU training
 step, bench/ablate.py). This is what tcmalloc/jemalloc preloading gives CPU PyTorch, without a preload.
 
 Applied once per process by the CLI, before any tensor exists (DataLoader workers are forked and inherit
