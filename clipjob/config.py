@@ -50,6 +50,7 @@ class TextConfig:
     act: Literal["gelu", "quick_gelu"] = F("gelu", "FFN activation")
     ln_eps: float = F(1e-5, "LayerNorm epsilon")
     freeze: bool = F(False, "Freeze the text tower (LiT-style; only the projection trains)")
+    trim_padding: bool = F(True, "Drop the padding columns every caption of a batch ends with, to a multiple of 8 (same outputs: both text towers are causal or padding-masked)")
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from clipjob import fs
 from clipjob.data.decode import BadSample, decode_image
 from clipjob.data.transforms import eval_transform, to_unit_float
 from clipjob.errors import ClipjobError
+from clipjob.model.tokenizer import trim_padding
 
 EMOJI_TEMPLATES = ["{}", "an emoji of {}.", "a {} emoji.", "an icon of {}.", "a picture of {}.",
                    "a cartoon of {}.", "a small image showing {}."]
@@ -179,13 +180,15 @@ def _imagenet_shards(root: str, image_size: int, family: str, templates_file: st
 
 @torch.no_grad()
 def text_classifier(model, tokenizer, classnames: list[str], templates: list[str], device: torch.device,
-                    batch_classes: int = 64) -> torch.Tensor:
-    """(E, C): per class the renormalised mean of its normalised prompt embeddings."""
+                    batch_classes: int = 64, trim: bool = True) -> torch.Tensor:
+    """(E, C): per class the renormalised mean of its normalised prompt embeddings. `trim`: run the text
+    tower on the prompts' real length, not the full context (same features; see tokenizer.trim_padding)."""
     cols = []
     for i in range(0, len(classnames), batch_classes):
         chunk = classnames[i:i + batch_classes]
         prompts = [t.format(c) for c in chunk for t in templates]
-        feats = model.encode_text(tokenizer(prompts).to(device)).float()
+        tokens = tokenizer(prompts)
+        feats = model.encode_text((trim_padding(tokens) if trim else tokens).to(device)).float()
         feats = feats.view(len(chunk), len(templates), -1).mean(1)
         cols.append(torch.nn.functional.normalize(feats, dim=-1))
     return torch.cat(cols).T
@@ -199,12 +202,12 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int,
 
 @torch.inference_mode()
 def evaluate(model, tokenizer, es: EvalSet, device: torch.device, batch_size: int = 256, workers: int = 2,
-             precision: str = "fp32", progress: bool = True) -> dict:
+             precision: str = "fp32", progress: bool = True, trim_text: bool = True) -> dict:
     model.eval()
     t0 = time.time()
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else torch.autocast(device.type, enabled=False)
     with amp:
-        W = text_classifier(model, tokenizer, es.classnames, es.templates, device)
+        W = text_classifier(model, tokenizer, es.classnames, es.templates, device, trim=trim_text)
     loader = DataLoader(es.dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
     bar = None
     if progress and os.isatty(2):

@@ -7,6 +7,7 @@ import json
 import os
 from functools import lru_cache
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -140,7 +141,7 @@ class MiniLMText(nn.Module):
     def _cached_embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """A frozen tower maps a caption to the same vector every time: compute each distinct caption once
         (captions repeat across epochs and templates), keep up to CACHE_MAX of them."""
-        keys = [row.tobytes() for row in tokens.cpu().numpy()]
+        keys = [np.trim_zeros(row, "b").tobytes() for row in tokens.cpu().numpy()]  # any padded length
         todo = sorted({i for i, k in enumerate(keys) if k not in self._cache})
         if todo:
             fresh = self.embed(tokens[todo]).float()

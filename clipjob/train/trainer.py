@@ -28,6 +28,7 @@ from clipjob.data.shards import derive_seed
 from clipjob.data.transforms import to_unit_float
 from clipjob.errors import ClipjobError
 from clipjob.model import build_model, build_tokenizer
+from clipjob.model.tokenizer import trim_padding
 from clipjob.train import checkpoint as ckpt
 from clipjob.train.ema import EMA
 from clipjob.train.loss import SIGLIP_LOGIT_SCALE_INIT, ContrastiveLoss, build_loss
@@ -284,7 +285,8 @@ def run(cfg: Config, stop: StopFlag) -> TrainState:
         t0 = time.monotonic()
         batch = next(batches)
         images = to_unit_float(batch.images.to(d.device, non_blocking=True))  # uint8 over the wire, float here
-        tokens = batch.tokens.to(d.device, non_blocking=True)
+        tokens = trim_padding(batch.tokens) if cfg.model.text.trim_padding else batch.tokens
+        tokens = tokens.to(d.device, non_blocking=True)
         speed.waited(time.monotonic() - t0)
         count_samples(state, batch)
         # lr, RNG and curriculum follow the step

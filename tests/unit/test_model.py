@@ -158,3 +158,60 @@ def test_should_trace_the_one_token_block_when_compiled(dtype):
         got = torch.compile(t, backend="aot_eager", fullgraph=True)(x, index).float()
     torch.testing.assert_close(got, want, atol=2e-2 if dtype == torch.bfloat16 else 1e-5, rtol=1e-2)
     got.sum().backward()
+
+
+def test_should_keep_every_real_token_when_trimming_padding():
+    from clipjob.model.tokenizer import ClipTokenizer, trim_padding
+
+    toks = ClipTokenizer(32)(["a cat", "an emoji of a smiling face with heart-shaped eyes!", "!"])
+    got = trim_padding(toks)
+    eot = toks.argmax(-1)
+    assert got.shape[1] % 8 == 0 and int(eot.max()) < got.shape[1] < 32
+    assert torch.equal(got, toks[:, :got.shape[1]]) and not toks[:, got.shape[1]:].any()
+    assert trim_padding(toks, multiple=1).shape[1] == int(eot.max()) + 1
+    full = torch.randint(1, 100, (2, 16))
+    assert trim_padding(full) is full  # nothing to drop: the same tensor, no copy
+
+
+def test_should_give_the_same_text_features_and_gradients_when_trimmed():
+    from clipjob.model.tokenizer import ClipTokenizer, trim_padding
+
+    torch.manual_seed(0)
+    m = build_model(tiny().model).double()  # float64: equal up to summation order, not to fp32 rounding
+    toks = ClipTokenizer(16)(["a red apple", "a dog", "an emoji of a tiger face"])
+    short = trim_padding(toks, multiple=1)
+    assert short.shape[1] < 16
+    feats, grads = [], []
+    for t in (toks, short):
+        m.zero_grad()
+        f = m.encode_text(t)
+        (f * torch.arange(f.shape[1])).sum().backward()
+        feats.append(f.detach())
+        grads.append([p.grad.clone() for p in m.text.parameters()])
+    torch.testing.assert_close(feats[0], feats[1], atol=1e-10, rtol=1e-10)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+def test_should_give_the_same_minilm_features_and_cache_keys_when_trimmed():
+    from clipjob.model.text import MiniLMText, MiniLMTokenizer
+    from clipjob.model.tokenizer import trim_padding
+
+    m = MiniLMText(build_config("tiny-cpu").model.text, 8).eval()
+    toks = MiniLMTokenizer(32)(["a cat", "a dog wearing a tiny party hat"])
+    short = trim_padding(toks, multiple=1)
+    assert short.shape[1] < 32
+    torch.testing.assert_close(m.embed(short), m.embed(toks), atol=1e-5, rtol=1e-5)
+    m(toks)
+    m(short)  # the same captions at another padded length hit the cache
+    assert len(m._cache) == 2
+
+
+def test_should_build_the_same_zero_shot_classifier_when_trimming_prompts():
+    from clipjob.eval.zeroshot import GENERIC_TEMPLATES, text_classifier
+    from clipjob.model.tokenizer import ClipTokenizer
+
+    m = build_model(tiny().model).double().eval()
+    args = (m, ClipTokenizer(16), ["apple", "tiger", "sailboat"], GENERIC_TEMPLATES, torch.device("cpu"))
+    torch.testing.assert_close(text_classifier(*args, trim=True), text_classifier(*args, trim=False),
+                               atol=1e-10, rtol=1e-10)
