@@ -234,11 +234,11 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--shuffle", type=int, default=1000)
     ap.add_argument("--warmup", type=int, default=4)
-    ap.add_argument("--batches", type=int, default=20)
+    ap.add_argument("--batches", type=int, default=60, help="Batches timed after the warm-up (20 read +-30 percent run to run)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-s3", action="store_true", help="Skip the loopback S3 runs")
     ap.add_argument("--tmp", default=str(ROOT / "bench" / "results" / "tmp" / "data"))
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "data.json"))
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "data.json"), help="Result file ('' = do not write)")
     args = ap.parse_args()
     # Both pipelines run in this process (and its forked workers), so both get clipjob's host-allocator setting,
     # as clipjob's trainer has it (clipjob/hostmem.py); without it, the consumer's float conversion of every batch
@@ -302,8 +302,9 @@ def main() -> None:
         "runs": {k: v["runs"] for k, v in results.items()},
         "jpeg_decode": draft,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    if args.out:  # '' = print only, as the other benches
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(f"\n{'source':8s} {'clipjob':>10s} {'openclip+wds':>13s} {'ratio':>6s}  |  {'CPU ms/sample':>13s} "
           f"{'(clipjob':>9s} {'peer)':>6s} {'ratio':>6s}   samples/s: {args.workers} workers, batch "
           f"{args.batch_size}, {args.image_size} px")
@@ -316,7 +317,7 @@ def main() -> None:
         print(f"jpeg {k}: decode full {v['full_ms']} ms / draft {v['draft_ms']} ms ({v['decode_speedup']}x); "
               f"decode+crop {v['full_crop_ms']} / {v['draft_crop_ms']} ms ({v['decode_crop_speedup']}x)")
     print(f"load average before/after: {report['machine']['loadavg_before']} / {report['machine']['loadavg_after']}")
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}" if args.out else "(not written: --out '')")
 
 
 if __name__ == "__main__":

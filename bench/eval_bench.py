@@ -4,7 +4,7 @@ same weights, same ImageFolder, class names, prompt templates, batch size, worke
     .venv/bin/python bench/eval_bench.py                   # fp32 + bf16, 2 repeats (needs .venv-bench)
     .venv/bin/python bench/eval_bench.py --precisions fp32 --repeats 1
 
-Data: 20 classes x 25 synthetic photo-like JPEGs of 256..500 px (made once under bench/results/tmp/).
+Data: 20 classes x 100 synthetic photo-like JPEGs of 256..500 px (made once under bench/results/tmp/).
 Weights: an OpenCLIP model of bench/common.py TINY with random weights (seed 0), saved as OpenCLIP's state
 dict, converted for clipjob by `clipjob ckpt convert --from openclip` (so both evaluate the same network).
 OpenCLIP side: what `open_clip_train.zero_shot.zero_shot_eval` does with `--imagenet-val`, on this folder:
@@ -44,7 +44,7 @@ TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a p
 # -- data -------------------------------------------------------------------------------------------------------
 
 
-def make_folder(root: Path, per_class: int = 25, seed: int = 0) -> Path:
+def make_folder(root: Path, per_class: int = 100, seed: int = 0) -> Path:
     """ImageFolder layout ROOT/CLASS/NNN.jpg: smooth colour fields + shapes + noise, 256..500 px, JPEG q90."""
     import numpy as np
     from PIL import Image, ImageDraw
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--per-class", type=int, default=25)
+    ap.add_argument("--per-class", type=int, default=100, help="Images per class (500 images ran 3-5 s: +-20 percent)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="eval", help="Result name under bench/results/ ('' = do not write)")
     a = ap.parse_args(argv)

@@ -42,13 +42,13 @@ def part_commands(a: argparse.Namespace) -> dict[str, list[str]]:
         return {"mfu": [py, "bench/mfu.py", "cpu", "--threads", t, "--steps", "2", "--warmup", "1"],
                 "train": [py, "bench/train_bench.py", "--threads", t, "--warmup", "2", "--timed", "5"],
                 "data": [py, "bench/data_bench.py", "--images", "500", "--batches", "8", "--repeats", "1", "--no-s3"],
-                "eval": [py, "bench/eval_bench.py", "--threads", t, "--repeats", "1"],
+                "eval": [py, "bench/eval_bench.py", "--threads", t, "--repeats", "1", "--per-class", "25"],
                 "ablate": [py, "bench/ablate.py", "--threads", t, "--steps", "3", "--warmup", "1"]}
     return {"mfu": [py, "bench/mfu.py", "cpu", "--threads", t, "--steps", "4", "--warmup", "1"],
             "train": [py, "bench/train_bench.py", "--threads", t, "--warmup", "3", "--timed", "10",
                       "--repeats", str(a.train_repeats)],
-            "data": [py, "bench/data_bench.py", "--repeats", "1"],
-            "eval": [py, "bench/eval_bench.py", "--threads", t, "--repeats", "1"],
+            "data": [py, "bench/data_bench.py", "--repeats", "2"],
+            "eval": [py, "bench/eval_bench.py", "--threads", t, "--repeats", "2"],
             "ablate": [py, "bench/ablate.py", "--threads", t]}
 
 
