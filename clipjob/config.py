@@ -72,6 +72,7 @@ class DataConfig:
     rrc_scale: tuple[float, float] = F((0.9, 1.0), "RandomResizedCrop scale range")
     max_bad_fraction: float = F(0.1, "Stop with an error when more than this fraction of samples is bad")
     caption_key: str = F("txt", "Sample key holding the caption")
+    worker_nice: int = F(0, "Niceness added to the training DataLoader workers (0 = the trainer's priority; on CPU-only training a higher value measured neutral)")
     multiscale: bool = F(False, "Multi-scale variable batch sampler: a (resolution, batch) per step, batch scaled by area")
     multiscale_sizes: list[int] = F([160, 192, 224, 256, 288, 320], "Resolutions of the multi-scale sampler")
 
@@ -109,6 +110,7 @@ class EvalConfig:
     data: str = F("", "Zero-shot data run after training: emoji-heldout:DIR, folder:PATH or imagenet:PATH ('' = none)")
     batch_size: int = F(256, "Images per eval batch")
     resolution: int = F(0, "Eval resolution (0 = the model's image_size)")
+    worker_nice: int = F(19, "Niceness added to the eval DataLoader workers: when they share the cores with the model's threads, the model runs first and the workers take the spare cycles (0 = same priority)")
 
 
 @dataclass(frozen=True)
@@ -294,6 +296,8 @@ def validate(cfg: Config) -> None:
     _check(tr.ckpt_every_minutes >= 0, f"train.ckpt_every_minutes: must be >= 0, got {tr.ckpt_every_minutes}")
     _check(tr.threads >= 0, f"train.threads: must be >= 0, got {tr.threads}")
     _check(d.num_workers >= 0, f"data.num_workers: must be >= 0, got {d.num_workers}")
+    for name, nice in (("data.worker_nice", d.worker_nice), ("eval.worker_nice", cfg.eval.worker_nice)):
+        _check(0 <= nice <= 19, f"{name}: must be 0..19 (added niceness), got {nice}")
     _check(d.shuffle_buffer >= 0, f"data.shuffle_buffer: must be >= 0, got {d.shuffle_buffer}")
     _check(0 < d.rrc_scale[0] <= d.rrc_scale[1] <= 1, f"data.rrc_scale: need 0 < low <= high <= 1, got {list(d.rrc_scale)}")
     _check(0 <= d.max_bad_fraction <= 1, f"data.max_bad_fraction: must be in [0, 1], got {d.max_bad_fraction}")

@@ -62,7 +62,7 @@ def run_zeroshot(checkpoint: str, data: list[str], *, preset=None, config_file=N
     for spec in data:
         es = build_eval_set(spec, size, cfg.model.vision.family, classnames, templates)
         r = evaluate(model, tokenizer, es, device, batch_size, workers, precision,
-                     trim_text=cfg.model.text.trim_padding)
+                     trim_text=cfg.model.text.trim_padding, worker_nice=cfg.eval.worker_nice)
         r.update(checkpoint=url, step=step, resolution=size, time=time.time(), ema=ema)
         print(format_result(r), flush=True)
         results.append(r)

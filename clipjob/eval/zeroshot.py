@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from clipjob import fs
 from clipjob.data.decode import BadSample, decode_image
+from clipjob.data.pipeline import worker_init
 from clipjob.data.transforms import eval_transform, to_unit_float
 from clipjob.errors import ClipjobError
 from clipjob.model.tokenizer import trim_padding
@@ -202,13 +203,14 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int,
 
 @torch.inference_mode()
 def evaluate(model, tokenizer, es: EvalSet, device: torch.device, batch_size: int = 256, workers: int = 2,
-             precision: str = "fp32", progress: bool = True, trim_text: bool = True) -> dict:
+             precision: str = "fp32", progress: bool = True, trim_text: bool = True, worker_nice: int = 19) -> dict:
     model.eval()
     t0 = time.time()
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else torch.autocast(device.type, enabled=False)
     with amp:
         W = text_classifier(model, tokenizer, es.classnames, es.templates, device, trim=trim_text)
-    loader = DataLoader(es.dataset, batch_size=batch_size, num_workers=workers, shuffle=False)
+    loader = DataLoader(es.dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
+                        worker_init_fn=worker_init(worker_nice) if workers else None)
     bar = None
     if progress and os.isatty(2):
         from tqdm import tqdm

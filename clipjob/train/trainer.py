@@ -124,7 +124,7 @@ def build_loader(cfg: Config, d: dist.DistInfo, start_step: int):
                               build_tokenizer(cfg.model), seed=cfg.train.seed, rank=d.rank, start_step=start_step,
                               num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
                               rrc_scale=cfg.data.rrc_scale, caption_key=cfg.data.caption_key,
-                              batch_schedule=schedule)
+                              batch_schedule=schedule, worker_nice=cfg.data.worker_nice)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -30,6 +30,8 @@ def test_should_parse_yaml_values_when_overriding():
     ("train.betas=[0.9]", "train.betas: expected a list of 2"),
     ("data.rrc_scale=[0.9, 2]", "data.rrc_scale"),
     ("model.vision.image_size=65", "model.vision.image_size"),
+    ("eval.worker_nice=20", "eval.worker_nice: must be 0..19"),
+    ("data.worker_nice=-1", "data.worker_nice: must be 0..19"),
     ("nope=1", "nope: unknown key"),
     ("train.lr", "expected key=value"),
 ])

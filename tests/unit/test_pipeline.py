@@ -4,6 +4,7 @@ sources, per-step batch shapes (multi-scale hook), one-line errors out of worker
 from __future__ import annotations
 
 import io
+import os
 from collections import Counter
 
 import pytest
@@ -113,3 +114,22 @@ def test_should_scale_like_todtype_when_converting_uint8_batches():
     torch.testing.assert_close(to_unit_float(x), T.ToDtype(torch.float32, scale=True)(x))
     f = torch.rand(2, 3, 5, 5)
     assert to_unit_float(f) is f
+
+
+class _Niceness(torch.utils.data.Dataset):
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        return os.nice(0)
+
+
+def test_should_run_data_workers_at_the_added_niceness():
+    from clipjob.data.pipeline import worker_init
+
+    base = os.nice(0)
+    assert worker_init(0) is None
+    got = list(torch.utils.data.DataLoader(_Niceness(), batch_size=None, num_workers=1,
+                                           worker_init_fn=worker_init(7)))
+    assert got == [min(19, base + 7)] * 2
+    assert os.nice(0) == base  # the parent keeps its priority
