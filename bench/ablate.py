@@ -6,8 +6,11 @@ change undone at a time, each variant in a process of its own (the allocator set
 
 Variants: `all` (as shipped), `system-malloc` (CLIPJOB_MALLOC=system: glibc's defaults), `full-last-block`
 (Transformer.one_token_last_block off), `flash-sdpa` (torch's own SDPA kernel choice in bf16), `loop-adamw`
-(torch's CPU default AdamW instead of the fused kernel). Writes bench/results/ablate.json and prints samples/s
-and the gain of each change (all / variant).
+(torch's CPU default AdamW instead of the fused kernel), `full-context` (the text tower on all 32 token
+positions instead of the batch's trimmed length, model.text.trim_padding). The tokens are the first 128
+captions of the emoji shards the training bench reads (as the trainer gets them: padded to the context, then
+trimmed unless the variant undoes it). Writes bench/results/ablate.json and prints samples/s and the gain of
+each change (all / variant).
 """
 
 from __future__ import annotations
@@ -23,7 +26,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import CLIPJOB_PY, ROOT, TINY, machine_info, run_env, write_result  # noqa: E402
 
-VARIANTS = ("all", "system-malloc", "full-last-block", "flash-sdpa", "loop-adamw")
+VARIANTS = ("all", "system-malloc", "full-last-block", "flash-sdpa", "loop-adamw", "full-context")
+
+
+def caption_tokens(batch: int) -> "torch.Tensor":
+    """The first `batch` captions of the training bench's emoji shards, tokenised to TINY's context."""
+    import tarfile
+
+    from bench.common import TMP
+    from bench.train_bench import emoji_shards
+    from clipjob.model.tokenizer import ClipTokenizer
+
+    captions: list[str] = []
+    with tarfile.open(emoji_shards(TMP / "emoji") / "train-000000.tar") as tf:
+        for member in tf:
+            if member.name.endswith(".txt") and len(captions) < batch:
+                captions.append(tf.extractfile(member).read().decode())
+    return ClipTokenizer(TINY.context_length)(captions)
 
 
 def one(variant: str, precision: str, steps: int, warmup: int, threads: int) -> dict:
@@ -49,11 +68,17 @@ def one(variant: str, precision: str, steps: int, warmup: int, threads: int) -> 
 
         tr._HALF = ()
     device = torch.device("cpu")
-    images, tokens = synthetic_batch(TINY, 128, device)
+    images, _ = synthetic_batch(TINY, 128, device)
+    tokens = caption_tokens(128)
+    if variant != "full-context":
+        from clipjob.model.tokenizer import trim_padding
+
+        tokens = trim_padding(tokens)
     warm_up(side, images, tokens, warmup, device)
     times = timed_steps({variant: side}, images, tokens, steps, device)[variant]
     med = statistics.median(times)
-    return {"variant": variant, "precision": precision, "host_malloc_keep": malloc, "step_s": [round(t, 3) for t in times],
+    return {"variant": variant, "precision": precision, "host_malloc_keep": malloc, "text_tokens": tokens.shape[1],
+            "step_s": [round(t, 3) for t in times],
             "step_s_median": round(med, 4), "samples_per_s": round(128 / med, 2)}
 
 
