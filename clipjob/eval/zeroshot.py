@@ -11,6 +11,7 @@ Protocol (OpenAI / CoreNet): per class, L2-normalise each prompt embedding, aver
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from clipjob import fs
 from clipjob.data.decode import BadSample, decode_image
-from clipjob.data.pipeline import worker_init
+from clipjob.data.pipeline import eval_worker_init
 from clipjob.data.transforms import eval_transform, to_unit_float
 from clipjob.errors import ClipjobError
 from clipjob.model.tokenizer import trim_padding
@@ -210,7 +211,7 @@ def evaluate(model, tokenizer, es: EvalSet, device: torch.device, batch_size: in
     with amp:
         W = text_classifier(model, tokenizer, es.classnames, es.templates, device, trim=trim_text)
     loader = DataLoader(es.dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
-                        worker_init_fn=worker_init(worker_nice) if workers else None)
+                        worker_init_fn=functools.partial(eval_worker_init, worker_nice) if workers else None)
     bar = None
     if progress and os.isatty(2):
         from tqdm import tqdm

@@ -20,14 +20,20 @@ libc.free.argtypes = [ctypes.c_void_p]
 p = libc.malloc(64 << 20); libc.free(p); q = libc.malloc(64 << 20)
 libc.sbrk.restype = ctypes.c_void_p
 heap_top = libc.sbrk(0)
-print(json.dumps({"on": on, "again": again, "in_heap": p < heap_top and q < heap_top, "reused": p == q}))
+r = {"on": on, "again": again, "in_heap": p < heap_top and q < heap_top, "reused": p == q}
+if "restore" in sys.argv:
+    from clipjob.hostmem import restore_malloc
+    r["restored"] = restore_malloc()
+    libc.free(q); b = libc.malloc(64 << 20)
+    r["after_restore_in_heap"] = b < libc.sbrk(0)
+print(json.dumps(r))
 """
 
 
-def _probe(**env: str) -> dict:
+def _probe(*args: str, **env: str) -> dict:
     import json
 
-    out = subprocess.run([sys.executable, "-c", PROBE], env={**os.environ, **env}, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", PROBE, *args], env={**os.environ, **env}, capture_output=True, text=True,
                          check=True)
     return json.loads(out.stdout)
 
@@ -44,3 +50,11 @@ def test_should_leave_glibc_defaults_when_clipjob_malloc_is_system():
     r = _probe(CLIPJOB_MALLOC="system")
     assert not r["on"]
     assert not r["in_heap"]  # a 64 MiB block is its own mmap above the heap by default
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc")
+def test_should_map_large_blocks_again_when_restored():
+    r = _probe("restore")
+    assert r["in_heap"] and r["restored"]
+    assert not r["after_restore_in_heap"]  # glibc's default: a 64 MiB block is its own mapping again
+    assert _probe("restore", CLIPJOB_MALLOC="system")["restored"] is False  # nothing to undo
