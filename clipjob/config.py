@@ -102,6 +102,7 @@ class TrainConfig:
     compile: bool = F(False, "torch.compile the model")
     loss: Literal["clip", "siglip"] = F("clip", "Contrastive loss: clip (softmax InfoNCE) or siglip (sigmoid, learnable logit bias init -10; logit scale starts at ln 10 unless model.logit_scale_init is changed)")
     peak_flops: float = F(0.0, "Peak FLOP/s of one device for the MFU estimate (0 = known GPU table, else a matmul measured at startup)")
+    agree_every: int = F(0, "Steps between the ranks' agreement on the stop and clock-save flags, a tiny all-reduce whose result the host waits for (on a GPU that drains the launch queue); 0 = every step on the CPU, every 10 on GPUs")
     dist_timeout_s: float = F(1800.0, "Timeout of process-group init and collectives (a checkpoint save must finish within it)")
 
 
@@ -306,6 +307,7 @@ def validate(cfg: Config) -> None:
     _check(tr.accum_steps >= 1, f"train.accum_steps: must be >= 1, got {tr.accum_steps}")
     _check(tr.accum_steps <= tr.batch_size, f"train.accum_steps: {tr.accum_steps} micro-batches do not fit in train.batch_size={tr.batch_size}")
     _check(tr.peak_flops >= 0, f"train.peak_flops: must be >= 0, got {tr.peak_flops}")
+    _check(tr.agree_every >= 0, f"train.agree_every: must be >= 0, got {tr.agree_every}")
     _check(tr.dist_timeout_s > 0, f"train.dist_timeout_s: must be > 0, got {tr.dist_timeout_s}")
     _check(all(s > 0 and s % stride == 0 for s in d.multiscale_sizes),
            f"data.multiscale_sizes: each must be a positive multiple of the patch size {stride}, got {d.multiscale_sizes}")

@@ -249,6 +249,15 @@ def save_due(cfg: Config, step: int) -> bool:
     return step == cfg.train.steps or bool(cfg.train.ckpt_every_steps and step % cfg.train.ckpt_every_steps == 0)
 
 
+def agree_due(cfg: Config, step: int, device: torch.device, world_size: int) -> bool:
+    """Whether the ranks compare their stop / clock flags after `step`. The comparison is an all-reduce whose
+    value the host reads, so on a GPU it waits for the whole step and the next step's kernels cannot queue
+    behind it: every `train.agree_every` steps there (default 10; SIGTERM is honoured within that many steps),
+    every step on the CPU and for a single process, where it costs nothing. Always at the last step."""
+    every = cfg.train.agree_every or (10 if device.type == "cuda" else 1)
+    return world_size == 1 or step % every == 0 or step == cfg.train.steps
+
+
 def minutes_due(cfg: Config, last_save: float) -> bool:
     return bool(cfg.train.ckpt_every_minutes) and time.monotonic() - last_save > 60 * cfg.train.ckpt_every_minutes
 
@@ -308,7 +317,9 @@ def run(cfg: Config, stop: StopFlag) -> TrainState:
             log_step(metrics, speed, state, out, lr, grad_norm, parts, images, d)
             check_bad_fraction(cfg, state)
         # checkpoint: every N steps, every T minutes, at the end, or when any rank was asked to stop
-        stopping, clock_due = dist.any_flags([stop.set, minutes_due(cfg, last_save)], d.device)
+        stopping, clock_due = False, False
+        if agree_due(cfg, state.step, d.device, d.world_size):
+            stopping, clock_due = dist.any_flags([stop.set, minutes_due(cfg, last_save)], d.device)
         if stopping or clock_due or save_due(cfg, state.step):
             metrics.flush()  # metrics are durable up to the checkpoint a restart resumes from
             save(cfg, parts, state, d)

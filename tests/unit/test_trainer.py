@@ -59,3 +59,13 @@ def test_should_save_every_n_steps_at_the_end_and_by_the_clock(monkeypatch):
     never = build_config("tiny-cpu-scratch", None, TINY + ["train.ckpt_every_steps=0"])
     assert [s for s in range(1, 101) if trainer.save_due(never, s)] == [100]
     assert not trainer.minutes_due(never, last_save=0.0)
+
+
+def test_should_agree_on_flags_every_step_on_the_cpu_and_every_tenth_on_gpus():
+    cfg = build_config("tiny-cpu", None, ["train.steps=25"])
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)  # only the device type is read: no GPU needed
+    assert all(trainer.agree_due(cfg, s, cpu, 4) for s in range(1, 26))
+    assert [s for s in range(1, 26) if trainer.agree_due(cfg, s, gpu, 4)] == [10, 20, 25]  # and the last step
+    assert all(trainer.agree_due(cfg, s, gpu, 1) for s in range(1, 26))  # one process: nothing to wait for
+    every3 = build_config("tiny-cpu", None, ["train.steps=25", "train.agree_every=3"])
+    assert [s for s in range(1, 10) if trainer.agree_due(every3, s, cpu, 2)] == [3, 6, 9]
