@@ -101,15 +101,16 @@ def _accumulate(net, model, loss_fn, images: tuple[torch.Tensor, ...], tokens: t
 
 
 def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, params: list[torch.Tensor],
-                   extra_params: list[torch.Tensor], grad_clip: float) -> float | None:
+                   extra_params: list[torch.Tensor], grad_clip: float) -> torch.Tensor | None:
     """Average the gradients DDP does not see (loss parameters), unscale, clip, step, zero. Returns the
-    global grad norm when clipping (before clipping), else None."""
+    global grad norm when clipping (before clipping; a 0-dim tensor on the device, read only when logged, so
+    a GPU step does not wait for it), else None."""
     dist.average_grads(extra_params)
     if scaler is not None:
         scaler.unscale_(opt)
     norm = None
     if grad_clip > 0:
-        norm = float(torch.nn.utils.clip_grad_norm_(params + extra_params, grad_clip))
+        norm = torch.nn.utils.clip_grad_norm_(params + extra_params, grad_clip).detach()
     if scaler is not None:
         scaler.step(opt)
         scaler.update()

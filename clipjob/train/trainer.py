@@ -229,7 +229,7 @@ def check_bad_fraction(cfg: Config, state: TrainState) -> None:
 
 
 def log_step(metrics: MetricsLogger, speed: Throughput, state: TrainState, out: StepResult, lr: float,
-             grad_norm: float | None, parts: Parts, images: torch.Tensor, d: dist.DistInfo) -> None:
+             grad_norm: torch.Tensor | None, parts: Parts, images: torch.Tensor, d: dist.DistInfo) -> None:
     """One metrics record. Every rank calls this (the loss is averaged over ranks); rank 0 writes."""
     aux = float(out.aux_loss) if out.aux_loss is not None else 0.0
     loss, aux = dist.all_reduce_mean([float(out.loss), aux], d.device)
@@ -241,7 +241,7 @@ def log_step(metrics: MetricsLogger, speed: Throughput, state: TrainState, out: 
     if parts.loss_fn.logit_bias is not None:
         record["logit_bias"] = float(parts.loss_fn.logit_bias)
     if grad_norm is not None:
-        record["grad_norm"] = grad_norm
+        record["grad_norm"] = float(grad_norm)
     metrics.log(record)
 
 
