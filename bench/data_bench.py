@@ -7,7 +7,7 @@ Both sides read the same webdataset shards (built once by `clipjob data build` f
 JPEGs with captions), with the same number of DataLoader workers, image size, batch size and shuffle buffer,
 and do the same work per sample in their workers: decode, RandomResizedCrop(224, scale 0.9..1), to tensor,
 tokenise to 77 tokens, batch. clipjob's workers send uint8 images that its trainer turns into float [0, 1];
-here the consumer does that conversion (timed), so both sides deliver float batches. Sources: a local
+here the consumer does that conversion (timed, in one thread: see main), so both sides deliver float batches. Sources: a local
 directory and the loopback S3 server (moto). The peer reads s3:// through the same fsspec gopen handler
 (webdataset has none of its own; OpenCLIP shells out to `aws s3 cp`, which does not exist here). Samples/s are
 measured after a warm-up (workers started, shuffle buffer filled); each configuration runs `--repeats` times
@@ -246,6 +246,13 @@ def main() -> None:
     from clipjob.hostmem import tune_malloc
 
     host_malloc = "keep (clipjob/hostmem.py), both sides" if tune_malloc() else "glibc default, both sides"
+    # The consumer stands in for a trainer, which on a GPU converts the batch on the device and runs no host
+    # OpenMP pool; with 2 pool threads here, the idle one spins after each conversion on the cores the
+    # workers need (clipjob local: 462-561 samples/s with 2 consumer threads, 567-631 with 1, 3 pairs).
+    # One consumer thread on both sides; clipjob's conversion (~4 ms per batch of 64) is still counted.
+    import torch
+
+    torch.set_num_threads(1)
     tmp = Path(args.tmp)
     images = tmp / f"images-{args.images}"
     make_images(images, args.images)
