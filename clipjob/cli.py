@@ -74,6 +74,13 @@ def train(
 
         run_zeroshot(cfg.storage.run_dir, [d for d in cfg.eval.data.split(",") if d],
                      batch_size=cfg.eval.batch_size, out=None)
+    if state.stopped_by:
+        # Not done: exit 128 + signal, as a process killed by it would, so that Kubernetes restart policies
+        # (PyTorchJob ExitCode: 128+ is retryable) and torchrun treat the run as interrupted, not as finished;
+        # the next start resumes from the checkpoint just committed.
+        print(f"stopped by signal {state.stopped_by} at step {state.step} of {cfg.train.steps} (checkpoint "
+              f"committed; a restart resumes from it); exit {128 + state.stopped_by}", flush=True)
+        raise typer.Exit(128 + state.stopped_by)
     print(f"done: step {state.step}, {state.samples_seen} samples; run dir {cfg.storage.run_dir}", flush=True)
 
 

@@ -108,9 +108,10 @@ def launch_spec(nnodes: str | None = None, nproc_per_node: str | None = None, rd
 
 
 def elastic_launch_argv(spec: LaunchSpec, worker_args: list[str]) -> list[str]:
-    """The `python -m torch.distributed.run ...` arguments that start the elastic agent and its workers."""
+    """The `python -m clipjob.agent ...` arguments (torchrun's own, see agent.py) that start the elastic agent
+    and its workers."""
     endpoint = spec.rdzv_endpoint or f"127.0.0.1:{DEFAULT_RDZV_PORT}"
-    argv = ["-m", "torch.distributed.run", "--nnodes", spec.nnodes, "--nproc-per-node", spec.nproc_per_node,
+    argv = ["-m", "clipjob.agent", "--nnodes", spec.nnodes, "--nproc-per-node", spec.nproc_per_node,
             "--rdzv-backend", spec.rdzv_backend, "--rdzv-endpoint", endpoint, "--rdzv-id", spec.rdzv_id,
             "--max-restarts", str(spec.max_restarts), "--monitor-interval", "1"]
     return argv + ["-m", "clipjob", "train", *worker_args]

@@ -46,6 +46,7 @@ class TrainState:
     samples_seen: int = 0
     bad_samples: dict[str, int] = field(default_factory=dict)
     good_samples: int = 0
+    stopped_by: int = 0  # the signal that stopped training before train.steps (SIGTERM when another rank got it)
 
 
 @dataclass
@@ -72,6 +73,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.set = False
+        self.signum = 0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopFlag:
@@ -87,7 +89,7 @@ class StopFlag:
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
             os.kill(os.getpid(), signum)
             return
-        self.set = True
+        self.set, self.signum = True, signum
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -325,6 +327,7 @@ def run(cfg: Config, stop: StopFlag) -> TrainState:
             save(cfg, parts, state, d)
             last_save = time.monotonic()
         if stopping:
+            state.stopped_by = stop.signum or signal.SIGTERM
             if d.is_main:
                 print(f"stop requested: saved step {state.step}, exiting", flush=True)
             break

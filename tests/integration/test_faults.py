@@ -101,11 +101,13 @@ def test_should_commit_the_current_step_when_sigterm_reaches_the_agent(data, s3_
     try:
         r.wait_for(r"^step 4: loss")
         r.proc.send_signal(signal.SIGTERM)
-        r.wait(120)
+        rc = r.wait(120)
     finally:
         r.kill_all()
     stopped = re.search(r"stop requested: saved step (\d+), exiting", r.output)
     assert stopped, r.output
+    # interrupted, not finished: 128 + SIGTERM, which PyTorchJob's ExitCode policy retries (torchrun alone: 1)
+    assert rc == 143 and "elastic agent: stopped by signal 15" in r.output and "Traceback" not in r.output, r.output
     k = int(stopped[1])
     logged = [int(m) for m in re.findall(r"^step (\d+): loss", r.output, re.M)]
     assert 4 <= k < 12 and max(logged) == k  # the checkpoint is at the step where training stopped
@@ -170,3 +172,24 @@ def test_should_continue_or_stop_cleanly_when_the_s3_server_restarts_mid_run(dat
         server.stop()
         monkeypatch.undo()
         apply_env({})
+
+
+def test_should_exit_143_when_a_lone_process_is_stopped_and_resume_to_the_end(data, tmp_path):
+    """(e) one process, no agent (`clipjob train` in a single-GPU pod or `docker run`): SIGTERM commits the step
+    and exits 128 + 15, so a restart policy treats it as interrupted, not done; the rerun finishes."""
+    run = str(tmp_path / "run")
+    r = Run(train_argv(data, run, "train.steps=10", "train.ckpt_every_steps=0"), DELAY)
+    try:
+        r.wait_for(r"^step 3: loss")
+        r.proc.send_signal(signal.SIGTERM)
+        rc = r.wait(120)
+    finally:
+        r.kill_all()
+    k = int(re.search(r"stop requested: saved step (\d+), exiting", r.output)[1])
+    assert rc == 143 and f"stopped by signal 15 at step {k} of 10" in r.output and "done:" not in r.output, r.output
+    again = Run(train_argv(data, run, "train.steps=10", "train.ckpt_every_steps=0"))
+    try:
+        assert again.wait(120) == 0, again.output
+    finally:
+        again.kill_all()
+    assert f"(step {k})" in again.output and "done: step 10" in again.output, again.output

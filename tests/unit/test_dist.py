@@ -43,7 +43,7 @@ def test_should_launch_two_workers_when_the_env_asks_for_two_processes(env):
     spec = dist.launch_spec()
     assert not spec.single_process
     argv = dist.elastic_launch_argv(spec, ["--preset", "tiny-cpu"])
-    assert argv[:2] == ["-m", "torch.distributed.run"]
+    assert argv[:2] == ["-m", "clipjob.agent"]
     assert argv[argv.index("--nproc-per-node") + 1] == "2"
     assert argv[argv.index("--rdzv-backend") + 1] == "c10d"
     assert argv[-5:] == ["-m", "clipjob", "train", "--preset", "tiny-cpu"]
@@ -136,7 +136,7 @@ def test_should_exec_the_elastic_agent_when_the_env_asks_for_workers(env, tmp_pa
     calls = _cli_train(env, tmp_path, "--max-restarts", "2")
     argv = calls["exec"]
     assert argv is not None and not calls["trained"]
-    assert argv[1:3] == ["-m", "torch.distributed.run"]
+    assert argv[1:3] == ["-m", "clipjob.agent"]
     assert argv[argv.index("--max-restarts") + 1] == "2"
     tail = argv[len(argv) - argv[::-1].index("clipjob") - 1:]
     assert tail[:4] == ["clipjob", "train", "--preset", "tiny-cpu-scratch"]
