@@ -71,8 +71,11 @@ def forward_backward(net: nn.Module, model: nn.Module, loss_fn: nn.Module, image
 def _accumulate(net, model, loss_fn, images: tuple[torch.Tensor, ...], tokens: tuple[torch.Tensor, ...],
                 precision: str, scaler) -> StepResult:
     device, k = images[0].device, len(images)
-    # pass 1: every micro-batch's features, no grad, remembering the RNG state each one started from
+    # pass 1: every micro-batch's features, no grad, remembering the RNG state each one started from. Batch
+    # norm (the CoreNet stem) normalises with batch statistics in both passes; its running statistics are put
+    # back after this pass, so that each micro-batch updates them once (in pass 2), as without accumulation.
     rng, cached_img, cached_txt = [], [], []
+    norm_stats = _batchnorm_buffers(model)
     with torch.no_grad():
         for x, t in zip(images, tokens):
             rng.append(_rng_state(device))
@@ -80,6 +83,8 @@ def _accumulate(net, model, loss_fn, images: tuple[torch.Tensor, ...], tokens: t
                 out = model(x, t)
             cached_img.append(out.image_features.float())
             cached_txt.append(out.text_features.float())
+        for live, saved in norm_stats:
+            live.copy_(saved)
     # pass 2: recompute each micro-batch with grad against the cached others; DDP syncs on the last one
     aux_sum = None
     for j, (x, t) in enumerate(zip(images, tokens)):
@@ -98,6 +103,16 @@ def _accumulate(net, model, loss_fn, images: tuple[torch.Tensor, ...], tokens: t
         if out.aux_loss is not None:
             aux_sum = out.aux_loss.detach() / k + (aux_sum if aux_sum is not None else 0)
     return StepResult(loss.detach(), aux_sum, out.logit_scale.detach())
+
+
+def _batchnorm_buffers(model: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(buffer, copy) for the running statistics of every batch-norm layer in training mode."""
+    out = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+            out += [(b, b.detach().clone()) for b in (m.running_mean, m.running_var, m.num_batches_tracked)
+                    if b is not None]
+    return out
 
 
 def optimizer_step(opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, params: list[torch.Tensor],

@@ -120,3 +120,24 @@ def test_should_clip_the_global_norm_when_grad_clip_is_set():
     for p in [*lin.parameters(), extra]:
         p.grad = torch.full_like(p, 3.0)
     assert optimizer_step(opt, None, list(lin.parameters()), [extra], grad_clip=0.0) is None
+
+
+def test_should_update_batchnorm_statistics_once_per_micro_batch_when_accumulating():
+    """CoreNet's conv stem has BatchNorm: the caching pass must not move its running statistics, so they end
+    where one forward per micro-batch leaves them (as if the micro-batches were trained one after another)."""
+    model, loss_fn = _model("model.vision.family=corenet", "model.vision.patch_size=16"), build_loss("clip")
+    model.train()
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns
+    start = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+    images, tokens = _batch()
+    with torch.no_grad():  # the reference: each micro-batch through the model once
+        for x, t in zip(images.chunk(2), tokens.chunk(2)):
+            model(x, t)
+    expected = {k: v.clone() for k, v in model.state_dict().items() if k in start}
+    model.load_state_dict({**model.state_dict(), **start})
+    forward_backward(model, model, loss_fn, images, tokens, accum_steps=2, precision="fp32", scaler=None)
+    got = {k: v for k, v in model.state_dict().items() if k in start}
+    assert int(got[next(k for k in got if "num_batches" in k)]) == 2
+    for k in start:
+        torch.testing.assert_close(got[k], expected[k], msg=k)
