@@ -32,6 +32,16 @@ def launch(data: str, run: str, *overrides: str, restarts: int = 0, env: dict | 
     return Run(argv, env)
 
 
+def sigterm_after(r: Run, pattern: str) -> int:
+    """SIGTERM to the launched process once its output matches `pattern`; its exit code."""
+    try:
+        r.wait_for(pattern)
+        r.proc.send_signal(signal.SIGTERM)
+        return r.wait(120)
+    finally:
+        r.kill_all()
+
+
 def committed(run: str) -> list[int]:
     from clipjob.train import checkpoint as ckpt
 
@@ -98,12 +108,7 @@ def test_should_commit_the_current_step_when_sigterm_reaches_the_agent(data, s3_
     the same step after a checkpoint of that step is committed."""
     run = f"{s3_bucket}/run"
     r = launch(data, run, "train.steps=12", "train.ckpt_every_steps=0", env=DELAY)
-    try:
-        r.wait_for(r"^step 4: loss")
-        r.proc.send_signal(signal.SIGTERM)
-        rc = r.wait(120)
-    finally:
-        r.kill_all()
+    rc = sigterm_after(r, r"^step 4: loss")
     stopped = re.search(r"stop requested: saved step (\d+), exiting", r.output)
     assert stopped, r.output
     # interrupted, not finished: 128 + SIGTERM, which PyTorchJob's ExitCode policy retries (torchrun alone: 1)
@@ -179,12 +184,7 @@ def test_should_exit_143_when_a_lone_process_is_stopped_and_resume_to_the_end(da
     and exits 128 + 15, so a restart policy treats it as interrupted, not done; the rerun finishes."""
     run = str(tmp_path / "run")
     r = Run(train_argv(data, run, "train.steps=10", "train.ckpt_every_steps=0"), DELAY)
-    try:
-        r.wait_for(r"^step 3: loss")
-        r.proc.send_signal(signal.SIGTERM)
-        rc = r.wait(120)
-    finally:
-        r.kill_all()
+    rc = sigterm_after(r, r"^step 3: loss")
     k = int(re.search(r"stop requested: saved step (\d+), exiting", r.output)[1])
     assert rc == 143 and f"stopped by signal 15 at step {k} of 10" in r.output and "done:" not in r.output, r.output
     again = Run(train_argv(data, run, "train.steps=10", "train.ckpt_every_steps=0"))
