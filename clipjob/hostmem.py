@@ -26,6 +26,14 @@ DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 << 10, 65536  # glibc's defaults
 _applied: bool | None = None
 
 
+def _libc() -> ctypes.CDLL:
+    """glibc with mallopt/malloc_trim typed; OSError or AttributeError where the C library is not glibc."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return libc
+
+
 def tune_malloc() -> bool:
     """Switch glibc malloc to keep freed memory (idempotent). True when the setting is in effect."""
     global _applied
@@ -35,12 +43,10 @@ def tune_malloc() -> bool:
     if os.environ.get("CLIPJOB_MALLOC", "keep").strip().lower() == "system":
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        libc = _libc()
     except (OSError, AttributeError):  # not glibc
         return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    _applied = bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    _applied = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _applied
 
 
@@ -51,10 +57,8 @@ def restore_malloc() -> bool:
     global _applied
     if not _applied:
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    libc = _libc()  # tune_malloc succeeded: glibc
     ok = bool(libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)) and bool(libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD))
-    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
     libc.malloc_trim(0)
     _applied = not ok
     return ok
