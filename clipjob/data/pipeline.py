@@ -175,13 +175,3 @@ def lower_priority(nice: int, _worker_id: int = 0) -> None:
 
 def worker_init(nice: int) -> Callable[[int], None] | None:
     return functools.partial(lower_priority, nice) if nice > 0 else None
-
-
-def eval_worker_init(nice: int, _worker_id: int = 0) -> None:
-    """Zero-shot eval workers: lower priority (see lower_priority) and glibc's own malloc settings back
-    (hostmem.restore_malloc: eval peak tree PSS 1,132 -> 1,016 MiB on bench/'s 2,000 images, fp32; with
-    glibc's defaults everywhere 977-999 MiB)."""
-    from clipjob.hostmem import restore_malloc
-
-    lower_priority(nice)
-    restore_malloc()
