@@ -72,9 +72,12 @@ class StopFlag:
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.set = False
-        self.signum = 0
+        self.signum = 0  # the first signal received (0: none)
         self._previous: dict[int, Any] = {}
+
+    @property
+    def set(self) -> bool:
+        return self.signum != 0
 
     def __enter__(self) -> StopFlag:
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
@@ -89,7 +92,7 @@ class StopFlag:
             signal.signal(signum, self._previous.get(signum, signal.SIG_DFL))
             os.kill(os.getpid(), signum)
             return
-        self.set, self.signum = True, signum
+        self.signum = signum
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -327,7 +330,7 @@ def run(cfg: Config, stop: StopFlag) -> TrainState:
             save(cfg, parts, state, d)
             last_save = time.monotonic()
         if stopping:
-            state.stopped_by = stop.signum or signal.SIGTERM
+            state.stopped_by = int(stop.signum or signal.SIGTERM)
             if d.is_main:
                 print(f"stop requested: saved step {state.step}, exiting", flush=True)
             break
