@@ -167,9 +167,9 @@ def main() -> None:
     tune_malloc()  # before any tensor: freed host buffers stay mapped (clipjob/hostmem.py)
     try:
         app()
-    except ClipjobError as e:
+    except ClipjobError as e:  # one line, and the exit code its kind maps to (clipjob/errors.py)
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":
