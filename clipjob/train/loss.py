@@ -24,6 +24,12 @@ SIGLIP_LOGIT_SCALE_INIT = math.log(10.0)  # SigLIP paper / OpenCLIP: t' = ln 10,
 SIGLIP_LOGIT_BIAS_INIT = -10.0
 
 
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision values (autocast output) up to fp32 for the loss; fp32 and fp64 stay as they are (a
+    float64 model computes its loss in float64: the gradient tests compare against that exact arithmetic)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
@@ -71,7 +77,7 @@ def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_s
     labels = torch.arange(n, device=image_features.device) + n * _rank()
     logits_img = logit_scale * image_features @ all_txt.T
     logits_txt = logit_scale * text_features @ all_img.T
-    return 0.5 * (F.cross_entropy(logits_img.float(), labels) + F.cross_entropy(logits_txt.float(), labels))
+    return 0.5 * (F.cross_entropy(at_least_fp32(logits_img), labels) + F.cross_entropy(at_least_fp32(logits_txt), labels))
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
@@ -81,7 +87,7 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     (normalised by the global batch) is again the mean of the local ones."""
     n = image_features.shape[0]
     all_txt = gather_features(text_features)
-    logits = (logit_scale * image_features @ all_txt.T + logit_bias).float()
+    logits = at_least_fp32(logit_scale * image_features @ all_txt.T + logit_bias)
     targets = -torch.ones_like(logits)
     idx = torch.arange(n, device=logits.device)
     targets[idx, idx + n * _rank()] = 1.0

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from clipjob import dist
+from clipjob.train.loss import at_least_fp32
 
 
 @dataclass
@@ -59,8 +60,9 @@ def forward_backward(net: nn.Module, model: nn.Module, loss_fn: nn.Module, image
     if accum_steps == 1:
         with autocast(precision, images.device):
             out = net(images, tokens)
-        loss = loss_fn(out.image_features.float(), out.text_features.float(), out.logit_scale.float())
-        total = loss if out.aux_loss is None else loss + out.aux_loss.float()
+        img, txt, scale = (at_least_fp32(t) for t in (out.image_features, out.text_features, out.logit_scale))
+        loss = loss_fn(img, txt, scale)
+        total = loss if out.aux_loss is None else loss + at_least_fp32(out.aux_loss)
         _backward(total, scaler)
         aux = None if out.aux_loss is None else out.aux_loss.detach()
         return StepResult(loss.detach(), aux, out.logit_scale.detach())
@@ -81,8 +83,8 @@ def _accumulate(net, model, loss_fn, images: tuple[torch.Tensor, ...], tokens: t
             rng.append(_rng_state(device))
             with autocast(precision, device):
                 out = model(x, t)
-            cached_img.append(out.image_features.float())
-            cached_txt.append(out.text_features.float())
+            cached_img.append(at_least_fp32(out.image_features))
+            cached_txt.append(at_least_fp32(out.text_features))
         for live, saved in norm_stats:
             live.copy_(saved)
     # pass 2: recompute each micro-batch with grad against the cached others; DDP syncs on the last one
@@ -94,11 +96,11 @@ def _accumulate(net, model, loss_fn, images: tuple[torch.Tensor, ...], tokens: t
         with sync:
             with autocast(precision, device):
                 out = net(x, t)
-            img = torch.cat(cached_img[:j] + [out.image_features.float()] + cached_img[j + 1:])
-            txt = torch.cat(cached_txt[:j] + [out.text_features.float()] + cached_txt[j + 1:])
-            scale = out.logit_scale.float() if last else out.logit_scale.float().detach()
+            img = torch.cat(cached_img[:j] + [at_least_fp32(out.image_features)] + cached_img[j + 1:])
+            txt = torch.cat(cached_txt[:j] + [at_least_fp32(out.text_features)] + cached_txt[j + 1:])
+            scale = at_least_fp32(out.logit_scale) if last else at_least_fp32(out.logit_scale).detach()
             loss = loss_fn(img, txt, scale, learn_params=last)
-            total = loss if out.aux_loss is None else loss + out.aux_loss.float() / k
+            total = loss if out.aux_loss is None else loss + at_least_fp32(out.aux_loss) / k
             _backward(total, scaler)
         if out.aux_loss is not None:
             aux_sum = out.aux_loss.detach() / k + (aux_sum if aux_sum is not None else 0)
