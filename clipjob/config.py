@@ -309,7 +309,7 @@ def validate(cfg: Config) -> None:
     _check(tr.peak_flops >= 0, f"train.peak_flops: must be >= 0, got {tr.peak_flops}")
     _check(tr.agree_every >= 0, f"train.agree_every: must be >= 0, got {tr.agree_every}")
     _check(tr.dist_timeout_s > 0, f"train.dist_timeout_s: must be > 0, got {tr.dist_timeout_s}")
-    _check(all(s > 0 and s % stride == 0 for s in d.multiscale_sizes),
+    _check(not d.multiscale or all(s > 0 and s % stride == 0 for s in d.multiscale_sizes),  # only when used
            f"data.multiscale_sizes: each must be a positive multiple of the patch size {stride}, got {d.multiscale_sizes}")
     _check(cfg.eval.resolution >= 0, f"eval.resolution: must be >= 0, got {cfg.eval.resolution}")
 

@@ -96,3 +96,43 @@ def test_should_refuse_openclip_variants_clipjob_cannot_represent():
         to_clipjob(sd, "corenet")
     with pytest.raises(ClipjobError, match="ResNet"):
         detect_layout({"visual.layer1.0.conv1.weight": torch.zeros(1)})
+
+
+def tiny_openclip(image_size: int, patch: int = 14, head_width: int = 24):
+    """An OpenCLIP ViT of an unusual shape: patch 14, 24-dim heads (not 64), QuickGELU."""
+    torch.manual_seed(0)
+    vision = CLIPVisionCfg(layers=2, width=72, head_width=head_width, patch_size=patch, image_size=image_size)
+    text = CLIPTextCfg(context_length=16, width=48, heads=2, layers=2)
+    return open_clip.model.CLIP(40, vision, text, quick_gelu=True).eval()
+
+
+@pytest.mark.parametrize("second", [42, 98])  # the 56-px grid of 4 down to 3, and up to 7
+def test_should_match_openclip_at_a_second_resolution_when_its_pos_embed_is_resized(second):
+    """OpenCLIP resizes the positional grid when it loads weights into a model of another image size
+    (resize_pos_embed: antialiased bicubic); clipjob resizes at forward time and must give the same features."""
+    base = tiny_openclip(56)
+    sd = base.state_dict()
+    other = tiny_openclip(second)
+    resized = dict(sd)
+    open_clip.model.resize_pos_embed(resized, other)
+    other.load_state_dict(resized)
+    import dataclasses
+
+    cfg = infer_model_config(to_clipjob(sd), act="quick_gelu")
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, heads=3),
+                              text=dataclasses.replace(cfg.text, heads=2))
+    ours = model_with_weights(cfg, fit_to_config(to_clipjob(sd), cfg, "test"))
+    assert (cfg.vision.patch_size, cfg.vision.image_size, cfg.vision.width // cfg.vision.heads) == (14, 56, 24)
+    assert_same_features(other, ours, size=second, context=16)
+
+
+def test_should_build_a_patch_14_model_when_multiscale_is_off():
+    """ViT-L/14-style models: data.multiscale_sizes (multiples of 16) are only checked when multi-scale is on."""
+    from clipjob.config import build_config
+    from clipjob.errors import ConfigError
+
+    cfg = build_config("tiny-cpu-scratch", None, ["model.vision.patch_size=14", "model.vision.image_size=56"])
+    assert (cfg.model.vision.patch_size, cfg.data.multiscale) == (14, False)
+    with pytest.raises(ConfigError, match=r"data.multiscale_sizes: each must be a positive multiple of the patch size 14"):
+        build_config("tiny-cpu-scratch", None, ["model.vision.patch_size=14", "model.vision.image_size=56",
+                                                "data.multiscale=true", "data.multiscale_sizes=[48,56]"])
