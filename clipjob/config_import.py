@@ -1,9 +1,12 @@
 """CoreNet CLIP YAML -> clipjob config: `clipjob config from-corenet projects/clip/clip_vit_base.yaml`.
 
 Maps what clipjob can express (model sizes, optimizer, schedule, batch per GPU, iterations, warmup, the
-multi-scale variable-batch sampler, RangeAugment, EMA, precision, checkpoint interval, ImageNet eval) and
-returns every other key, with its value, as "ignored" so nothing is dropped silently. A key whose value is
-what clipjob does anyway (e.g. `optim.no_decay_bn_filter_bias: true`) counts as mapped.
+multi-scale variable-batch sampler, RangeAugment, EMA, precision, checkpoint interval, ImageNet eval). A key
+whose value is what clipjob does anyway (e.g. `optim.no_decay_bn_filter_bias: true`) counts as mapped. Keys
+that cannot change what is computed (logging, paths, loader workers, eval batch sizes: NEUTRAL) are returned
+as "ignored" and printed as a list. Every other key is refused in one line (ConfigError, exit 2): a value
+clipjob does not implement (`activation: relu`, `causal_masking: false`), or a misspelled key
+(`scheduler.max_iteration`), would otherwise train something else than the YAML says.
 """
 
 from __future__ import annotations
@@ -43,7 +46,24 @@ SAME_AS_CLIPJOB: dict[str, tuple] = {
     "image_augmentation.resize.enable": (True,), "image_augmentation.resize.interpolation": ("bilinear",),
     "image_augmentation.center_crop.enable": (True,),
     "loss.category": ("composite_loss",),
+    "dataset.category": ("multi_modal_image_text",),
+    "dataset.multi_modal_img_text.trunc_seq_len": (False,),
 }
+# keys (or key prefixes, ending in '.') that cannot change what is trained or evaluated: names, paths, logging,
+# loader processes, eval batch sizes, and CoreNet's weight-initialisation choices (clipjob initialises its
+# towers its own way; the architecture and recipe are unchanged)
+NEUTRAL = ("taskname", "common.run_label", "common.results_loc", "common.save_all_checkpoints",
+           "common.tensorboard_logging", "common.bolt_logging", "common.channels_last", "common.resume",
+           "dataset.root_train", "dataset.root_val", "dataset.root_test", "dataset.name", "dataset.val_batch_size0",
+           "dataset.eval_batch_size0", "dataset.persistent_workers", "dataset.pin_memory", "dataset.workers",
+           "dataset.prefetch_factor", "dataset.collate_fn_name_", "dataset.multi_modal_img_text.img_text_tar",
+           "text_tokenizer.clip.merges_path", "text_tokenizer.clip.encoder_json_path", "sampler.use_shards",
+           "sampler.start_shuffling_from_epoch", "stats.", "ddp.", "model.layer.global_pool",
+           "model.layer.conv_init", "model.layer.linear_init", "model.layer.linear_init_std_dev")
+
+
+def _neutral(key: str) -> bool:
+    return any(key == n or key.startswith(n if n.endswith((".", "_")) else n + ".") for n in NEUTRAL)
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
@@ -162,7 +182,8 @@ def _train(r: _Reader, out: dict) -> None:
     if r.flat.get("scheduler.is_iteration_based") is True:
         r.get("scheduler.max_epochs")  # unused when the schedule counts iterations
     if r.has("ema.enable"):
-        _set(out, "train.ema_momentum", float(r.get("ema.momentum", 0.0001)) if r.get("ema.enable") else 0.0)
+        momentum = float(r.get("ema.momentum", 0.0001))  # read either way: without EMA it changes nothing
+        _set(out, "train.ema_momentum", momentum if r.get("ema.enable") else 0.0)
     if r.has("common.mixed_precision"):
         dtype = r.get("common.mixed_precision_dtype", "float16")
         if dtype not in PRECISIONS:
@@ -205,7 +226,8 @@ def _data(r: _Reader, out: dict) -> None:
 
 
 def import_corenet(data: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
-    """A CoreNet CLIP config (parsed YAML) -> (validated clipjob Config, {ignored dotted key: value})."""
+    """A CoreNet CLIP config (parsed YAML) -> (validated clipjob Config, {ignored dotted key: value}); only keys
+    that cannot change the result are ignored, any other key clipjob does not map is a ConfigError."""
     if not isinstance(data, dict):
         raise ConfigError("CoreNet config: expected a mapping at the top level")
     r = _Reader(flatten(data))
@@ -217,14 +239,21 @@ def import_corenet(data: dict[str, Any]) -> tuple[Config, dict[str, Any]]:
     for key, values in SAME_AS_CLIPJOB.items():
         if key in r.flat and r.flat[key] in values:
             r.used.add(key)
+    unused = {k: v for k, v in r.flat.items() if k not in r.used and not k.startswith("_")}
+    refused = {k: v for k, v in unused.items() if not _neutral(k)}
+    if refused:
+        listed = ", ".join(f"{k}={v!r}" for k, v in refused.items())
+        raise ConfigError(f"CoreNet config: {len(refused)} key(s) would change what is trained and clipjob does not "
+                          f"implement them (or does not know them: misspelled?): {listed}; remove them or use the "
+                          f"values clipjob implements (docs/corenet.md)")
     cfg = from_dict(Config, merge(to_dict(Config()), out))
     validate(cfg)
-    ignored = {k: v for k, v in r.flat.items() if k not in r.used and not k.startswith("_")}
-    return cfg, ignored
+    return cfg, unused
 
 
 def corenet_yaml_to_clipjob(url: str) -> tuple[str, list[str]]:
-    """(clipjob config YAML, one line per ignored CoreNet key) for a CoreNet YAML at any fsspec URL."""
+    """(clipjob config YAML, lines listing the ignored result-neutral CoreNet keys) for a CoreNet YAML at any
+    fsspec URL."""
     from clipjob.config import load_yaml
 
     cfg, ignored = import_corenet(load_yaml(url))

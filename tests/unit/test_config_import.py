@@ -125,7 +125,7 @@ def test_should_map_the_corenet_vit_b16_recipe():
     assert d.multiscale and d.multiscale_sizes == [160, 192, 224, 256, 288, 320] and d.rrc_scale == (0.9, 1.0)
     assert cfg.eval.data == "imagenet:/mnt/vision_datasets/imagenet/validation" and cfg.eval.resolution == 0
     assert set(ignored) == {"taskname", "common.run_label", "common.save_all_checkpoints", "dataset.root_train",
-                            "dataset.name", "dataset.val_batch_size0", "dataset.workers", "dataset.category",
+                            "dataset.name", "dataset.val_batch_size0", "dataset.workers",
                             "sampler.use_shards", "model.layer.global_pool", "model.layer.conv_init",
                             "model.layer.linear_init", "model.layer.linear_init_std_dev", "stats.val",
                             "stats.checkpoint_metric"}
@@ -142,15 +142,45 @@ def test_should_map_the_vit_h16_variant_and_bf16():
     assert (cfg.model.text.width, cfg.model.text.heads, cfg.train.precision, cfg.train.ema_momentum) == (768, 12, "bf16", 0.0)
 
 
-def test_should_report_what_clipjob_does_not_do():
+def test_should_refuse_every_key_that_changes_the_result_and_clipjob_does_not_implement():
     data = yaml.safe_load(VIT_B16)
     data["model"]["learn_augmentation"]["noise"] = False  # partial RangeAugment: not expressible
     data["model"]["text"]["transformer"]["dropout"] = 0.1
     data["optim"]["name"] = "sgd"
-    cfg, ignored = import_corenet(data)
-    assert not cfg.model.range_augment
-    assert ignored["model.learn_augmentation.noise"] is False and ignored["model.text.transformer.dropout"] == 0.1
-    assert ignored["optim.name"] == "sgd"
+    with pytest.raises(ConfigError) as e:
+        import_corenet(data)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("CoreNet config: 5 key(s) would change what is trained")  # + brightness, contrast
+    for key in ("model.learn_augmentation.noise=False", "model.text.transformer.dropout=0.1", "optim.name='sgd'"):
+        assert key in msg, msg
+
+
+@pytest.mark.parametrize("path, value", [
+    (("model", "activation", "name"), "relu"),  # would still build GELU
+    (("model", "text", "transformer", "causal_masking"), False),  # would still build a causal mask
+    (("scheduler", "max_iteration"), 1000),  # misspelled: steps would stay at the default
+    (("dataset", "multi_modal_img_text", "trunc_seq_len"), True),  # not emulated
+])
+def test_should_refuse_a_meaning_changing_value_in_one_line(path, value):
+    data = yaml.safe_load(VIT_B16)
+    node = data
+    for p in path[:-1]:
+        node = node.setdefault(p, {})
+    node[path[-1]] = value
+    with pytest.raises(ConfigError, match=rf"1 key\(s\) would change what is trained .*{'.'.join(path)}={value!r}"):
+        import_corenet(data)
+
+
+def test_should_accept_result_neutral_keys_and_clipjob_equal_values():
+    data = yaml.safe_load(VIT_B16)
+    data["dataset"].update(root_train="/data/train", pin_memory=False, prefetch_factor=4,
+                           multi_modal_img_text={"trunc_seq_len": False})
+    data["common"]["results_loc"] = "/results"
+    data["ddp"] = {"backend": "nccl", "dist_port": 30786}
+    _, ignored = import_corenet(data)
+    assert {"dataset.root_train", "dataset.pin_memory", "dataset.prefetch_factor", "common.results_loc",
+            "ddp.backend", "ddp.dist_port"} <= set(ignored)
+    assert "dataset.multi_modal_img_text.trunc_seq_len" not in ignored  # the value clipjob implements: mapped
 
 
 def test_should_compute_corenet_multiscale_resolutions():
@@ -177,3 +207,10 @@ def test_should_print_a_usable_config_through_the_cli(tmp_path):
     assert cfg.model.vision.family == "corenet" and cfg.train.steps == 200_000 and cfg.data.multiscale
     assert "ignored: model.layer.conv_init = 'kaiming_uniform'" in r.stderr.splitlines()
     assert "ignored" not in r.stdout
+    data = yaml.safe_load(VIT_B16)
+    data["model"]["activation"]["name"] = "relu"
+    src.write_text(yaml.safe_dump(data))
+    r = subprocess.run([sys.executable, "-m", "clipjob", "config", "from-corenet", str(src)], capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout)
+    assert r.stderr.count("\n") == 1 and "model.activation.name='relu'" in r.stderr, r.stderr
