@@ -17,6 +17,7 @@ import io
 import math
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Callable
 
@@ -257,7 +258,9 @@ def count_parameters(cfg: ModelConfig) -> int:
 
 
 def _refusal(e: Exception) -> str:
-    m = re.search(r"GLOBAL (\S+) was not an allowed global", str(e))
+    # torch <= 2.5: "GLOBAL os.system was not an allowed global"; torch 2.6+: "Trying to load unsupported GLOBAL
+    # posix.system whose module posix is blocked"
+    m = re.search(r"GLOBAL ([\w.]+)", str(e))
     what = f"it references {m[1]}" if m else "it holds objects other than tensors and plain containers"
     return f"refusing to unpickle: {what}, which could run code; clipjob loads only tensors (safetensors, " \
            f"or torch.load with weights_only=True)"
@@ -282,7 +285,9 @@ def load_tensor_file(data: bytes, url: str) -> object:
                                "not load TorchScript: use the OpenCLIP state dict of the same weights "
                                "(open_clip_model.safetensors) instead")
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the one-line outcome says enough
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ClipjobError(f"{url}: {_refusal(e)}") from None
     except Exception as e:  # noqa: BLE001 - corrupt/truncated file

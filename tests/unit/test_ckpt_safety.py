@@ -87,3 +87,24 @@ def test_should_explain_corrupt_and_non_tensor_files_in_one_line(tmp_path):
         with pytest.raises(ClipjobError, match=pattern) as e:
             load_any_weights(str(tmp_path / name), ModelConfig())
         assert "\n" not in str(e.value), name
+
+
+class RunsShell:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_should_name_the_blocked_call_and_print_nothing_else_for_a_raw_pickle(tmp_path):
+    """torch 2.6+ words a blocked global as "unsupported GLOBAL posix.system whose module posix is blocked"; the
+    refusal names it. A raw pickle (protocol 4) made torch warn on stderr before the one line: not any more."""
+    path = tmp_path / "raw.pt"
+    path.write_bytes(pickle.dumps({"w": RunsShell()}, protocol=4))
+    torch_style = tmp_path / "shell.pt"
+    torch.save({"w": RunsShell()}, torch_style)
+    with pytest.raises(ClipjobError, match=r"refusing to unpickle: it references (posix|os)\.system") as e:
+        load_any_weights(str(torch_style), ModelConfig())
+    assert "\n" not in str(e.value)
+    r = subprocess.run([sys.executable, "-m", "clipjob", "ckpt", "convert", str(path), str(tmp_path / "out")],
+                       capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "refusing to unpickle" in lines[0], r.stderr
