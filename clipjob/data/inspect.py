@@ -13,7 +13,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 from clipjob.data.decode import BadSample, decode_caption, decode_image, image_bytes, open_image
-from clipjob.data.shards import parse_sources, read_tar_samples
+from clipjob.data.shards import manifest_dir, parse_sources, read_tar_samples
 
 
 @dataclass
@@ -64,7 +64,7 @@ def inspect_shards(spec: str, verify: bool = False, workers: int = 1, max_shards
                    image_size: int = 224, caption_key: str = "txt") -> dict:
     """Counts, bad samples by reason, caption length and image size statistics of the shards of a spec."""
     jobs: list[tuple[str, int | None]] = []
-    for src in parse_sources(spec):
+    for src in parse_sources(spec, check_shards=True):
         counts = _manifest_counts(src.spec) if src.samples is not None else {}
         jobs += [(u, counts.get(u)) for u in src.urls]
     if max_shards:
@@ -86,7 +86,7 @@ def _manifest_counts(spec: str) -> dict[str, int]:
     from clipjob import fs
     from clipjob.data.writer import read_manifest
 
-    base = spec[: -len("/manifest.json")] if spec.endswith("/manifest.json") else spec
+    base = manifest_dir(spec)
     m = read_manifest(spec if spec.endswith(".json") else fs.join(spec, "manifest.json"))
     return {fs.join(base, s["name"]): s["samples"] for s in m["shards"]}
 

@@ -14,17 +14,20 @@ size (samples when every source has a manifest, else shards), i.e. like one conc
 
 from __future__ import annotations
 
+import os
+import posixpath
 import re
 import sys
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import braceexpand
 
 from clipjob import fs
-from clipjob.data.tarstream import tar_members
+from clipjob.data.tarstream import NotATar, tar_members
 from clipjob.data.writer import read_manifest
 from clipjob.errors import ClipjobError
 
@@ -93,9 +96,20 @@ def _check_bucket(part: str) -> None:
         raise ClipjobError(f"{part}: bucket does not exist (check the URL and AWS_ENDPOINT_URL_S3)")
 
 
+def manifest_dir(url: str) -> str:
+    """The directory a manifest's shard names are relative to: the folder of a `*.json` URL (whatever its
+    name), else the URL itself (a directory holding manifest.json)."""
+    if not url.endswith(".json"):
+        return url
+    if "://" in url:
+        proto, path = url.split("://", 1)
+        return f"{proto}://{posixpath.dirname(path)}"
+    return os.path.dirname(url)
+
+
 def _expand_dir(part: str) -> tuple[list[str], int | None]:
     """A directory: its manifest.json, or (without one) the *.tar files directly in it."""
-    base = part[: -len("/manifest.json")] if part.endswith("/manifest.json") else part
+    base = manifest_dir(part)
     murl = part if part.endswith(".json") else fs.join(part, "manifest.json")
     if part.endswith(".json") or fs.exists(murl):
         m = read_manifest(murl)
@@ -108,8 +122,58 @@ def _expand_dir(part: str) -> tuple[list[str], int | None]:
     return found, None
 
 
-def parse_sources(spec: str) -> list[Source]:
-    """The sources of a shard spec, each with its shard URLs and normalised weight."""
+def _names_shards(part: str) -> bool:
+    """Whether a source spec spells out its shard URLs itself (a single .tar URL, a brace pattern), rather than
+    finding them (a glob, a directory listing, a manifest)."""
+    return "{" in part or (part.endswith(".tar") and not _is_pattern(part))
+
+
+def missing_shards(urls: list[str] | tuple[str, ...]) -> list[str] | None:
+    """The URLs among `urls` that do not exist, in order: one listing per folder (per-object lookups over
+    http(s), and where listing is refused); None when storage will not say (the reads will count them)."""
+    present = None if any(fs.protocol(u) in ("http", "https") for u in urls) else _listed(urls)
+    if present is None:
+        try:
+            with ThreadPoolExecutor(16) as pool:
+                present = {u for u, ok in zip(urls, pool.map(fs.exists, urls), strict=True) if ok}
+        except ClipjobError:
+            return None
+    return [u for u in urls if u not in present]
+
+
+def _listed(urls: list[str] | tuple[str, ...]) -> set[str] | None:
+    """Which of `urls` their folders' listings hold; None when a listing is refused."""
+    by_dir: dict[str, list[str]] = {}
+    for u in urls:
+        by_dir.setdefault((u.rsplit("/", 1)[0] or "/") if "/" in u else ".", []).append(u)
+    present: set[str] = set()
+    for folder, group in by_dir.items():
+        try:
+            names = set(fs.ls(folder))
+        except ClipjobError:
+            return None
+        present.update(u for u in group if u.rsplit("/", 1)[-1] in names)
+    return present
+
+
+def check_shards_exist(sources: list[Source]) -> None:
+    """Shards that a spec names itself (a single .tar URL, a brace pattern) must all exist: a one-line
+    ClipjobError naming the first missing URL, before any training. Shards listed in a manifest are not
+    checked here: one that goes missing is counted (`missing_shard`) per draw, like other bad data."""
+    for src in sources:
+        if not _names_shards(src.spec):
+            continue
+        missing = missing_shards(src.urls)
+        if missing:
+            _check_bucket(src.spec)
+            some = f" ({len(missing)} of the {len(src.urls)} shards of {src.spec} are missing)" \
+                if len(src.urls) > 1 else ""
+            raise ClipjobError(f"{missing[0]}: shard not found{some}; fix the URL or pattern")
+
+
+def parse_sources(spec: str, check_shards: bool = False) -> list[Source]:
+    """The sources of a shard spec, each with its shard URLs and normalised weight. `check_shards`: also make
+    sure the shards the spec names exist (`check_shards_exist`)."""
     if not spec or not spec.strip():
         raise ClipjobError("data.train: no training shards given (set data.train to a directory, URL or pattern)")
     parts = [split_weight(p.strip()) for p in spec.split("::") if p.strip()]
@@ -125,7 +189,10 @@ def parse_sources(spec: str) -> list[Source]:
         by_samples = all(n for _, _, _, n in expanded)
         expanded = [(p, float(n if by_samples else len(urls)), urls, n) for p, _, urls, n in expanded]
     total = sum(w for _, w, _, _ in expanded)
-    return [Source(p, tuple(urls), w / total, n) for p, w, urls, n in expanded]
+    sources = [Source(p, tuple(urls), w / total, n) for p, w, urls, n in expanded]
+    if check_shards:
+        check_shards_exist(sources)
+    return sources
 
 
 def expand_shard_urls(spec: str) -> list[str]:
@@ -161,6 +228,8 @@ def shard_error_reason(exn: BaseException) -> str:
         return "missing_shard"
     if isinstance(exn, tarfile.ReadError) and "empty file" in str(exn):
         return "empty_shard"
+    if isinstance(exn, NotATar):
+        return "unreadable_shard"
     if isinstance(exn, (tarfile.TarError, EOFError)):
         return "truncated_shard"
     return "unreadable_shard"
@@ -170,22 +239,45 @@ def read_tar_samples(url: str, bad: Counter) -> Iterator[dict]:
     """The samples of one webdataset tar ({"__key__", "jpg": bytes, "txt": bytes, ...}), read as a stream.
     A shard that cannot be opened, or breaks off, adds one count to `bad` under its reason; the samples read
     before the break are kept, the one in progress is dropped."""
-    current: dict | None = None
     try:
         with open_shard(url) as stream:
-            for name, data in tar_members(stream):
-                key, ext = split_member_name(name)
-                if key is None or key.startswith("__"):
-                    continue
-                if current is not None and current["__key__"] != key:
-                    yield current
-                    current = None
-                if current is None:
-                    current = {"__key__": key, "__url__": url}
-                current[ext.lower()] = data
+            yield from assemble_samples(tar_members(stream), url, bad)
     except Exception as e:  # noqa: BLE001 - any failure of one shard is counted, never fatal
         bad[shard_error_reason(e)] += 1
-        return
+
+
+def assemble_samples(members: Iterator[tuple[str, bytes]], url: str, bad: Counter) -> Iterator[dict]:
+    """Tar members -> samples: consecutive members with the same key make one sample.
+
+    A duplicate is a later copy of a key already seen in this shard: the key comes back after another key's
+    members, or a member repeats an extension the sample in progress already has (`k.jpg k.txt k.jpg ...`).
+    The first copy is kept, every later copy is dropped whole and counted once as `duplicate_key`; so no copy
+    is trained twice and no two copies are merged into one sample. The last sample is yielded only once the
+    members end without an error (a shard that breaks off drops the sample in progress)."""
+    seen: set[str] = set()
+    current: dict | None = None
+    dropping: set[str] | None = None  # extensions of the duplicate copy being dropped (key = dropped_key)
+    dropped_key = None
+    for name, data in members:
+        key, ext = split_member_name(name)
+        if key is None or key.startswith("__"):
+            continue
+        ext = ext.lower()
+        if current is not None and (current["__key__"] != key or ext in current):
+            yield current
+            current = None
+        if current is None:
+            if key not in seen:
+                seen.add(key)
+                current, dropped_key = {"__key__": key, "__url__": url}, None
+            elif key != dropped_key or dropping is None or ext in dropping:  # a new copy of a seen key
+                bad["duplicate_key"] += 1
+                dropped_key, dropping = key, {ext}
+                continue
+            else:
+                dropping.add(ext)
+                continue
+        current[ext] = data
     if current is not None:
         yield current
 

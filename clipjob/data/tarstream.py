@@ -7,7 +7,9 @@ ustar/GNU/pax names (the ustar prefix, GNU `L` long names, pax `path=`), octal a
 every header's checksum, and hands compressed shards (gzip, bzip2, xz) to `tarfile`.
 
 Errors are `tarfile.ReadError`s, so callers classify them as before: "empty file" for a zero-byte shard,
-"unexpected end of data" for a shard cut off inside a header or a member, "bad checksum" for a damaged header.
+`NotATar` ("not a tar file") when the first header is not a complete, valid tar header (an HTML error page, a
+zip, random bytes, a file shorter than one header), "unexpected end of data" for a shard cut off inside a
+later header or a member, "bad checksum" for a damaged later header.
 """
 
 from __future__ import annotations
@@ -21,18 +23,44 @@ _COMPRESSED = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
 _REGULAR = (b"0", b"\0", b"7")
 
 
+class NotATar(tarfile.ReadError):
+    """The stream does not start with a tar header (or a compressed tar): nothing in it is readable."""
+
+    def __init__(self, why: str = ""):
+        super().__init__(f"not a tar file{f' ({why})' if why else ''}")
+
+
 def tar_members(stream) -> Iterator[tuple[str, bytes]]:
     """(name, data) of each regular member of the tar read from `stream`, in order."""
     first = _read(stream, BLOCK)
     if not first:
         raise tarfile.ReadError("empty file")
     if first.startswith(_COMPRESSED):
-        with tarfile.open(fileobj=io.BufferedReader(_Prefixed(first, stream)), mode="r|*") as tar:
+        yield from _compressed(_Prefixed(first, stream))
+        return
+    if len(first) < BLOCK:
+        raise NotATar("shorter than one tar header")
+    try:
+        if first.count(0) < BLOCK:  # all zeros: an empty archive's end marker
+            _check(first)
+    except tarfile.ReadError as e:
+        raise NotATar(str(e)) from None
+    yield from _plain(stream, first)
+
+
+def _compressed(raw: io.RawIOBase) -> Iterator[tuple[str, bytes]]:
+    """tarfile's stream reader; a first member it cannot read (other than a cut) means not a tar inside."""
+    started = False
+    try:
+        with tarfile.open(fileobj=io.BufferedReader(raw), mode="r|*") as tar:
             for info in tar:
+                started = True
                 if info.isreg():
                     yield info.name, tar.extractfile(info).read()  # type: ignore[union-attr]
-        return
-    yield from _plain(stream, first)
+    except tarfile.ReadError as e:
+        if started or str(e) in ("empty file", "unexpected end of data"):
+            raise
+        raise NotATar(str(e)) from None
 
 
 def _plain(stream, header: bytes) -> Iterator[tuple[str, bytes]]:

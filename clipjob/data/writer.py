@@ -80,8 +80,8 @@ class ShardWriter:
 
     A shard is closed before a sample that would take it past `max_samples` samples or `max_bytes` bytes
     (the exact final file size, tar padding included); a single sample larger than `max_bytes` gets a shard
-    of its own. Keys must be unique per writer (only a repeat of the previous key is detected: webdataset
-    would silently merge the two samples).
+    of its own. Keys must be unique per writer; a repeat within one shard is refused (a reader keeps the first
+    copy of a key in a shard and counts the others as `duplicate_key`), one across shards is not detected.
     """
 
     def __init__(self, out_url: str, prefix: str = "shard", max_samples: int = 10000, max_bytes: int = 1 << 30,
@@ -102,7 +102,7 @@ class ShardWriter:
         self._tmp_path: str | None = None
         self._samples = 0
         self._content = 0  # bytes of headers + data written to the current shard, before end-of-archive
-        self._last_key: str | None = None
+        self._keys: set[str] = set()  # keys of the current shard
         self._closed = False
 
     # -- public API -----------------------------------------------------------------------------------------
@@ -112,8 +112,6 @@ class ShardWriter:
         if self._closed:
             raise ClipjobError(f"{self.out_url}: ShardWriter is closed")
         check_key(key)
-        if key == self._last_key:
-            raise ClipjobError(f"sample key {key!r}: repeated (keys must be unique)")
         if not fields:
             raise ClipjobError(f"sample {key!r}: no fields")
         members = []
@@ -126,6 +124,8 @@ class ShardWriter:
         if self._file is not None and (self._samples >= self.max_samples
                                        or self._final_size(self._content + size) > self.max_bytes):
             self._finish_shard()
+        if key in self._keys:  # the keys of the shard this sample goes into
+            raise ClipjobError(f"sample key {key!r}: repeated (keys must be unique)")
         if self._file is None:
             self._start_shard()
         assert self._file is not None
@@ -135,7 +135,7 @@ class ShardWriter:
             self._file.write(b"\0" * (_padded(len(data)) - len(data)))
         self._content += size
         self._samples += 1
-        self._last_key = key
+        self._keys.add(key)
 
     def close(self) -> dict:
         """Finish the open shard and write manifest.json; returns the manifest."""
@@ -212,6 +212,7 @@ class ShardWriter:
             self._file.close()
         self.shards.append({"name": name, "samples": self._samples, "bytes": nbytes})
         self._file = self._tmp_path = None
+        self._keys = set()
 
     @staticmethod
     def _local_path(url: str) -> str:

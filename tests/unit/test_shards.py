@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import functools
 import http.server
+import io
+import tarfile
 import threading
 from collections import Counter
 
 import pytest
 
 from clipjob import fs
-from clipjob.data.shards import (derive_seed, expand_shard_urls, manifest_sample_count, parse_sources,
+from clipjob.data.inspect import inspect_shards
+from clipjob.data.shards import (derive_seed, expand_shard_urls, manifest_sample_count, missing_shards, parse_sources,
                                  read_tar_samples, split_weight)
 from clipjob.data.writer import ShardWriter
 from clipjob.errors import ClipjobError
@@ -112,3 +115,83 @@ def test_should_write_and_list_shards_at_an_object_store_url(s3_bucket):
     assert expand_shard_urls(d) == [f"{d}/shard-000000.tar", f"{d}/shard-000001.tar"]
     assert expand_shard_urls(f"{d}/*.tar") == expand_shard_urls(d)
     assert fs.exists(f"{d}/manifest.json")
+
+
+def _raw_tar(members: list[tuple[str, bytes]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_should_keep_the_first_copy_of_a_duplicate_key_and_count_each_later_copy(tmp_path):
+    members = [("a.jpg", b"a1"), ("a.txt", b"first a"), ("b.jpg", b"b1"), ("b.txt", b"b"),
+               ("a.jpg", b"a2"), ("a.txt", b"second a"),  # separated repeat: was trained twice
+               ("c.jpg", b"c1"), ("c.txt", b"first c"), ("c.JPG", b"c2"), ("c.txt", b"second c"),  # adjacent: merged
+               ("c.jpg", b"c3"),  # a third copy, adjacent to the second
+               ("d.txt", b"d"), ("d.jpg", b"d1"), ("d.jpg", b"d2")]  # a partial adjacent repeat
+    (tmp_path / "s.tar").write_bytes(_raw_tar(members))
+    bad: Counter = Counter()
+    got = [{k: v for k, v in s.items() if k != "__url__"} for s in read_tar_samples(str(tmp_path / "s.tar"), bad)]
+    assert got == [{"__key__": "a", "jpg": b"a1", "txt": b"first a"}, {"__key__": "b", "jpg": b"b1", "txt": b"b"},
+                   {"__key__": "c", "jpg": b"c1", "txt": b"first c"}, {"__key__": "d", "txt": b"d", "jpg": b"d1"}]
+    assert bad == {"duplicate_key": 4}
+
+
+def test_should_count_a_file_that_is_not_a_tar_as_unreadable(tmp_path):
+    (tmp_path / "page.tar").write_bytes(b"<html><body>Access Denied</body></html>\n" * 30)
+    (tmp_path / "cut.tar").write_bytes(_raw_tar([("a.jpg", b"x" * 3000), ("a.txt", b"a")])[:1500])
+    for name, reason in [("page.tar", "unreadable_shard"), ("cut.tar", "truncated_shard")]:
+        bad: Counter = Counter()
+        assert list(read_tar_samples(str(tmp_path / name), bad)) == [] and bad == {reason: 1}
+
+
+def test_should_resolve_shards_next_to_a_manifest_whatever_its_name(tmp_path):
+    d = write_shards(str(tmp_path / "ds"), 2)
+    (tmp_path / "ds" / "manifest.json").rename(tmp_path / "ds" / "train-v2.json")
+    assert expand_shard_urls(f"{d}/train-v2.json") == [f"{d}/shard-000000.tar", f"{d}/shard-000001.tar"]
+    assert manifest_sample_count(f"{d}/train-v2.json") == 4
+    r = inspect_shards(f"{d}/train-v2.json")
+    assert r["samples"] == 4 and r["manifest_mismatch"] == [] and r["bad"] == {"corrupt_image": 4}
+
+
+def test_should_refuse_a_named_shard_that_does_not_exist_in_one_line(tmp_path):
+    d = write_shards(str(tmp_path / "ds"), 2)
+    with pytest.raises(ClipjobError) as e:
+        parse_sources(f"{d}/shard-00001.tar", check_shards=True)  # a digit short
+    assert str(e.value) == f"{d}/shard-00001.tar: shard not found; fix the URL or pattern"
+    with pytest.raises(ClipjobError) as e:
+        parse_sources(f"{d}/shard-{{000000..000003}}.tar@1::{d}@1", check_shards=True)
+    assert str(e.value) == (f"{d}/shard-000002.tar: shard not found (2 of the 4 shards of "
+                            f"{d}/shard-{{000000..000003}}.tar are missing); fix the URL or pattern")
+    (tmp_path / "ds" / "shard-000001.tar").unlink()  # listed in the manifest: counted per draw, not refused
+    assert len(parse_sources(d, check_shards=True)[0].urls) == 2
+    assert len(parse_sources(f"{d}/shard-00001.tar")[0].urls) == 1  # unchecked unless asked
+
+
+def test_should_check_named_shards_over_http_one_lookup_each(tmp_path):
+    d = write_shards(str(tmp_path / "ds"), 2)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=d)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+        assert missing_shards([f"{base}/shard-000000.tar", f"{base}/nope.tar", f"{base}/shard-000001.tar"]) == \
+            [f"{base}/nope.tar"]
+    finally:
+        httpd.shutdown()
+
+
+def test_should_name_the_missing_key_or_bucket_of_a_single_shard_on_s3(s3_bucket):
+    d = write_shards(f"{s3_bucket}/ds", 1)
+    with pytest.raises(ClipjobError) as e:
+        parse_sources(f"{d}/shard-00000.tar", check_shards=True)
+    assert str(e.value) == f"{d}/shard-00000.tar: shard not found; fix the URL or pattern"
+    with pytest.raises(ClipjobError) as e:
+        parse_sources("s3://no-such-bucket-q7/ds/shard-000000.tar", check_shards=True)
+    assert str(e.value) == ("s3://no-such-bucket-q7/ds/shard-000000.tar: bucket does not exist "
+                            "(check the URL and AWS_ENDPOINT_URL_S3)")
+    assert parse_sources(f"{d}/shard-{{000000..000000}}.tar", check_shards=True)[0].urls == (f"{d}/shard-000000.tar",)

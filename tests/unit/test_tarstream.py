@@ -8,7 +8,7 @@ import tarfile
 
 import pytest
 
-from clipjob.data.tarstream import tar_members
+from clipjob.data.tarstream import NotATar, tar_members
 
 
 def _tar(members: list[tuple[str, bytes]], fmt=tarfile.GNU_FORMAT, dirs: bool = False) -> bytes:
@@ -78,3 +78,19 @@ def test_should_refuse_a_damaged_header():
     raw[_offsets(bytes(raw))[1].offset + 10] ^= 0xFF  # the second member's name
     with pytest.raises(tarfile.ReadError, match="bad checksum"):
         list(tar_members(io.BytesIO(bytes(raw))))
+
+
+@pytest.mark.parametrize("what", ["html page", "random bytes", "short text", "gzip of text", "bad first checksum"])
+def test_should_say_not_a_tar_when_the_first_header_is_not_a_tar_header(what):
+    raw = {"html page": b"<html><body>503 Service Unavailable</body></html>\n" * 40,
+           "random bytes": bytes((i * 7919 + 13) % 256 for i in range(4096)),
+           "short text": b"hello\n",
+           "gzip of text": gzip.compress(b"name,caption\n" * 200),
+           "bad first checksum": bytes([_tar(MEMBERS)[0] ^ 0xFF]) + _tar(MEMBERS)[1:]}[what]
+    with pytest.raises(NotATar, match="^not a tar file"):
+        list(tar_members(io.BytesIO(raw)))
+
+
+def test_should_read_an_empty_archive_as_no_members():
+    assert list(tar_members(io.BytesIO(_tar([])))) == []
+    assert list(tar_members(io.BytesIO(gzip.compress(_tar([]))))) == []

@@ -158,6 +158,17 @@ def test_should_reject_repeated_keys_and_bad_fields(tmp_path):
             w.write("c", {})
 
 
+def test_should_reject_a_key_repeated_anywhere_in_a_shard_but_not_in_the_next_shard(tmp_path):
+    with ShardWriter(str(tmp_path), max_samples=3) as w:
+        w.write("a", {"txt": "x"})
+        w.write("b", {"txt": "x"})
+        with pytest.raises(ClipjobError, match="^sample key 'a': repeated"):
+            w.write("a", {"txt": "y"})  # not adjacent: a reader would keep only the first copy
+        w.write("c", {"txt": "x"})
+        w.write("a", {"txt": "z"})  # shard 2
+    assert [s["samples"] for s in w.shards] == [3, 1]
+
+
 def test_should_explain_missing_or_malformed_manifests(tmp_path):
     with pytest.raises(ClipjobError, match="no manifest.json"):
         read_manifest(str(tmp_path))
