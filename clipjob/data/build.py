@@ -45,6 +45,8 @@ IMAGE_COLUMNS = ("image", "image_path", "filepath", "file", "path", "url", "imag
 CAPTION_COLUMNS = ("caption", "text", "title", "txt")
 ESTIMATE_RECORDS = 32  # records encoded on a first run to turn a byte target into samples per shard
 TAR_OVERHEAD = 3 * 768  # per sample: three members, a 512-byte header and ~256 bytes of padding each
+MAX_CAPTION_CHARS = 131_072  # longer captions are skipped (caption_too_long): csv's old field limit, any input
+CSV_FIELD_LIMIT = 2**31 - 1  # csv refuses longer fields; the caption limit above decides, not the parser
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ class Record:
     key: str
     src: str  # where it came from, for the sample's json
     image: str | bytes | None  # URL/path, or the bytes themselves
-    caption: str | None = None
+    caption: str | bytes | None = None  # bytes: checked as UTF-8 when the sample is prepared
     caption_url: str | None = None  # sidecar caption file (read in the worker)
     bad: str = ""  # a reason known while listing (e.g. a refused pickle)
 
@@ -132,8 +134,18 @@ def _read_rows(table: str) -> list[dict]:
             return pq.read_table(f).to_pylist()
     delimiter = "\t" if table.lower().endswith(".tsv") else ","
     with fs.open_url(table, "rb") as f:
-        text = f.read().decode("utf-8", errors="replace")
+        # bytes that are not UTF-8 survive as surrogates, so such a caption is counted (caption_not_utf8), not
+        # kept with replacement characters; a leading byte-order mark is dropped
+        text = f.read().decode("utf-8-sig", errors="surrogateescape")
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     return list(csv.DictReader(io.StringIO(text), delimiter=delimiter))
+
+
+def _cell_bytes(value: Any) -> str | bytes | None:
+    """A caption cell as bytes (a CSV cell's undecodable bytes restored), so UTF-8 is checked like a .txt."""
+    if value is None or isinstance(value, bytes):
+        return value
+    return value.encode("utf-8", "surrogateescape") if isinstance(value, str) else str(value)
 
 
 def _pick_column(table: str, names: list[str], given: str, candidates: tuple[str, ...], what: str) -> str:
@@ -160,8 +172,8 @@ def table_records(table: str, image_column: str = "", caption_column: str = "") 
     for i, row in enumerate(rows):
         ref = str(row.get(icol) or "").strip()
         url = ref if ("://" in ref or os.path.isabs(ref) or not ref) else fs.join(here, ref)
-        cap = row.get(ccol)
-        out.append(Record(f"{i:09d}", ref, url or None, caption=None if cap is None else str(cap)))
+        src = ref.encode("utf-8", "surrogateescape").decode("utf-8", "replace")  # printable in the sample's json
+        out.append(Record(f"{i:09d}", src, url or None, caption=_cell_bytes(row.get(ccol))))
     return out
 
 
@@ -208,6 +220,8 @@ def prepare(rec: Record, opts: BuildOptions, claims: Claims | None) -> tuple[dic
     if rec.caption_url is not None:
         raw = _read(rec.caption_url, "missing_caption")
     caption = decode_caption({"txt": raw})
+    if len(caption) > MAX_CAPTION_CHARS:
+        raise BadSample("caption_too_long")
     if rec.image is None:
         raise BadSample("missing_image")
     data = rec.image if isinstance(rec.image, bytes) else _read(rec.image, "missing_image")

@@ -180,6 +180,26 @@ def test_should_build_from_tsv_and_parquet_with_named_columns(tmp_path):
         build_shards(str(tmp_path / "t.tsv"), BuildOptions(out=str(tmp_path / "x"), image_column="image_url"))
 
 
+def test_should_count_captions_that_are_not_utf8_or_too_long_in_csv_and_tsv(tmp_path):
+    """Was: a Latin-1 caption kept with replacement characters, and a traceback on a caption over csv's
+    131,072-character field limit. Now both are skipped and counted; a caption of exactly the limit is kept."""
+    for i in range(4):
+        (tmp_path / f"{i}.jpg").write_bytes(jpeg(60, 50, seed=i))
+    limit = build.MAX_CAPTION_CHARS
+    caps = [b"caf\xe9 cr\xe8me br\xfbl\xe9e", b"x" * (limit + 1), b"y" * limit, "na\u00efve caf\u00e9".encode()]
+    for sep, name in ((b",", "t.csv"), (b"\t", "t.tsv")):
+        rows = [b"image" + sep + b"caption"] + [f"{i}.jpg".encode() + sep + c for i, c in enumerate(caps)]
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + b"\n".join(rows) + b"\n")  # with a byte-order mark
+    p = clipjob("data", "build", str(tmp_path / "t.csv"), "--out", str(tmp_path / "out-csv"), "--workers", "1",
+                "--no-progress")
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stderr
+    summaries = [json.loads(p.stdout), build_shards(str(tmp_path / "t.tsv"),
+                                                    BuildOptions(out=str(tmp_path / "out-tsv"), progress=False))]
+    for s in summaries:
+        assert s["samples"] == 2 and s["bad"] == {"caption_not_utf8": 1, "caption_too_long": 1}, s
+        assert sorted(x["txt"].decode() for x in samples_of(s["out"])) == ["na\u00efve caf\u00e9", "y" * limit]
+
+
 class Evil:
     """Pickles into a call of os.system: what a malicious dataset would ship."""
 
