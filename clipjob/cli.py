@@ -58,6 +58,9 @@ def train(
     if not cfg.data.train:
         raise ClipjobError("data.train: no training data; pass --set data.train=DIR_OR_URL")
     if not dist.is_worker():
+        from clipjob.data.shards import parse_sources
+
+        parse_sources(cfg.data.train, check_shards=True)  # a bad data spec: one line, exit 2, before any set-up
         spec = dist.launch_spec(nnodes, nproc_per_node, rdzv_endpoint, rdzv_id, rdzv_backend, max_restarts)
         if not spec.single_process:
             worker_args = [a for p in ([("--preset", preset)] if preset else []) + ([("--config", config)] if config else [])

@@ -1,29 +1,98 @@
 """The one place clipjob touches storage: any fsspec URL (local path, file://, s3://, gs://, memory://, https://).
 
 S3 endpoint and credentials come only from the standard AWS environment variables (AWS_ENDPOINT_URL_S3 or
-AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), never from config files, and are never logged. Transient errors
-are retried with exponential backoff; permanent ones become a one-line ClipjobError naming the URL.
+AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...), never from config files, and are never logged.
+
+Waiting is bounded. Permanent errors (not found, access denied, ...) become a one-line ClipjobError naming the
+URL at once. Transient ones (refused or dropped connections, timeouts, throttling, 5xx) are retried with
+jittered backoff for as long as storage keeps failing, up to a bound (`configure(stall_s=...)`: the trainer
+passes storage.stall_timeout_s, data reads data.stall_timeout_s; CLIPJOB_FS_STALL_S elsewhere); past it a
+one-line RetryableError naming the URL (exit 203, retried by restart policies). Every request is cut off by
+connect/read timeouts derived from the bound, so a server that accepts and never answers is an outage too.
+Once the process is asked to stop (`configure(stop=...)`), no wait outlasts the stop grace: a save either
+reaches storage within it or gives up with the RetryableError, leaving the previous commit intact.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import math
 import os
 import posixpath
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from typing import IO, Any, TypeVar
 
 import fsspec
 
-from clipjob.errors import ClipjobError
+from clipjob.errors import ClipjobError, RetryableError
 
 T = TypeVar("T")
 
-RETRIES = int(os.environ.get("CLIPJOB_FS_RETRIES", "5"))
-BACKOFF_S = float(os.environ.get("CLIPJOB_FS_BACKOFF", "0.5"))
-STREAM_BLOCK = 4 << 20  # read-ahead of streamed shards: few, large range requests
+BACKOFF_S = float(os.environ.get("CLIPJOB_FS_BACKOFF", "0.5"))  # first pause between attempts; doubles
+MAX_BACKOFF_S = 5.0
+STREAM_BLOCK = 4 << 20  # bytes per range request of a streamed shard; one more block is fetched ahead
+
+
+@dataclass
+class _Waits:
+    """How long storage calls of this process may wait (see the module doc)."""
+
+    stall_s: float = float(os.environ.get("CLIPJOB_FS_STALL_S", "60"))
+    setting: str = "CLIPJOB_FS_STALL_S"  # what to change, named in the error
+    requests_within_s: float = math.inf  # a smaller bound some reads use (data.stall_timeout_s)
+    stop: Callable[[], bool] | None = None  # true once the process is asked to stop
+    stop_grace_s: float = math.inf  # after which no storage wait continues
+    stopped_at: float | None = None
+
+
+_waits = _Waits()
+
+
+class StopWaiting(Exception):
+    """Raised instead of waiting on when the process was asked to stop during an interruptible wait (a data
+    read: the trainer stops at its last completed step rather than wait for data it will not use)."""
+
+
+def configure(stall_s: float, setting: str) -> None:
+    """Set this process's storage wait bound and the config key that sets it (named in messages)."""
+    _waits.stall_s, _waits.setting = float(stall_s), setting
+
+
+def cap_request_timeouts(stall_s: float) -> None:
+    """Make every request's timeouts fit a bound smaller than the process's (the data reads' bound)."""
+    _waits.requests_within_s = min(_waits.requests_within_s, float(stall_s))
+
+
+def on_stop(check: Callable[[], bool] | None, grace_s: float = math.inf) -> None:
+    """Once `check()` is true (the process was asked to stop), storage waits end within `grace_s`; None: no
+    check (DataLoader workers: their parent decides when to stop)."""
+    _waits.stop, _waits.stop_grace_s, _waits.stopped_at = check, float(grace_s), None
+
+
+def stall_bound() -> float:
+    return _waits.stall_s
+
+
+def _stop_deadline() -> float:
+    """monotonic() time by which storage waits end because the process was asked to stop (inf: not asked)."""
+    if _waits.stop is None or not _waits.stop():
+        return math.inf
+    if _waits.stopped_at is None:
+        _waits.stopped_at = time.monotonic()
+    return _waits.stopped_at + _waits.stop_grace_s
+
+
+def request_timeouts(stall_s: float) -> tuple[float, float]:
+    """(connect, read) timeouts of one storage request: short enough that a few attempts fit in the bound,
+    never above botocore's (60 s)."""
+    return min(10.0, max(1.0, stall_s / 4)), min(60.0, max(2.0, stall_s / 3))
 
 # The only environment variables S3 settings come from (boto3's standard names). Values are never logged.
 _S3_ENV = {"key": "AWS_ACCESS_KEY_ID", "secret": "AWS_SECRET_ACCESS_KEY", "token": "AWS_SESSION_TOKEN"}
@@ -51,7 +120,10 @@ def storage_options(url: str) -> dict[str, Any]:
     (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN) from the environment only."""
     proto = protocol(url)
     if proto in ("s3", "s3a"):
-        opts: dict[str, Any] = {"config_kwargs": {"retries": {"max_attempts": 3, "mode": "standard"}},
+        # one attempt per call, cut off by timeouts: `retry` is the only retry loop, so its bound holds
+        connect, read = request_timeouts(min(_waits.stall_s, _waits.requests_within_s))
+        opts: dict[str, Any] = {"config_kwargs": {"retries": {"total_max_attempts": 1, "mode": "standard"},
+                                                  "connect_timeout": connect, "read_timeout": read},
                                 "session": _s3_session()}
         endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         if endpoint:
@@ -71,6 +143,8 @@ def is_local(url: str) -> bool:
 
 def get_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, path = fsspec.core.url_to_fs(url, **storage_options(url))
+    if protocol(url) in ("s3", "s3a"):
+        fs.retries = 1  # s3fs's own loop (5 attempts, each up to the read timeout) would outlast the bound
     return fs, path
 
 
@@ -105,18 +179,87 @@ def describe(e: BaseException, url: str) -> str:
     return f"{url}: {type(e).__name__}: {text}"
 
 
-def retry(fn: Callable[[], T], url: str, retries: int = RETRIES) -> T:
-    """Run fn, retrying transient storage errors with jittered exponential backoff."""
-    for attempt in range(retries + 1):
+def retry(fn: Callable[[], T], url: str, stall_s: float | None = None, setting: str | None = None,
+          interruptible: bool = False) -> T:
+    """Run fn, retrying transient storage errors with jittered exponential backoff while storage keeps failing
+    for less than `stall_s` (default: the process's bound), then a RetryableError naming the URL; permanent
+    errors are a ClipjobError at once. Once the process is asked to stop, waits end after the stop grace, or at
+    once (StopWaiting) when `interruptible`."""
+    bound = _waits.stall_s if stall_s is None else stall_s
+    first_failure, attempt = None, 0
+    while True:
+        began = time.monotonic()
         try:
-            return fn()
-        except ClipjobError:
+            return _call(fn, interruptible)
+        except (ClipjobError, StopWaiting):
             raise
         except Exception as e:  # noqa: BLE001 - classified below
-            if attempt == retries or not _is_transient(e):
+            if not _is_transient(e):
                 raise ClipjobError(describe(e, url)) from e
-            time.sleep(BACKOFF_S * (2**attempt) * (0.5 + random.random()))
-    raise AssertionError("unreachable")
+            now = time.monotonic()
+            first_failure = first_failure or began  # storage has not answered since this attempt began
+            stop_at = _stop_deadline()
+            if interruptible and stop_at < math.inf:
+                raise StopWaiting(url) from e
+            if now >= min(first_failure + bound, stop_at):
+                raise RetryableError(_stalled(e, url, now - first_failure, bound, setting, stop_at < math.inf)) from e
+            pause = min(MAX_BACKOFF_S, BACKOFF_S * 2**attempt) * (0.5 + random.random())
+            _sleep_until(min(now + pause, first_failure + bound), interruptible)
+            attempt += 1
+
+
+class NoAnswer(TimeoutError):
+    """A storage call still running when the stop grace ran out; left to finish (or not) in its thread."""
+
+
+def _call(fn: Callable[[], T], interruptible: bool) -> T:
+    """fn(), in a daemon thread when a stop check is set, so that a request the server never answers (up to
+    its read timeout, 60 s) cannot hold the process past the stop grace. The grace ends every call still
+    running then, slow or hung: past it the agent's SIGKILL would end it anyway."""
+    if _waits.stop is None:
+        return fn()
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the waiting thread
+            box["error"] = e
+        finally:
+            done.set()
+
+    threading.Thread(target=run, daemon=True, name="clipjob-storage-call").start()
+    while not done.wait(0.25):
+        stop_at = _stop_deadline()
+        if interruptible and stop_at < math.inf:
+            raise StopWaiting()
+        if time.monotonic() >= stop_at:
+            raise NoAnswer("still no answer")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _sleep_until(t: float, interruptible: bool) -> None:
+    """Back off until monotonic time t, in slices, ending early at the stop grace (or at once on a stop
+    request when interruptible)."""
+    while (now := time.monotonic()) < t:
+        stop_at = _stop_deadline()
+        if stop_at < math.inf and (interruptible or now >= stop_at):
+            return
+        time.sleep(min(0.25, t - now))
+
+
+def _stalled(e: BaseException, url: str, waited: float, bound: float, setting: str | None, stopping: bool) -> str:
+    why = describe(e, url).removeprefix(f"{url}: ")
+    if stopping:
+        since = time.monotonic() - (_waits.stopped_at or time.monotonic())
+        return (f"{url}: storage did not answer within the stop grace ({since:.0f} s after the stop request, "
+                f"storage.stop_wait_s={_waits.stop_grace_s:g}; {why}); exiting as retryable, the previous "
+                f"committed checkpoint is intact")
+    return (f"{url}: storage did not answer for {waited:.0f} s ({setting or _waits.setting}={bound:g}; {why}); "
+            f"exiting as retryable: a restart resumes from the newest committed checkpoint")
 
 
 @contextlib.contextmanager
@@ -134,9 +277,81 @@ def open_url(url: str, mode: str = "rb", **kw: Any) -> Iterator[IO]:
             raise ClipjobError(describe(e, url)) from e
 
 
-def open_stream(url: str, block_size: int = STREAM_BLOCK) -> IO[bytes]:
-    """A binary read stream for sequential reading (webdataset's gopen handler); the caller closes it."""
-    return retry(lambda: fsspec.open(url, "rb", block_size=block_size, **storage_options(url)).open(), url)
+def open_stream(url: str, block_size: int = STREAM_BLOCK, stall_s: float | None = None, setting: str | None = None,
+                interruptible: bool = False) -> IO[bytes]:
+    """A binary read stream for sequential reading (webdataset's gopen handler); the caller closes it. Object
+    stores are read in `block_size` range requests, the next one fetched while the current one is consumed;
+    a request that fails transiently is retried within the bound (`retry`), so an outage shorter than it
+    costs nothing but time. Missing or refused objects fail here, on open."""
+    if is_local(url):
+        return open(url[len("file://"):] if url.startswith("file://") else url, "rb")
+    return RangeStream(url, block_size, stall_s, setting, interruptible)
+
+
+class RangeStream(io.RawIOBase):
+    """A read-only, forward-only stream of one object in fixed-size range requests, one block fetched ahead
+    by a background thread: at most two blocks in memory, each GET `block_size` bytes (fsspec.open's
+    `block_size` is a filesystem option, not a file one: s3fs read 50 MB blocks whatever it was given)."""
+
+    def __init__(self, url: str, block_size: int, stall_s: float | None, setting: str | None, interruptible: bool):
+        super().__init__()
+        self.url, self.block = url, block_size
+        self._retry = dict(stall_s=stall_s, setting=setting, interruptible=interruptible)
+        self._fs, self._path = get_fs(url)
+        self.size = retry(lambda: self._fs.size(self._path), url, **self._retry)  # HEAD: not found fails here
+        self._buf, self._off, self._next_start = b"", 0, 0
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="clipjob-readahead")
+        self._ahead: Future | None = self._fetch_async()
+
+    def _fetch_async(self) -> Future | None:
+        start = self._next_start
+        if start >= self.size:
+            return None
+        end = min(start + self.block, self.size)
+        self._next_start = end
+        return self._pool.submit(retry, lambda: self._fs.cat_file(self._path, start=start, end=end), self.url,
+                                 **self._retry)
+
+    def readable(self) -> bool:
+        return True
+
+    def _next_block(self) -> bytes:
+        """The block fetched ahead; an interruptible stream stops waiting for it on a stop request."""
+        assert self._ahead is not None
+        while True:
+            try:
+                return self._ahead.result(timeout=0.25)
+            except FutureTimeout:
+                if self._retry["interruptible"] and _stop_deadline() < math.inf:
+                    raise StopWaiting(self.url) from None
+
+    def read(self, n: int = -1) -> bytes:
+        parts = []
+        while n != 0:
+            if self._off >= len(self._buf):
+                if self._ahead is None:
+                    break
+                self._buf, self._off = self._next_block(), 0
+                self._ahead = self._fetch_async()
+                if not self._buf:  # the object got shorter than its HEAD said: end here
+                    self._ahead = None
+                    break
+            take = len(self._buf) - self._off if n < 0 else min(n, len(self._buf) - self._off)
+            parts.append(self._buf[self._off:self._off + take])
+            self._off += take
+            n -= take if n > 0 else 0
+        return b"".join(parts)
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(b))
+        b[:len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._buf, self._ahead = b"", None
+        super().close()
 
 
 def read_bytes(url: str) -> bytes:

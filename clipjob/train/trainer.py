@@ -24,7 +24,7 @@ from clipjob import dist, fs
 from clipjob.config import Config, ModelConfig, to_yaml
 from clipjob.data.multiscale import build_schedule
 from clipjob.data.pipeline import build_train_loader
-from clipjob.data.shards import derive_seed
+from clipjob.data.shards import derive_seed, parse_sources
 from clipjob.data.transforms import to_unit_float
 from clipjob.errors import ClipjobError
 from clipjob.model import build_model, build_tokenizer
@@ -240,6 +240,7 @@ def log_step(metrics: MetricsLogger, speed: Throughput, state: TrainState, out: 
     loss, aux = dist.all_reduce_mean([float(out.loss), aux], d.device)
     record = {"step": state.step, "loss": loss, "lr": lr, "logit_scale": float(out.logit_scale),
               **speed.take(), "samples_seen": state.samples_seen, "bad_samples": sum(state.bad_samples.values()),
+              "bad_samples_by_reason": dict(sorted(state.bad_samples.items())),
               "image_size": images.shape[-1], "batch_size": images.shape[0], "time": time.time()}
     if out.aux_loss is not None:
         record["aux_loss"] = aux
@@ -283,7 +284,8 @@ def run(cfg: Config, stop: StopFlag) -> TrainState:
     d = dist.init_distributed(cfg.train.dist_timeout_s)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    if d.is_main:
+    if d.is_main:  # the data spec first: a bad one (missing shard, bucket, manifest) writes nothing to the run dir
+        parse_sources(cfg.data.train, check_shards=True)
         fs.write_text(fs.join(cfg.storage.run_dir, "config.yaml"), to_yaml(cfg))
     parts = build_parts(cfg, d)
     state = restore(cfg, parts, d)

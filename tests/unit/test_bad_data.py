@@ -10,6 +10,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tarfile
 import zlib
 from collections import Counter
 from pathlib import Path
@@ -149,3 +150,62 @@ def test_should_stop_with_exit_code_2_and_one_line_when_most_samples_are_bad(tmp
     assert "Traceback" not in p.stderr and [ln for ln in lines if ln.startswith("error:")] == lines[-1:]
     assert lines[-1].startswith("error: data.train:")
     assert "max_bad_fraction" in lines[-1] and "corrupt_image" in lines[-1]
+
+
+def raw_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
+    """A tar written member by member, so it can hold what ShardWriter refuses (repeated keys)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_should_skip_and_count_a_file_that_is_not_a_tar_as_unreadable(tmp_path):
+    d = write(tmp_path / "ds", [good(i) for i in range(6)], per_shard=3)
+    (tmp_path / "ds" / "s-000001.tar").write_bytes(b"<html><body>Access Denied</body></html>\n" * 30)
+    bad = bad_counts(d)
+    assert bad["unreadable_shard"] > 0 and "truncated_shard" not in bad
+
+
+def test_should_train_one_copy_of_a_duplicate_key_and_count_the_others(tmp_path):
+    """Shard keys a, b, a, c, c: the separated and the adjacent repeat are dropped, so a draw of the shard
+    gives 3 samples (was 4: one trained twice, one merged into its previous copy)."""
+    (tmp_path / "ds").mkdir()
+    members = [(f"{k}.{ext}", data) for k, cap in [("a", "first a"), ("b", "b"), ("a", "second a"), ("c", "first c"),
+                                                   ("c", "second c")]
+               for ext, data in [("png", png()), ("txt", cap.encode())]]
+    raw_tar(tmp_path / "ds" / "s-000000.tar", members)
+    captions: Counter = Counter()
+
+    def tok(caps: list[str]) -> torch.Tensor:
+        captions.update(caps)
+        return torch.zeros(len(caps), 4, dtype=torch.long)
+
+    it = iter(build_train_loader(str(tmp_path / "ds"), 3, 16, tok, seed=0, rank=0, start_step=0, num_workers=0,
+                                 shuffle_buffer=0, rrc_scale=(0.9, 1.0)))
+    bad: Counter = Counter()
+    for _ in range(4):  # one batch per draw of the shard
+        bad.update(next(it).bad)
+    # 2 repeats per draw; the 4th draw's second c comes after its batch was full, so the next batch counts it
+    assert captions == {"first a": 4, "b": 4, "first c": 4} and bad == {"duplicate_key": 2 * 4 - 1}
+
+
+def test_should_log_bad_samples_by_reason_in_every_metrics_record(tmp_path):
+    (tmp_path / "ds").mkdir()
+    for s in range(2):  # every shard holds one of each: so every draw adds to the counts
+        samples = [(f"k{i}", good(i)) for i in range(10)]
+        samples[3] = ("k3", {"png": b"\x89PNG broken", "txt": b"broken"})
+        samples[5] = ("k5", {"png": png()})
+        samples[7] = ("k1", good(1))  # a repeat of k1
+        raw_tar(tmp_path / "ds" / f"s-{s:06d}.tar",
+                [(f"{k}.{ext}", v if isinstance(v, bytes) else v.encode()) for k, f in samples for ext, v in f.items()])
+    p = clipjob_train(str(tmp_path / "ds"), tmp_path / "run", 4)
+    assert p.returncode == 0, p.stdout + p.stderr
+    records = [json.loads(ln) for ln in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for before, r in zip([{"bad_samples_by_reason": {}}, *records], records):
+        by_reason = r["bad_samples_by_reason"]
+        assert sum(by_reason.values()) == r["bad_samples"]
+        assert all(n >= before["bad_samples_by_reason"].get(k, 0) for k, n in by_reason.items())  # cumulative
+    assert set(records[-1]["bad_samples_by_reason"]) == {"corrupt_image", "missing_caption", "duplicate_key"}

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from clipjob import fs
-from clipjob.errors import ClipjobError
+from clipjob.errors import ClipjobError, RetryableError
 from s3server import S3Server, apply_env, free_port
 
 
@@ -201,3 +201,57 @@ def test_should_list_files_recursively_when_finding_under_a_directory(tmp_path, 
         fs.write_text(fs.join(base, "a", "b", "2.txt"), "2")
         assert fs.find(fs.join(base, "a")) == [fs.join(base, "a", "1.txt"), fs.join(base, "a", "b", "2.txt")]
     assert fs.find(str(tmp_path / "nothing")) == []
+
+
+def test_should_raise_a_retryable_error_naming_the_url_when_storage_stays_down_past_the_bound(monkeypatch):
+    monkeypatch.setattr(fs, "BACKOFF_S", 0.05)
+    calls = []
+
+    def down() -> None:
+        calls.append(time.monotonic())
+        raise ConnectionError("connection refused")
+
+    with pytest.raises(RetryableError) as e:
+        fs.retry(down, "s3://b/k", stall_s=0.6, setting="data.stall_timeout_s")
+    msg = one_line(e.value)
+    assert msg.startswith("s3://b/k: storage did not answer for ") and "data.stall_timeout_s=0.6" in msg, msg
+    # retried until the bound (the last pause is cut to end at it, then one last attempt), not longer
+    assert 0.59 <= calls[-1] - calls[0] < 0.6 + 0.1 and len(calls) >= 3, calls
+
+
+def test_should_give_up_a_hung_call_within_the_stop_grace_when_the_process_is_asked_to_stop(monkeypatch):
+    """A request the server never answers (held connection) ends at the stop grace, not at its read timeout."""
+    stopping = threading.Event()
+    monkeypatch.setattr(fs, "_waits", fs._Waits())
+    fs.on_stop(stopping.is_set, grace_s=0.5)
+    threading.Timer(0.3, stopping.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(RetryableError) as e:
+        fs.retry(lambda: time.sleep(30), "s3://b/run/checkpoints/step-00000004/COMMITTED", stall_s=60)
+    took = time.monotonic() - t0
+    assert 0.8 <= took < 0.8 + 0.6, took  # signal at 0.3 s + 0.5 s grace, polled every 0.25 s
+    assert "within the stop grace" in one_line(e.value) and "previous committed checkpoint is intact" in str(e.value)
+    with pytest.raises(fs.StopWaiting):  # a data read stops waiting at once
+        fs.retry(lambda: time.sleep(30), "s3://b/shard.tar", interruptible=True)
+
+
+def test_should_stream_objects_in_block_sized_range_requests_when_reading_a_shard(s3_server, s3_bucket):
+    """fsspec.open(block_size=4MB) is a filesystem option that s3fs ignores: it fetched 50 MiB per GET. The
+    stream asks for exactly one block per GET, one block ahead (counted at a proxy in front of the server)."""
+    from s3proxy import S3Proxy
+
+    data = os.urandom(1 << 20) * 10  # 10 MiB
+    url = f"{s3_bucket}/big.tar"
+    fs.write_bytes(url, data)
+    proxy = S3Proxy(s3_server.port).start()
+    try:
+        apply_env({**s3_server.env(), "AWS_ENDPOINT_URL_S3": proxy.endpoint})
+        with fs.open_stream(url, block_size=1 << 20) as f:
+            got = b"".join(iter(lambda: f.read(10_000), b""))
+    finally:
+        proxy.close()
+        apply_env(s3_server.env())
+    assert got == data
+    ranges = [r for _, _, r in proxy.gets()]
+    assert ranges == [f"bytes={i << 20}-{((i + 1) << 20) - 1}" for i in range(10)], ranges
+    assert proxy.bytes_down < len(data) + 64 * 1024  # every byte once (+ headers)
