@@ -10,6 +10,10 @@ along with each batch so the trainer can log them and stop past `data.max_bad_fr
 Batch shapes can change per step (multi-scale training): `batch_schedule(step) -> (image_size, batch_size)`
 is called by the worker that produces that step's batch. DataLoader hands batches out round-robin, so worker
 k of W produces steps start_step + k, start_step + k + W, ...
+
+Waiting is bounded (`next_batch`): a shard read whose storage stops answering is retried for up to
+`data.stall_timeout_s`, then the worker raises a one-line RetryableError naming the shard URL (exit 203); the
+trainer polls while it waits, so a stop request (SIGTERM) during the wait is seen within a second.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -27,12 +32,14 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipjob.data.decode import BadSample, decode_caption, decode_image
+from clipjob import fs
 from clipjob.data.shards import Source, derive_seed, parse_sources, read_tar_samples, register_gopen_handlers
 from clipjob.data.transforms import train_transform
-from clipjob.errors import ClipjobError
+from clipjob.errors import ClipjobError, ConfigError, RetryableError
 
 BatchSchedule = Callable[[int], tuple[int, int]]  # step -> (image_size, batch_size)
 MIN_HOPELESS = 10_000  # bad samples/shards in a row, with nothing good in between, before giving up
+POLL_S = 1.0  # how often a trainer waiting for its DataLoader workers looks at its stop flag
 
 
 @dataclass
@@ -59,7 +66,7 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: list[str] | list[Source], batch_size: int, image_size: int, tokenizer: Callable,
                  seed: int = 0, rank: int = 0, start_step: int = 0, shuffle_buffer: int = 1000,
                  rrc_scale: tuple[float, float] = (0.9, 1.0), caption_key: str = "txt",
-                 batch_schedule: BatchSchedule | None = None):
+                 batch_schedule: BatchSchedule | None = None, stall_s: float | None = None):
         if urls and isinstance(urls[0], str):
             urls = [Source("", tuple(urls), 1.0, None)]  # type: ignore[arg-type]
         self.sources: list[Source] = list(urls)  # type: ignore[arg-type]
@@ -68,6 +75,8 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer, self.rrc_scale, self.caption_key = shuffle_buffer, rrc_scale, caption_key
         self.schedule = batch_schedule or ConstantSchedule(image_size, batch_size)
         self.n_shards = sum(len(s.urls) for s in self.sources)
+        self.stall_s = stall_s  # longest wait for storage that does not answer (None: the process's bound)
+        self.in_process = True  # read by the trainer process (num_workers=0): reads stop on a stop request
 
     def _shard_urls(self, rng: random.Random) -> Iterator[str]:
         """Shards drawn with replacement: a source by weight, then one of its shards uniformly."""
@@ -78,13 +87,18 @@ class ShardStream(IterableDataset):
 
     def _samples(self, rng: random.Random, bad: Counter) -> Iterator[dict]:
         for url in self._shard_urls(rng):
-            yield from read_tar_samples(url, bad)
+            yield from read_tar_samples(url, bad, self.stall_s, interruptible=self.in_process)
             yield {}  # end of shard: lets the consumer notice shards that gave nothing
 
     def __iter__(self) -> Iterator[Batch]:
         register_gopen_handlers()
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        if info is not None:  # a DataLoader worker: its rank decides when to stop; requests fit the data bound
+            self.in_process = False
+            fs.on_stop(None)
+        if self.stall_s is not None:
+            fs.cap_request_timeouts(self.stall_s)
         seed = derive_seed(self.seed, self.rank, worker, self.start_step)
         rng = random.Random(seed)
         torch.manual_seed(seed)
@@ -122,33 +136,77 @@ class ShardStream(IterableDataset):
 
 
 class TrainLoader(DataLoader):
-    """A DataLoader whose worker-side ClipjobErrors surface as one-line ClipjobErrors (torch wraps them in
-    a multi-line traceback)."""
+    """A DataLoader whose worker-side ClipjobErrors surface as one-line errors of the same kind (torch wraps
+    them in a multi-line traceback), and whose iterator can be waited on in slices (`next_batch`)."""
 
     def __iter__(self):
+        return _Batches(super().__iter__())
+
+
+class BatchTimeout(Exception):
+    """No batch from the DataLoader workers within the loader's `timeout` (POLL_S); waiting on is fine."""
+
+
+class _Batches:
+    def __init__(self, it: Iterator):
+        self.it = it
+
+    def __iter__(self) -> _Batches:
+        return self
+
+    def __next__(self) -> Batch:
         try:
-            yield from super().__iter__()
+            return next(self.it)
         except ClipjobError as e:
-            raise ClipjobError(_original_message(str(e))) from None
+            raise type(e)(_original_message(str(e))) from None
+        except RuntimeError as e:  # torch's loader says so in words only; its state allows waiting again
+            if str(e).startswith("DataLoader timed out"):
+                raise BatchTimeout() from None
+            raise
 
 
 def _original_message(text: str) -> str:
-    marker = "ClipjobError: "
-    lines = [ln for ln in text.splitlines() if marker in ln]
-    return lines[-1].split(marker, 1)[1] if lines else text.splitlines()[0]
+    markers = [f"{c.__name__}: " for c in (RetryableError, ConfigError, ClipjobError)]
+    lines = [ln for ln in text.splitlines() if any(m in ln for m in markers)]
+    if not lines:
+        return text.splitlines()[0]
+    marker = next(m for m in markers if m in lines[-1])
+    return lines[-1].split(marker, 1)[1]
+
+
+def next_batch(batches: Iterator[Batch], stop_requested: Callable[[], bool], stall_s: float) -> Batch | None:
+    """The next batch, or None when `stop_requested()` turns true while waiting for it. Waits are bounded:
+    a worker whose storage stops answering raises a RetryableError naming the shard after `stall_s`
+    (data.stall_timeout_s); a loader that yields nothing for 2 x stall_s + 60 s without any error (a stuck
+    worker) is a RetryableError too."""
+    t0 = time.monotonic()
+    while True:
+        try:
+            return next(batches)
+        except BatchTimeout:  # nothing yet from the workers: look at the stop flag and the clock
+            pass
+        except fs.StopWaiting:  # a read in this process saw the stop request
+            return None
+        if stop_requested():
+            return None
+        waited = time.monotonic() - t0
+        if waited > 2 * stall_s + 60:
+            raise RetryableError(f"data.train: no batch from the DataLoader workers for {waited:.0f} s and no storage "
+                                 f"error (data.stall_timeout_s={stall_s:g}); exiting as retryable")
 
 
 def build_train_loader(spec: str, batch_size: int, image_size: int, tokenizer: Callable, *, seed: int, rank: int,
                        start_step: int, num_workers: int, shuffle_buffer: int,
                        rrc_scale: tuple[float, float], caption_key: str = "txt",
                        batch_schedule: BatchSchedule | None = None, prefetch_factor: int = 4,
-                       worker_nice: int = 0) -> DataLoader:
+                       worker_nice: int = 0, stall_s: float | None = None) -> DataLoader:
     """The training loader of one rank: endless, in step order, batches built inside `num_workers` workers.
     `batch_schedule(step) -> (image_size, batch_size)` varies the batch shape per step (multi-scale)."""
     stream = ShardStream(parse_sources(spec), batch_size, image_size, tokenizer, seed=seed, rank=rank,
                          start_step=start_step, shuffle_buffer=shuffle_buffer, rrc_scale=rrc_scale,
-                         caption_key=caption_key, batch_schedule=batch_schedule)
+                         caption_key=caption_key, batch_schedule=batch_schedule, stall_s=stall_s)
     return TrainLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+                       timeout=POLL_S if num_workers > 0 else 0,
                        persistent_workers=num_workers > 0,
                        prefetch_factor=prefetch_factor if num_workers > 0 else None, collate_fn=_identity,
                        worker_init_fn=worker_init(worker_nice))

@@ -23,10 +23,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from clipjob import dist, fs
 from clipjob.config import Config, ModelConfig, to_yaml
 from clipjob.data.multiscale import build_schedule
-from clipjob.data.pipeline import build_train_loader
+from clipjob.data.pipeline import build_train_loader, next_batch
 from clipjob.data.shards import derive_seed, parse_sources
 from clipjob.data.transforms import to_unit_float
-from clipjob.errors import ClipjobError
+from clipjob.errors import ClipjobError, RetryableError
 from clipjob.model import build_model, build_tokenizer
 from clipjob.model.tokenizer import trim_padding
 from clipjob.train import checkpoint as ckpt
@@ -129,7 +129,8 @@ def build_loader(cfg: Config, d: dist.DistInfo, start_step: int):
                               build_tokenizer(cfg.model), seed=cfg.train.seed, rank=d.rank, start_step=start_step,
                               num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
                               rrc_scale=cfg.data.rrc_scale, caption_key=cfg.data.caption_key,
-                              batch_schedule=schedule, worker_nice=cfg.data.worker_nice)
+                              batch_schedule=schedule, worker_nice=cfg.data.worker_nice,
+                              stall_s=cfg.data.stall_timeout_s)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -264,6 +265,28 @@ def agree_due(cfg: Config, step: int, device: torch.device, world_size: int) -> 
     return world_size == 1 or step % every == 0 or step == cfg.train.steps
 
 
+def bound_storage_waits(cfg: Config, stop: StopFlag) -> None:
+    """Storage calls of this process wait at most storage.stall_timeout_s for storage that does not answer,
+    and no longer than storage.stop_wait_s once a stop was requested (then RetryableError: exit 203)."""
+    fs.configure(cfg.storage.stall_timeout_s, "storage.stall_timeout_s")
+    fs.on_stop(lambda: stop.set, cfg.storage.stop_wait_s)
+
+
+def wait_for_batch(batches, stop: StopFlag, cfg: Config, d: dist.DistInfo, step: int):
+    """The next batch, or None when a stop request came while waiting for it: the run then stops at `step`,
+    the last completed one. Ranks stop only at steps where they all agree (agree_due); at those, every rank
+    joins one all-reduce of "stop here" after its wait, before the forward pass, so none is left in a
+    collective the others skipped. Waits are bounded by data.stall_timeout_s (pipeline.next_batch)."""
+    can_stop = agree_due(cfg, step, d.device, d.world_size)
+    batch = next_batch(batches, lambda: can_stop and stop.set, cfg.data.stall_timeout_s)
+    if batch is None and not can_stop:  # a read in this process gave up at a step the ranks cannot stop at
+        raise RetryableError(f"stopped while waiting for data at step {step}, between the steps where the ranks "
+                             f"agree (train.agree_every); exiting as retryable without a checkpoint")
+    if d.world_size > 1 and can_stop and dist.broadcast_flag(batch is None, d.device):
+        return None
+    return batch
+
+
 def minutes_due(cfg: Config, last_save: float) -> bool:
     return bool(cfg.train.ckpt_every_minutes) and time.monotonic() - last_save > 60 * cfg.train.ckpt_every_minutes
 
@@ -282,6 +305,7 @@ def train(cfg: Config) -> TrainState:
 
 def run(cfg: Config, stop: StopFlag) -> TrainState:
     d = dist.init_distributed(cfg.train.dist_timeout_s)
+    bound_storage_waits(cfg, stop)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     if d.is_main:  # the data spec first: a bad one (missing shard, bucket, manifest) writes nothing to the run dir
@@ -294,12 +318,21 @@ def run(cfg: Config, stop: StopFlag) -> TrainState:
     metrics = MetricsLogger(cfg.storage.run_dir, d.is_main, cfg.train.steps, state.step)
     peak = peak_flops(d.device, cfg.train.precision, cfg.train.peak_flops) if d.is_main else 0.0
     speed = Throughput(d.world_size, peak)
-    last_save = time.monotonic()
+    last_save, saved = time.monotonic(), state.step  # (the step resumed from is committed; step 0 has nothing)
     parts.model.train()
     while state.step < cfg.train.steps:
         # data: the time blocked here is the data-wait fraction
         t0 = time.monotonic()
-        batch = next(batches)
+        batch = wait_for_batch(batches, stop, cfg, d, state.step)
+        if batch is None:  # asked to stop while waiting for data: commit the last completed step, as below
+            if state.step != saved:
+                metrics.flush()
+                save(cfg, parts, state, d)
+            state.stopped_by = int(stop.signum or signal.SIGTERM)
+            if d.is_main:
+                print(f"stop requested while waiting for data: saved step {state.step}, exiting" if state.step
+                      else "stop requested while waiting for data: nothing to save at step 0, exiting", flush=True)
+            break
         images = to_unit_float(batch.images.to(d.device, non_blocking=True))  # uint8 over the wire, float here
         tokens = trim_padding(batch.tokens) if cfg.model.text.trim_padding else batch.tokens
         tokens = tokens.to(d.device, non_blocking=True)
@@ -330,7 +363,7 @@ def run(cfg: Config, stop: StopFlag) -> TrainState:
         if stopping or clock_due or save_due(cfg, state.step):
             metrics.flush()  # metrics are durable up to the checkpoint a restart resumes from
             save(cfg, parts, state, d)
-            last_save = time.monotonic()
+            last_save, saved = time.monotonic(), state.step
         if stopping:
             state.stopped_by = int(stop.signum or signal.SIGTERM)
             if d.is_main:
