@@ -84,9 +84,11 @@ def write_converted(dst: str, sd: "dict[str, torch.Tensor]", config_yaml: str, m
         fs.write_bytes(dst, st_save(sd, metadata={"clipjob_config": config_yaml, "source": meta["source"],
                                                   "layout": meta["layout"]}))
         return
-    fs.write_bytes(fs.join(dst, "model.safetensors"), st_save(sd, metadata={"source": meta["source"]}))
-    fs.write_text(fs.join(dst, "config.yaml"), config_yaml)
-    fs.write_text(fs.join(dst, "meta.json"), json.dumps(meta, indent=1))
+    weights, config = st_save(sd, metadata={"source": meta["source"]}), config_yaml.encode("utf-8")
+    fs.write_bytes(fs.join(dst, "model.safetensors"), weights)
+    fs.write_bytes(fs.join(dst, "config.yaml"), config)
+    files = {"model.safetensors": ckpt.file_record(weights), "config.yaml": ckpt.file_record(config)}
+    fs.write_text(fs.join(dst, "meta.json"), json.dumps({**meta, "files": files}, indent=1))
     fs.write_text(fs.join(dst, ckpt.MARKER), "converted\n")
 
 
@@ -120,6 +122,16 @@ def convert_checkpoint(src: str, dst: str, source: str = "auto", overrides: list
 
 
 def checkpoint_info(url: str) -> dict:
+    """What `ckpt info` prints; for a run dir, of its newest committed step that loads (newer ones that do
+    not are skipped with a warning naming them)."""
+    from clipjob.train import checkpoint as ckpt
+
+    if ckpt.is_run_dir(url):
+        return ckpt.load_newest(url, _checkpoint_info)[1]
+    return _checkpoint_info(url)
+
+
+def _checkpoint_info(url: str) -> dict:
     from clipjob import fs
     from clipjob.config import to_dict
     from clipjob.model.convert import count_parameters, detect_layout, read_state_dict, to_clipjob

@@ -296,20 +296,29 @@ def load_tensor_file(data: bytes, url: str) -> object:
 
 
 def read_state_dict(url: str) -> tuple[Tensors, str]:
-    """(raw state dict, resolved URL) of a run dir, step folder or weights file at any fsspec URL."""
+    """(raw state dict, resolved URL) of a run dir (its newest committed step that loads), step folder or
+    weights file at any fsspec URL."""
+    from clipjob.train import checkpoint as ckpt
+
+    if ckpt.is_run_dir(url):
+        resolved, obj = ckpt.load_newest(url, _read_state_dict)
+        return obj, resolved
+    resolved = ckpt.resolve_checkpoint(url)
+    return _read_state_dict(resolved), resolved
+
+
+def _read_state_dict(resolved: str) -> Tensors:
     from clipjob import fs
     from clipjob.train import checkpoint as ckpt
 
-    resolved = ckpt.resolve_checkpoint(url)
-    file = resolved if resolved.endswith((".safetensors", ".pt", ".pth", ".bin", ".ckpt")) \
-        else fs.join(resolved, "model.safetensors")
-    obj = load_tensor_file(fs.read_bytes(file), file)
+    file = resolved if resolved.endswith(ckpt.FILE_EXTS) else fs.join(resolved, "model.safetensors")
+    obj = load_tensor_file(ckpt.read_checkpoint_file(file), file)
     for key in ("state_dict", "model", "model_state_dict"):  # training checkpoints of other frameworks
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ClipjobError(f"{file}: expected a state dict of tensors")
-    return obj, resolved
+    return obj
 
 
 def load_any_weights(url: str, model_cfg: ModelConfig, layout: str = "auto") -> Tensors:

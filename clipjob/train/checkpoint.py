@@ -2,11 +2,18 @@
 
 Layout: `{run}/checkpoints/step-{N:08d}/` holding `model.safetensors` (weights, RangeAugment's included),
 `ema.safetensors` (EMA weights, when enabled), `train_state.pt` (optimizer, scaler, loss parameters, counters,
-data RNG; tensors and plain containers only), `config.yaml`, `meta.json`, and finally `COMMITTED`, written
-last and only after every other file is listed in the folder. A step folder without COMMITTED does not exist
-as far as readers are concerned, so a crash mid-save never hides or corrupts the previous checkpoint.
-"Latest" is the newest committed step: no mutable pointer, which is safe on object stores. Loading never
-unpickles arbitrary objects.
+data RNG; tensors and plain containers only), `config.yaml`, `meta.json` (which records each file's size and
+CRC-32), and finally `COMMITTED`, written last and only after every other file is listed in the folder. A step
+folder without COMMITTED does not exist as far as readers are concerned, so a crash mid-save never hides or
+corrupts the previous checkpoint; saving a step again first un-commits and clears its folder (the leftovers of
+an interrupted save of that step). Loading never unpickles arbitrary objects.
+
+"Committed" is a listing (cheap); "loads" is checked when a file is read: its size and CRC-32 must match
+meta.json (about 0.5 s per 2 GiB, on bytes that are in memory anyway), then the format must parse. Every
+reader of a run dir takes the newest committed step that loads (`load_newest`: an unloadable one is skipped
+with a one-line warning naming it; a storage outage is not taken for corruption). Pruning counts only steps
+up to the one just saved, so a stale unloadable step beyond the step training resumed from never displaces
+the fresh ones; training rewrites it when it gets there.
 
 Test hook: CLIPJOB_TEST_CRASH_DURING_SAVE=K makes the K-th save of a process os._exit(1) right after
 model.safetensors is written and before COMMITTED, on the first attempt only (a worker group restarted by the
@@ -19,18 +26,23 @@ import io
 import json
 import os
 import re
+import sys
 import time
-from typing import Any
+import zlib
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from safetensors.torch import save as st_save
 
 from clipjob import dist, fs
-from clipjob.errors import ClipjobError
+from clipjob.errors import ClipjobError, RetryableError
 
+T = TypeVar("T")
 MARKER = "COMMITTED"
 EMA_FILE = "ema.safetensors"
 STEP_RE = re.compile(r"^step-(\d{8})$")
+FILE_EXTS = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")  # a single weights file, not a folder
 
 
 def checkpoints_url(run_dir: str) -> str:
@@ -77,37 +89,68 @@ def _crash_hook() -> None:
         os._exit(1)
 
 
+def file_record(data: bytes) -> dict[str, Any]:
+    """What meta.json records of each file of a step: its size and CRC-32 (verified whenever it is read)."""
+    return {"bytes": len(data), "crc32": f"{zlib.crc32(data):08x}"}
+
+
+def _clear_step(url: str) -> None:
+    """Un-commit, then delete, whatever a step folder holds (an interrupted save of the same step, or a stale
+    one that does not load): the marker goes first, so no reader takes the folder for a checkpoint meanwhile."""
+    names = fs.ls(url)
+    if not names:
+        return
+    if MARKER in names:
+        fs.rm(fs.join(url, MARKER))
+    fs.rm(url)
+
+
+_last_saved: dict[str, int] = {}  # run dir -> the step this process committed last (prune's default bound)
+
+
 def save_checkpoint(run_dir: str, step: int, model_state: dict[str, torch.Tensor], train_state: dict[str, Any],
                     config_yaml: str, meta: dict[str, Any],
                     extra_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> str:
-    """Write every file of step N, check they are all there, then write the commit marker. `extra_weights`
-    maps file names (e.g. ema.safetensors) to further state dicts. Returns the step URL."""
+    """Clear the step's folder, write every file of step N, record their sizes and CRC-32s in meta.json, check
+    they are all there, then write the commit marker. `extra_weights` maps file names (e.g. ema.safetensors)
+    to further state dicts. Returns the step URL."""
     url = step_url(run_dir, step)
-    files = ["model.safetensors"]
-    fs.write_bytes(fs.join(url, "model.safetensors"), _safetensors_bytes(model_state, step))
+    _clear_step(url)
+    written: dict[str, dict[str, Any]] = {}
+
+    def put(name: str, data: bytes) -> None:
+        fs.write_bytes(fs.join(url, name), data)
+        written[name] = file_record(data)
+
+    put("model.safetensors", _safetensors_bytes(model_state, step))
     _crash_hook()
     for name, state in (extra_weights or {}).items():
-        fs.write_bytes(fs.join(url, name), _safetensors_bytes(state, step))
-        files.append(name)
-    fs.write_bytes(fs.join(url, "train_state.pt"), _tensor_bytes(train_state))
-    fs.write_text(fs.join(url, "config.yaml"), config_yaml)
-    fs.write_text(fs.join(url, "meta.json"), json.dumps({**meta, "step": step, "saved_at": time.time()}, indent=1))
-    files += ["train_state.pt", "config.yaml", "meta.json"]
-    missing = sorted(set(files) - set(fs.ls(url)))
+        put(name, _safetensors_bytes(state, step))
+    put("train_state.pt", _tensor_bytes(train_state))
+    put("config.yaml", config_yaml.encode("utf-8"))
+    fs.write_text(fs.join(url, "meta.json"),
+                  json.dumps({**meta, "step": step, "saved_at": time.time(), "files": written}, indent=1))
+    missing = sorted({*written, "meta.json"} - set(fs.ls(url)))
     if missing:  # e.g. the object store lost data mid-save: never commit an incomplete checkpoint
         raise ClipjobError(f"{url}: {', '.join(missing)} missing after writing them; checkpoint not committed "
                            f"(check the storage at {run_dir})")
     fs.write_text(fs.join(url, MARKER), f"{step}\n")
+    _last_saved[run_dir] = step
     return url
 
 
-def prune_checkpoints(run_dir: str, keep: int) -> list[int]:
-    """Delete all but the newest `keep` committed steps, and uncommitted leftovers older than the newest
-    committed one (crashed saves). Only rank 0 calls this, after its own save committed."""
+def prune_checkpoints(run_dir: str, keep: int, upto: int | None = None) -> list[int]:
+    """Delete all but the newest `keep` committed steps up to `upto` (default: the step this process committed
+    last, else the newest committed), and uncommitted leftovers older than it (crashed saves). Committed steps
+    beyond `upto` are stale ones of an earlier attempt, past the step training resumed from (they did not
+    load): they are neither counted nor deleted; readers skip them and training rewrites each when it gets
+    there. Only rank 0 calls this, after its own save committed."""
     committed = committed_steps(run_dir)
-    doomed = committed[:-keep] if keep > 0 else []
-    newest = committed[-1] if committed else -1
-    doomed += [s for s in _steps_present(run_dir) if s < newest and s not in committed]
+    if upto is None:
+        upto = _last_saved.get(run_dir, committed[-1] if committed else -1)
+    current = [s for s in committed if s <= upto]
+    doomed = current[:-keep] if keep > 0 else []
+    doomed += [s for s in _steps_present(run_dir) if s < upto and s not in committed]
     for s in sorted(set(doomed)):
         marker = fs.join(step_url(run_dir, s), MARKER)
         if fs.exists(marker):
@@ -123,9 +166,17 @@ def safe_torch_load(data: bytes, url: str) -> Any:
     return load_tensor_file(data, url)
 
 
+def is_run_dir(url: str) -> bool:
+    """A run directory (its checkpoints/ hold step folders), as opposed to one step folder or a weights file."""
+    if url.endswith(FILE_EXTS) or STEP_RE.match(url.rstrip("/").rsplit("/", 1)[-1]):
+        return False
+    return not fs.exists(fs.join(url, "model.safetensors"))
+
+
 def resolve_checkpoint(url: str) -> str:
-    """A run directory -> its newest committed step; a step folder -> itself (if committed); a file -> itself."""
-    if url.endswith((".safetensors", ".pt", ".pth", ".bin", ".ckpt")):
+    """A run directory -> its newest committed step (not checked to load: readers use `load_newest`); a step
+    folder -> itself (if committed); a file -> itself."""
+    if url.endswith(FILE_EXTS):
         if not fs.exists(url):
             raise ClipjobError(f"{url}: checkpoint file not found")
         return url
@@ -139,11 +190,58 @@ def resolve_checkpoint(url: str) -> str:
     return latest
 
 
+def load_newest(run_dir: str, load: Callable[[str], T]) -> tuple[str, T]:
+    """(step URL, load(step URL)) of the newest committed step of a run that loads. A step whose load raises a
+    ClipjobError (corrupt, truncated, does not fit) is skipped with a one-line warning on stderr naming it; a
+    RetryableError (storage outage) propagates: an unreachable checkpoint is not a corrupt one."""
+    steps = committed_steps(run_dir)
+    for step in reversed(steps):
+        url = step_url(run_dir, step)
+        try:
+            return url, load(url)
+        except RetryableError:
+            raise
+        except ClipjobError as e:
+            print(f"warning: skipping checkpoint step {step}, it does not load: {e}", file=sys.stderr, flush=True)
+    if steps:
+        raise ClipjobError(f"{run_dir}: none of the committed checkpoints (steps {', '.join(map(str, steps))}) "
+                           f"loads (see the warnings above)")
+    raise ClipjobError(f"{run_dir}: no committed checkpoint found (expected a run dir, a step-N folder or a file)")
+
+
+def _recorded(folder: str) -> dict[str, Any]:
+    """The per-file records in a folder's meta.json ({} without one, or for steps saved before they existed)."""
+    u = fs.join(folder, "meta.json")
+    if not fs.exists(u):
+        return {}
+    try:
+        files = json.loads(fs.read_text(u)).get("files")
+    except (ValueError, AttributeError):
+        raise ClipjobError(f"{u}: not a JSON object (corrupt); the checkpoint does not load") from None
+    return files if isinstance(files, dict) else {}
+
+
+def read_checkpoint_file(url: str) -> bytes:
+    """A file's bytes, verified against the size and CRC-32 its folder's meta.json recorded at save time."""
+    data = fs.read_bytes(url)
+    folder, name = url.rstrip("/").rsplit("/", 1) if "/" in url else (".", url)
+    rec = _recorded(folder).get(name)
+    if rec:
+        if len(data) != rec["bytes"]:
+            raise ClipjobError(f"{url}: {len(data)} bytes, but {rec['bytes']} were written at save time "
+                               f"(truncated or overwritten after the commit)")
+        crc = f"{zlib.crc32(data):08x}"
+        if crc != rec["crc32"]:
+            raise ClipjobError(f"{url}: crc32 {crc} differs from the {rec['crc32']} recorded at save time "
+                               f"(corrupted after the commit)")
+    return data
+
+
 def load_weights(url: str) -> dict[str, torch.Tensor]:
     """Weights of a committed step folder or a single file (safetensors, or a tensors-only torch pickle)."""
-    if not url.endswith((".safetensors", ".pt", ".pth", ".bin", ".ckpt")):
+    if not url.endswith(FILE_EXTS):
         url = fs.join(url, "model.safetensors")
-    obj = safe_torch_load(fs.read_bytes(url), url)
+    obj = safe_torch_load(read_checkpoint_file(url), url)
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -155,7 +253,7 @@ def load_weights(url: str) -> dict[str, torch.Tensor]:
 def ema_weights_url(step_dir: str) -> str:
     """The EMA weights file of a committed step folder (ClipjobError when there is none)."""
     u = fs.join(step_dir, EMA_FILE)
-    if step_dir.endswith((".safetensors", ".pt", ".pth", ".bin", ".ckpt")) or not fs.exists(u):
+    if step_dir.endswith(FILE_EXTS) or not fs.exists(u):
         raise ClipjobError(f"{step_dir}: no {EMA_FILE} (EMA weights exist only in step folders of runs trained "
                            f"with train.ema_momentum > 0)")
     return u
@@ -169,7 +267,7 @@ def load_ema(step_dir: str) -> dict[str, torch.Tensor] | None:
 
 def load_train_state(step_dir: str) -> dict[str, Any]:
     u = fs.join(step_dir, "train_state.pt")
-    return safe_torch_load(fs.read_bytes(u), u)
+    return safe_torch_load(read_checkpoint_file(u), u)
 
 
 def load_meta(step_dir: str) -> dict[str, Any]:
@@ -178,4 +276,4 @@ def load_meta(step_dir: str) -> dict[str, Any]:
 
 def load_config_yaml(step_dir: str) -> str | None:
     u = fs.join(step_dir, "config.yaml")
-    return fs.read_text(u) if fs.exists(u) else None
+    return read_checkpoint_file(u).decode("utf-8") if fs.exists(u) else None

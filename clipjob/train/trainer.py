@@ -182,6 +182,8 @@ def restore(cfg: Config, parts: Parts, d: dist.DistInfo) -> TrainState:
         url = ckpt.step_url(cfg.storage.run_dir, step)
         try:
             ts, ema = _load(parts, url)
+        except RetryableError:
+            raise  # storage outage: not a corrupt checkpoint, never fall back past it
         except ClipjobError as e:
             if d.is_main:
                 print(f"warning: skipping checkpoint: {e}", flush=True)

@@ -185,3 +185,158 @@ def test_should_say_the_checkpoint_does_not_fit_when_the_model_changed(tmp_path)
     wider = build_config("tiny-cpu-scratch", None, TINY + [run, "model.embed_dim=8"])
     with pytest.raises(ClipjobError, match="none of the committed checkpoints"):
         restore(wider, build_parts(wider, CPU), CPU)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# re-saves, corrupt committed steps, readers that fall back (issue 12, item 8)
+
+
+def test_should_clear_an_interrupted_saves_leftovers_when_the_step_is_saved_again(tmp_path):
+    run = str(tmp_path / "run")
+    url = ckpt.step_url(run, 2)
+    os.makedirs(url)
+    for name, data in (("model.safetensors.tmp-4242-77", b"x" * 1000), ("model.safetensors", b"half"),
+                       ("ema.safetensors", b"from an older run"), (ckpt.MARKER, b"2\n")):
+        with open(os.path.join(url, name), "wb") as f:
+            f.write(data)
+    _save(run, 2)
+    assert sorted(os.listdir(url)) == sorted(["COMMITTED", "config.yaml", "meta.json", "model.safetensors",
+                                              "train_state.pt"])
+    assert ckpt.load_weights(url)["w"].tolist() == [2.0, 2.0]
+
+
+def test_should_uncommit_the_old_step_before_rewriting_it_when_a_re_save_is_killed(tmp_path):
+    run = str(tmp_path / "run")
+    _save(run, 1)
+    _save(run, 2)
+    script = textwrap.dedent(f"""
+        import torch
+        from clipjob.train import checkpoint as ckpt
+        ckpt.save_checkpoint({run!r}, 2, {{"w": torch.ones(3) * 7}}, {{"step": 2}}, "", {{}})
+    """)
+    p = subprocess.run([sys.executable, "-c", script], env={**os.environ, "CLIPJOB_TEST_CRASH_DURING_SAVE": "1"},
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 1 and "exiting during save 1" in p.stdout
+    assert ckpt.committed_steps(run) == [1]  # step 2's old marker must not vouch for a half-written step 2
+
+
+def _flip_last_byte(path: str) -> None:
+    with open(path, "r+b") as f:
+        f.seek(-1, os.SEEK_END)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_should_record_sizes_and_checksums_when_saving(tmp_path):
+    run = str(tmp_path / "run")
+    url = _save(run, 3, extra_weights={ckpt.EMA_FILE: {"w": torch.zeros(2)}})
+    files = ckpt.load_meta(url)["files"]
+    assert sorted(files) == ["config.yaml", "ema.safetensors", "model.safetensors", "train_state.pt"]
+    for name, rec in files.items():
+        data = open(os.path.join(url, name), "rb").read()
+        assert rec["bytes"] == len(data)
+        import zlib
+
+        assert rec["crc32"] == f"{zlib.crc32(data):08x}"
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "train_state.pt", ckpt.EMA_FILE])
+def test_should_refuse_a_committed_step_when_a_file_changed_after_the_commit(tmp_path, name):
+    run = str(tmp_path / "run")
+    url = _save(run, 3, extra_weights={ckpt.EMA_FILE: {"w": torch.arange(64, dtype=torch.float32)}})
+    _flip_last_byte(os.path.join(url, name))  # a flipped bit in the tensor data: the format still parses
+    load = {"model.safetensors": ckpt.load_weights, "train_state.pt": ckpt.load_train_state,
+            ckpt.EMA_FILE: ckpt.load_ema}[name]
+    with pytest.raises(ClipjobError, match=rf"{name}: crc32 [0-9a-f]{{8}} differs from the [0-9a-f]{{8}} recorded"):
+        load(url)
+
+
+def test_should_refuse_a_committed_step_when_a_file_was_truncated(tmp_path):
+    run = str(tmp_path / "run")
+    url = _save(run, 3)
+    path = os.path.join(url, "model.safetensors")
+    n = os.path.getsize(path)
+    os.truncate(path, n - 5)
+    with pytest.raises(ClipjobError, match=rf"model.safetensors: {n - 5} bytes, but {n} were written"):
+        ckpt.load_weights(url)
+
+
+def test_should_load_a_step_saved_before_checksums_were_recorded(tmp_path):
+    import json
+
+    run = str(tmp_path / "run")
+    url = _save(run, 3)
+    meta = ckpt.load_meta(url)
+    del meta["files"]
+    fs.write_text(fs.join(url, "meta.json"), json.dumps(meta))
+    assert ckpt.load_weights(url)["w"].tolist() == [3.0, 3.0]
+
+
+def test_should_fall_back_to_the_newest_step_that_loads_when_reading_a_run_dir(tmp_path, capsys):
+    run = str(tmp_path / "run")
+    for s in (2, 4, 6):
+        _save(run, s)
+    _flip_last_byte(os.path.join(ckpt.step_url(run, 6), "model.safetensors"))
+    os.truncate(os.path.join(ckpt.step_url(run, 4), "model.safetensors"), 10)
+    url, w = ckpt.load_newest(run, ckpt.load_weights)
+    assert url == ckpt.step_url(run, 2) and w["w"].tolist() == [2.0, 2.0]
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith("warning: skipping checkpoint step 6, it does not load: ")
+    assert ckpt.step_url(run, 6) in err[0]
+    assert err[1].startswith("warning: skipping checkpoint step 4")
+    os.truncate(os.path.join(ckpt.step_url(run, 2), "model.safetensors"), 10)
+    with pytest.raises(ClipjobError, match=r"none of the committed checkpoints \(steps 2, 4, 6\) loads"):
+        ckpt.load_newest(run, ckpt.load_weights)
+    with pytest.raises(ClipjobError, match="no committed checkpoint found"):
+        ckpt.load_newest(str(tmp_path / "nope"), ckpt.load_weights)
+
+
+def test_should_not_skip_a_step_when_storage_is_unavailable(tmp_path):
+    from clipjob.errors import RetryableError
+
+    run = str(tmp_path / "run")
+    for s in (2, 4):
+        _save(run, s)
+
+    def outage(url: str):
+        raise RetryableError(f"{url}: storage endpoint unreachable")
+
+    with pytest.raises(RetryableError):  # an outage is not a corrupt checkpoint: never fall back to step 2
+        ckpt.load_newest(run, outage)
+
+
+def test_should_prune_only_up_to_the_saved_step_when_a_stale_newer_step_exists(tmp_path):
+    run = str(tmp_path / "run")
+    for s in (2, 4):
+        _save(run, s)
+    os.truncate(os.path.join(ckpt.step_url(run, 4), "model.safetensors"), 10)  # the trainer resumed from 2
+    _save(run, 3)
+    assert ckpt.prune_checkpoints(run, keep=1) == [2]
+    assert ckpt.committed_steps(run) == [3, 4]  # the step just saved survives; stale 4 waits for its re-save
+    assert ckpt.load_weights(ckpt.step_url(run, 3))["w"].tolist() == [3.0, 3.0]
+    _save(run, 4)
+    assert ckpt.prune_checkpoints(run, keep=1) == [3]
+    assert ckpt.load_weights(ckpt.step_url(run, 4))["w"].tolist() == [4.0, 4.0]
+
+
+def test_should_not_resume_from_an_older_step_when_storage_fails_while_restoring(tmp_path, monkeypatch):
+    from clipjob.errors import RetryableError
+    from clipjob.train.trainer import build_parts, restore, save
+
+    cfg = build_config("tiny-cpu-scratch", None, TINY + [f"storage.run_dir={tmp_path / 'run'}",
+                                                         "train.ema_momentum=0.5"])
+    parts, state = _parts_after_one_step(cfg)
+    save(cfg, parts, state, CPU)
+    state.step = 2
+    save(cfg, parts, state, CPU)
+    real = ckpt.load_weights
+
+    def outage_at_step_2(url: str):
+        if "step-00000002" in url:
+            raise RetryableError(f"{url}: storage endpoint unreachable")
+        return real(url)
+
+    monkeypatch.setattr(ckpt, "load_weights", outage_at_step_2)
+    with pytest.raises(RetryableError):  # resuming from step 1 would redo work and prune around a good step 2
+        restore(cfg, build_parts(cfg, CPU), CPU)
