@@ -124,7 +124,7 @@ def config_from_corenet(file: Annotated[str, typer.Argument(help="CoreNet CLIP Y
 def eval_zeroshot(
     data: Annotated[list[str], typer.Option("--data", "-d", help="emoji-heldout:DIR, emoji-seen:DIR, folder:PATH, imagenet:PATH (repeatable)")],
     checkpoint: Annotated[Optional[str], typer.Option(help="Run dir (newest committed step), step folder or weights file")] = None,
-    watch: Annotated[Optional[str], typer.Option(help="Run dir: evaluate each newly committed checkpoint once")] = None,
+    watch: Annotated[Optional[str], typer.Option(help="Run dir: evaluate each newly committed checkpoint once, until the run's final step (train.steps) is evaluated")] = None,
     preset: Preset = None, config: ConfigFile = None, set_: Sets = None,
     resolution: Annotated[int, typer.Option(help="Eval resolution (0 = the model's)")] = 0,
     batch_size: Annotated[int, typer.Option(help="Images per batch")] = 256,
@@ -135,23 +135,32 @@ def eval_zeroshot(
     out: Annotated[Optional[str], typer.Option(help="Write results JSON here")] = None,
     poll_seconds: Annotated[float, typer.Option(help="--watch: seconds between polls")] = 60.0,
     max_polls: Annotated[Optional[int], typer.Option(help="--watch: stop after this many polls")] = None,
+    wait_for_run: Annotated[float, typer.Option(help="--watch: seconds to wait for the run dir to appear (training not started yet) before failing")] = 0.0,
     ema: Annotated[bool, typer.Option("--ema", help="Evaluate the EMA weights (ema.safetensors, train.ema_momentum > 0)")] = False,
 ) -> None:
-    """Zero-shot classification accuracy (top-1/top-5) of a checkpoint."""
-    from clipjob.eval.runner import run_zeroshot, watch as watch_run
+    """Zero-shot classification accuracy (top-1/top-5) of a checkpoint. SIGTERM abandons the evaluation under
+    way (nothing partial is written) and exits 143."""
+    from clipjob.eval.runner import EvalStopped, run_zeroshot, watch as watch_run
+    from clipjob.train.trainer import StopFlag
 
     if precision not in ("fp32", "bf16"):
         raise ClipjobError(f"--precision: expected fp32 or bf16, got {precision!r}")
+    if not (checkpoint or watch):
+        raise ClipjobError("--checkpoint: give a run dir, step folder or weights file (or --watch RUN_DIR)")
     kw = dict(preset=preset, config_file=config, overrides=list(set_ or []), resolution=resolution,
               batch_size=batch_size, workers=workers, precision=precision, classnames=classnames,
               templates=templates, ema=ema)
-    if watch:
-        n = watch_run(watch, data, poll_seconds=poll_seconds, max_polls=max_polls, **kw)
-        typer.echo(f"evaluated {n} checkpoint(s)")
-        return
-    if not checkpoint:
-        raise ClipjobError("--checkpoint: give a run dir, step folder or weights file (or --watch RUN_DIR)")
-    run_zeroshot(checkpoint, data, out=out, **kw)
+    with StopFlag() as stop:
+        try:
+            if watch:
+                n = watch_run(watch, data, poll_seconds=poll_seconds, max_polls=max_polls, stop=stop,
+                              wait_for_run_s=wait_for_run, **kw)
+                typer.echo(f"evaluated {n} checkpoint(s)")
+                return
+            run_zeroshot(checkpoint, data, out=out, stop=stop, **kw)
+        except EvalStopped as e:  # exit as the signal would: Job/pod policies see an interrupted run, not a result
+            typer.echo(f"{e}; nothing partial written; exit {128 + e.signum}")
+            raise typer.Exit(128 + e.signum) from None
 
 
 @app.command()

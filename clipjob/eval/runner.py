@@ -1,19 +1,37 @@
-"""Evaluating checkpoints: one checkpoint, or `--watch` a run and evaluate each newly committed step once."""
+"""Evaluating checkpoints: one checkpoint, or `--watch` a run and evaluate each newly committed step once,
+until the run's final step is evaluated.
+
+The final step is read from each checkpoint's own config.yaml (committed atomically with its weights):
+a step S whose `train.steps` is <= S is the last one its run will save. The run dir's config.yaml is not
+used: it may not exist yet when the watcher starts, and a restart with a different `train.steps` rewrites
+it. A stop signal (SIGTERM on pod deletion, via `stop`) abandons the evaluation under way at the next batch:
+results are appended only once a step is fully evaluated, so nothing partial is ever written.
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 import time
+from typing import Any
 
 import torch
 import yaml
 
 from clipjob import fs
 from clipjob.config import Config, build_config, from_dict, validate
-from clipjob.errors import ClipjobError
+from clipjob.errors import ClipjobError, RetryableError
 from clipjob.eval.zeroshot import build_eval_set, evaluate, format_result
 from clipjob.model import build_model, build_tokenizer
 from clipjob.train import checkpoint as ckpt
+
+
+class EvalStopped(Exception):
+    """A signal stopped the evaluation before it finished; nothing partial was written."""
+
+    def __init__(self, signum: int, where: str):
+        super().__init__(f"stopped by signal {signum} {where}")
+        self.signum, self.where = signum, where
 
 
 def config_for_checkpoint(step_or_file: str, preset: str | None, config_file: str | None,
@@ -36,36 +54,64 @@ def config_for_checkpoint(step_or_file: str, preset: str | None, config_file: st
     return build_config(preset, config_file, overrides)
 
 
-def load_for_eval(checkpoint: str, preset: str | None = None, config_file: str | None = None,
-                  overrides: list[str] = (), device: torch.device | None = None, ema: bool = False):
-    """The model of a checkpoint, ready for eval; `ema` takes the step's EMA weights (ema.safetensors)."""
+def _load_model(url: str, preset: str | None, config_file: str | None, overrides: list[str],
+                device: torch.device, ema: bool):
     from clipjob.model.convert import load_any_weights
 
-    url = ckpt.resolve_checkpoint(checkpoint)
-    cfg = config_for_checkpoint(url, preset, config_file, list(overrides))
+    cfg = config_for_checkpoint(url, preset, config_file, overrides)
     model = build_model(cfg.model, pretrained_text=False)
     model.load_state_dict(load_any_weights(ckpt.ema_weights_url(url) if ema else url, cfg.model))
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval(), cfg, url
 
 
-def run_zeroshot(checkpoint: str, data: list[str], *, preset=None, config_file=None, overrides=(),
-                 resolution: int = 0, batch_size: int = 256, workers: int = 2, precision: str = "fp32",
-                 classnames: str | None = None, templates: str | None = None, out: str | None = None,
-                 ema: bool = False) -> list[dict]:
-    model, cfg, url = load_for_eval(checkpoint, preset, config_file, overrides, ema=ema)
+def load_for_eval(checkpoint: str, preset: str | None = None, config_file: str | None = None,
+                  overrides: list[str] = (), device: torch.device | None = None, ema: bool = False):
+    """(model ready for eval, config, step URL) of a checkpoint; a run dir gives its newest committed step
+    that loads (newer ones that do not are skipped with a warning). `ema` takes the EMA weights."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def load(url: str):
+        return _load_model(url, preset, config_file, list(overrides), device, ema)
+
+    if ckpt.is_run_dir(checkpoint):
+        return ckpt.load_newest(checkpoint, load)[1]
+    return load(ckpt.resolve_checkpoint(checkpoint))
+
+
+def _stop_point(stop: Any, where: str) -> None:
+    """Raise EvalStopped when a stop signal was received (stop: trainer.StopFlag, or None: never)."""
+    if stop is not None and stop.set:
+        raise EvalStopped(stop.signum, where)
+
+
+def evaluate_model(model, cfg: Config, url: str, data: list[str], *, resolution: int = 0, batch_size: int = 256,
+                   workers: int = 2, precision: str = "fp32", classnames: str | None = None,
+                   templates: str | None = None, ema: bool = False, stop: Any = None) -> list[dict]:
+    """One result per --data spec for a loaded checkpoint (printed as it comes)."""
     tokenizer = build_tokenizer(cfg.model)
     device = next(model.parameters()).device
     size = resolution or cfg.eval.resolution or cfg.model.vision.image_size
     step = _step_of(url)
+    where = f"while evaluating {url} (abandoned)"
     results = []
     for spec in data:
         es = build_eval_set(spec, size, cfg.model.vision.family, classnames, templates)
         r = evaluate(model, tokenizer, es, device, batch_size, workers, precision,
-                     trim_text=cfg.model.text.trim_padding, worker_nice=cfg.eval.worker_nice)
+                     trim_text=cfg.model.text.trim_padding, worker_nice=cfg.eval.worker_nice,
+                     check_stop=lambda: _stop_point(stop, where))
         r.update(checkpoint=url, step=step, resolution=size, time=time.time(), ema=ema)
         print(format_result(r), flush=True)
         results.append(r)
+    return results
+
+
+def run_zeroshot(checkpoint: str, data: list[str], *, preset=None, config_file=None, overrides=(),
+                 out: str | None = None, ema: bool = False, stop: Any = None, **eval_kw) -> list[dict]:
+    """Evaluate one checkpoint (a run dir: its newest committed step that loads) on each --data spec; write
+    the results to `out` once all are done."""
+    model, cfg, url = load_for_eval(checkpoint, preset, config_file, overrides, ema=ema)
+    results = evaluate_model(model, cfg, url, data, ema=ema, stop=stop, **eval_kw)
+    _stop_point(stop, f"after evaluating {url} (results not written)")
     if out:
         fs.write_text(out, json.dumps(results, indent=1))
     return results
@@ -78,31 +124,96 @@ def _step_of(url: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def check_run_dir(run_dir: str) -> None:
+    """A one-line error unless `run_dir` is a run's directory (training wrote config.yaml or checkpoints/)."""
+    if fs.bucket_missing(run_dir):
+        raise ClipjobError(f"{run_dir}: bucket does not exist (check the run dir URL and AWS_ENDPOINT_URL_S3)")
+    if not (fs.exists(fs.join(run_dir, "config.yaml")) or fs.exists(ckpt.checkpoints_url(run_dir))):
+        raise ClipjobError(f"{run_dir}: no run there (no config.yaml or checkpoints/): check the URL, or start "
+                           f"the watcher once training has started")
+
+
+def wait_for_run(run_dir: str, wait_s: float, poll_seconds: float, stop: Any = None) -> None:
+    """check_run_dir, retried every poll for up to `wait_s` seconds (a watcher started beside a training job
+    that has not written its run dir yet); then its one-line error."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return check_run_dir(run_dir)
+        except RetryableError:
+            raise
+        except ClipjobError as e:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ClipjobError(f"{e} (waited {wait_s:g} s)" if wait_s else str(e)) from None
+            print(f"waiting up to {left:.0f} s for the run at {run_dir} to appear", flush=True)
+            _sleep(min(poll_seconds, left), stop)
+
+
+def target_step(step_url: str) -> int | None:
+    """train.steps of the config committed with a step (None when it has none or it does not parse)."""
+    try:
+        steps = (yaml.safe_load(ckpt.load_config_yaml(step_url) or "") or {}).get("train", {}).get("steps")
+    except RetryableError:
+        raise
+    except (ClipjobError, yaml.YAMLError, AttributeError):
+        return None
+    return steps if isinstance(steps, int) else None
+
+
+def _sleep(seconds: float, stop: Any) -> None:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        _stop_point(stop, "while waiting for the next checkpoint")
+        time.sleep(min(0.5, max(0.0, end - time.monotonic())))
+    _stop_point(stop, "while waiting for the next checkpoint")
+
+
 def watch(run_dir: str, data: list[str], poll_seconds: float = 60.0, max_polls: int | None = None,
-          stop_after_step: int | None = None, **kw) -> int:
-    """Evaluate every newly committed checkpoint of a run exactly once, appending to {run}/eval/results.jsonl.
-    Steps already present in results.jsonl are skipped, so a restarted watcher does not repeat work."""
+          stop: Any = None, wait_for_run_s: float = 0.0, preset=None, config_file=None, overrides=(),
+          ema: bool = False, **eval_kw) -> int:
+    """Evaluate every newly committed checkpoint of a run exactly once, appending to {run}/eval/results.jsonl,
+    and return (the number evaluated) once the run's final step is evaluated (see the module doc), or after
+    `max_polls` polls. A run dir that does not exist is an error (after waiting `wait_for_run_s` for it).
+    Steps already present in results.jsonl are skipped, so a restarted watcher does not repeat work; a step
+    that does not load is skipped with one warning (training may still rewrite it)."""
     from clipjob.train.metrics import read_jsonl
 
+    wait_for_run(run_dir, wait_for_run_s, poll_seconds, stop)
     results_url = fs.join(run_dir, "eval", "results.jsonl")
-    polls, evaluated = 0, 0
+    polls, evaluated, warned, targets = 0, 0, set(), {}
     while True:
         done = {(r.get("step"), r.get("data")) for r in read_jsonl(results_url)}
         for step in ckpt.committed_steps(run_dir):
             todo = [d for d in data if (step, d) not in done]
             if not todo:
                 continue
+            _stop_point(stop, f"before evaluating step {step}")
             try:
-                rs = run_zeroshot(ckpt.step_url(run_dir, step), todo, **kw)
-            except ClipjobError as e:
-                if "not committed" in str(e) or "not found" in str(e):
-                    continue  # pruned by the trainer while we looked; a newer one will come
+                model, cfg, url = load_for_eval(ckpt.step_url(run_dir, step), preset, config_file, overrides, ema=ema)
+            except RetryableError:
                 raise
+            except ClipjobError as e:
+                if step in ckpt.committed_steps(run_dir) and (step, str(e)) not in warned:  # else: pruned meanwhile
+                    warned.add((step, str(e)))
+                    print(f"warning: skipping checkpoint step {step}, it does not load: {e}", file=sys.stderr,
+                          flush=True)
+                continue
+            rs = evaluate_model(model, cfg, url, todo, ema=ema, stop=stop, **eval_kw)
+            _stop_point(stop, f"after evaluating step {step} (its results not written)")
             fs.append_text(results_url, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rs))
+            done.update((step, d) for d in todo)
             evaluated += 1
-            if stop_after_step is not None and step >= stop_after_step:
-                return evaluated
+        for step in sorted({s for s, _ in done if isinstance(s, int)}, reverse=True):
+            if all((step, d) in done for d in data):
+                if step not in targets:
+                    targets[step] = target_step(ckpt.step_url(run_dir, step))
+                if targets[step] is not None and step >= targets[step]:
+                    print(f"step {step} is the run's final step (train.steps={targets[step]}) and is evaluated: "
+                          f"done", flush=True)
+                    return evaluated
+                break  # only the newest fully evaluated step can be the final one
         polls += 1
         if max_polls is not None and polls >= max_polls:
             return evaluated
-        time.sleep(poll_seconds)
+        _sleep(poll_seconds, stop)

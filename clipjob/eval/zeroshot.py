@@ -191,11 +191,15 @@ def eval_worker_init(nice: int, _worker_id: int = 0) -> None:
 
 @torch.no_grad()
 def text_classifier(model, tokenizer, classnames: list[str], templates: list[str], device: torch.device,
-                    batch_classes: int = 64, trim: bool = True) -> torch.Tensor:
+                    batch_classes: int = 64, trim: bool = True,
+                    check_stop: Callable[[], None] | None = None) -> torch.Tensor:
     """(E, C): per class the renormalised mean of its normalised prompt embeddings. `trim`: run the text
-    tower on the prompts' real length, not the full context (same features; see tokenizer.trim_padding)."""
+    tower on the prompts' real length, not the full context (same features; see tokenizer.trim_padding).
+    `check_stop` is called before each chunk of classes and may raise to abandon the work."""
     cols = []
     for i in range(0, len(classnames), batch_classes):
+        if check_stop:
+            check_stop()
         chunk = classnames[i:i + batch_classes]
         prompts = [t.format(c) for c in chunk for t in templates]
         tokens = tokenizer(prompts)
@@ -213,12 +217,16 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int,
 
 @torch.inference_mode()
 def evaluate(model, tokenizer, es: EvalSet, device: torch.device, batch_size: int = 256, workers: int = 2,
-             precision: str = "fp32", progress: bool = True, trim_text: bool = True, worker_nice: int = 19) -> dict:
+             precision: str = "fp32", progress: bool = True, trim_text: bool = True, worker_nice: int = 19,
+             check_stop: Callable[[], None] | None = None) -> dict:
+    """Top-1/top-5 of a model on an eval set. `check_stop` is called between batches and may raise to abandon
+    the evaluation (SIGTERM: see eval/runner.py); the DataLoader's workers end with its iterator."""
     model.eval()
     t0 = time.time()
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else torch.autocast(device.type, enabled=False)
     with amp:
-        W = text_classifier(model, tokenizer, es.classnames, es.templates, device, trim=trim_text)
+        W = text_classifier(model, tokenizer, es.classnames, es.templates, device, trim=trim_text,
+                            check_stop=check_stop)
     loader = DataLoader(es.dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
                         worker_init_fn=functools.partial(eval_worker_init, worker_nice) if workers else None)
     bar = None
@@ -228,6 +236,8 @@ def evaluate(model, tokenizer, es: EvalSet, device: torch.device, batch_size: in
         bar = tqdm(total=es.size, unit="img", desc="zero-shot")
     hits, n = {1: 0, 5: 0}, 0
     for images, labels in loader:
+        if check_stop:
+            check_stop()
         with amp:
             f = model.encode_image(to_unit_float(images.to(device))).float()
         acc = accuracy(100.0 * f @ W, labels.to(device), ks=(1, min(5, len(es.classnames))))
