@@ -87,3 +87,47 @@ def test_should_request_one_gpu_and_memory_when_the_eval_job_runs(job, container
     assert str(res["limits"]["nvidia.com/gpu"]) == "1" and res["limits"]["memory"]
     (shm,) = [v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "dshm"]
     assert shm["emptyDir"]["medium"] == "Memory" and shm["emptyDir"]["sizeLimit"]
+
+
+def test_should_fail_at_once_on_exit_2_and_not_count_sigterm_when_the_eval_job_ends(job):
+    spec = job["spec"]
+    assert spec["template"]["spec"]["restartPolicy"] == "Never"  # podFailurePolicy requires it
+    rules = {r["action"]: r for r in spec["podFailurePolicy"]["rules"] if "onExitCodes" in r}
+    assert rules["FailJob"]["onExitCodes"] == {"containerName": "eval", "operator": "In", "values": [2]}
+    assert rules["Ignore"]["onExitCodes"]["values"] == [143]
+    assert {"type": "DisruptionTarget", "status": "True"} in [c for r in spec["podFailurePolicy"]["rules"]
+                                            for c in r.get("onPodConditions", [])]
+
+
+def test_should_complete_after_the_runs_final_step_when_the_eval_job_runs_its_args(container, tmp_path):
+    """The Job's own arguments, with its EDIT values pointed at a tiny local run (train.steps=4, steps 2 and 4
+    committed) and image folder, through the real CLI: it must exit 0 (the Job completes) instead of polling
+    forever."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from clipjob.config import build_config, to_yaml
+    from clipjob.model import build_model
+    from clipjob.train import checkpoint as ckpt
+
+    run = str(tmp_path / "run")
+    cfg = build_config("tiny-cpu-scratch", None, [
+        "model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2", "model.vision.image_size=16",
+        "model.text.width=32", "model.text.layers=1", "model.text.heads=2", "model.text.context_length=8",
+        "model.embed_dim=16", "train.steps=4", f"storage.run_dir={run}"])
+    for step in (2, 4):
+        ckpt.save_checkpoint(run, step, build_model(cfg.model, pretrained_text=False).state_dict(), {}, to_yaml(cfg), {})
+    for c in ("cat", "dog"):
+        (tmp_path / "val" / c).mkdir(parents=True)
+        Image.new("RGB", (20, 20), (200, 20, 20) if c == "cat" else (20, 20, 200)).save(tmp_path / "val" / c / "0.png")
+    args = list(container["args"])
+    args[args.index("--watch") + 1] = run
+    args[args.index("--data") + 1] = f"folder:{tmp_path / 'val'}"  # imagenet: needs the 1000 wnid folders
+    args[args.index("--resolution") + 1] = "16"
+    assert 0 < float(args[args.index("--wait-for-run") + 1]) <= 3600 and "--max-polls" not in args
+    p = subprocess.run([sys.executable, "-m", "clipjob", *args], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "step 4 is the run's final step (train.steps=4) and is evaluated: done" in p.stdout
+    assert len((tmp_path / "run" / "eval" / "results.jsonl").read_text().splitlines()) == 2
