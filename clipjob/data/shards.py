@@ -29,7 +29,7 @@ import braceexpand
 from clipjob import fs
 from clipjob.data.tarstream import NotATar, tar_members
 from clipjob.data.writer import read_manifest
-from clipjob.errors import ClipjobError
+from clipjob.errors import ClipjobError, RetryableError
 
 FSSPEC_SCHEMES = ("s3", "s3a", "gs", "gcs", "memory", "az", "abfs", "hf", "http", "https")
 
@@ -136,6 +136,8 @@ def missing_shards(urls: list[str] | tuple[str, ...]) -> list[str] | None:
         try:
             with ThreadPoolExecutor(16) as pool:
                 present = {u for u, ok in zip(urls, pool.map(fs.exists, urls), strict=True) if ok}
+        except RetryableError:
+            raise
         except ClipjobError:
             return None
     return [u for u in urls if u not in present]
@@ -150,6 +152,8 @@ def _listed(urls: list[str] | tuple[str, ...]) -> set[str] | None:
     for folder, group in by_dir.items():
         try:
             names = set(fs.ls(folder))
+        except RetryableError:  # storage does not answer: an outage, not a refusal to list
+            raise
         except ClipjobError:
             return None
         present.update(u for u in group if u.rsplit("/", 1)[-1] in names)

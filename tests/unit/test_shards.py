@@ -17,7 +17,7 @@ from clipjob.data.inspect import inspect_shards
 from clipjob.data.shards import (derive_seed, expand_shard_urls, manifest_sample_count, missing_shards, parse_sources,
                                  read_tar_samples, split_weight)
 from clipjob.data.writer import ShardWriter
-from clipjob.errors import ClipjobError
+from clipjob.errors import ClipjobError, RetryableError
 
 
 def write_shards(out: str, n: int, per_shard: int = 2, prefix: str = "shard") -> str:
@@ -195,3 +195,21 @@ def test_should_name_the_missing_key_or_bucket_of_a_single_shard_on_s3(s3_bucket
     assert str(e.value) == ("s3://no-such-bucket-q7/ds/shard-000000.tar: bucket does not exist "
                             "(check the URL and AWS_ENDPOINT_URL_S3)")
     assert parse_sources(f"{d}/shard-{{000000..000000}}.tar", check_shards=True)[0].urls == (f"{d}/shard-000000.tar",)
+
+
+def test_should_look_shards_up_one_by_one_when_listing_is_refused_but_not_when_storage_is_down(tmp_path, monkeypatch):
+    d = write_shards(str(tmp_path / "ds"), 2)
+    urls = [f"{d}/shard-000000.tar", f"{d}/shard-000009.tar"]
+
+    def refused(url):
+        raise ClipjobError(f"{url}: access denied (check ...)")
+
+    monkeypatch.setattr(fs, "ls", refused)
+    assert missing_shards(urls) == [f"{d}/shard-000009.tar"]  # by per-object lookups
+
+    def down(url):
+        raise RetryableError(f"{url}: storage did not answer")
+
+    monkeypatch.setattr(fs, "ls", down)
+    with pytest.raises(RetryableError, match="did not answer"):  # an outage: retryable, not a silent skip
+        missing_shards(urls)
