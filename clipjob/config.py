@@ -75,6 +75,7 @@ class DataConfig:
     worker_nice: int = F(0, "Niceness added to the training DataLoader workers (0 = the trainer's priority; on CPU-only training a higher value measured neutral)")
     multiscale: bool = F(False, "Multi-scale variable batch sampler: a (resolution, batch) per step, batch scaled by area")
     multiscale_sizes: list[int] = F([160, 192, 224, 256, 288, 320], "Resolutions of the multi-scale sampler")
+    stall_timeout_s: float = F(180.0, "Longest wait for a shard whose storage does not answer (refused, timed out, 5xx); then one line naming the shard URL and exit 203 (retryable)")
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,8 @@ class EvalConfig:
 @dataclass(frozen=True)
 class StorageConfig:
     run_dir: str = F("", "Run directory URL (local path, s3://, gs://, memory://): config, checkpoints, metrics")
+    stall_timeout_s: float = F(180.0, "Longest wait for run-dir storage that does not answer (checkpoint, metrics); then one line naming the URL and exit 203 (retryable)")
+    stop_wait_s: float = F(20.0, "After a stop request (SIGTERM), the longest any storage call waits for storage that does not answer; then exit 203 with the previous checkpoint intact (keep it below the agent's shutdown timeout)")
 
 
 @dataclass(frozen=True)
@@ -309,6 +312,9 @@ def validate(cfg: Config) -> None:
     _check(tr.peak_flops >= 0, f"train.peak_flops: must be >= 0, got {tr.peak_flops}")
     _check(tr.agree_every >= 0, f"train.agree_every: must be >= 0, got {tr.agree_every}")
     _check(tr.dist_timeout_s > 0, f"train.dist_timeout_s: must be > 0, got {tr.dist_timeout_s}")
+    _check(d.stall_timeout_s > 0, f"data.stall_timeout_s: must be > 0, got {d.stall_timeout_s}")
+    _check(cfg.storage.stall_timeout_s > 0, f"storage.stall_timeout_s: must be > 0, got {cfg.storage.stall_timeout_s}")
+    _check(cfg.storage.stop_wait_s > 0, f"storage.stop_wait_s: must be > 0, got {cfg.storage.stop_wait_s}")
     _check(not d.multiscale or all(s > 0 and s % stride == 0 for s in d.multiscale_sizes),  # only when used
            f"data.multiscale_sizes: each must be a positive multiple of the patch size {stride}, got {d.multiscale_sizes}")
     _check(cfg.eval.resolution >= 0, f"eval.resolution: must be >= 0, got {cfg.eval.resolution}")

@@ -210,8 +210,12 @@ def manifest_sample_count(spec: str) -> int | None:
     return None if any(c is None for c in counts) else sum(counts)  # type: ignore[misc]
 
 
-def open_shard(url: str):
-    """A read stream of a shard through webdataset's gopen (our fsspec handlers registered)."""
+def open_shard(url: str, stall_s: float | None = None, interruptible: bool = False):
+    """A read stream of a shard: local paths and fsspec URLs through `fs.open_stream` (block-sized range
+    requests, one block ahead; storage that stops answering is waited for up to `stall_s`, default the
+    process's storage bound, then a RetryableError naming the URL), other schemes through webdataset's gopen."""
+    if fs.is_local(url) or fs.protocol(url) in FSSPEC_SCHEMES:
+        return fs.open_stream(url, stall_s=stall_s, setting="data.stall_timeout_s", interruptible=interruptible)
     import webdataset as wds
 
     register_gopen_handlers()
@@ -239,13 +243,17 @@ def shard_error_reason(exn: BaseException) -> str:
     return "unreadable_shard"
 
 
-def read_tar_samples(url: str, bad: Counter) -> Iterator[dict]:
+def read_tar_samples(url: str, bad: Counter, stall_s: float | None = None, interruptible: bool = False) -> Iterator[dict]:
     """The samples of one webdataset tar ({"__key__", "jpg": bytes, "txt": bytes, ...}), read as a stream.
     A shard that cannot be opened, or breaks off, adds one count to `bad` under its reason; the samples read
-    before the break are kept, the one in progress is dropped."""
+    before the break are kept, the one in progress is dropped. Storage that does not answer is no bad data:
+    the read waits (up to `stall_s`) and then raises RetryableError naming the URL, or fs.StopWaiting when
+    `interruptible` and the process is asked to stop."""
     try:
-        with open_shard(url) as stream:
+        with open_shard(url, stall_s, interruptible) as stream:
             yield from assemble_samples(tar_members(stream), url, bad)
+    except (RetryableError, fs.StopWaiting):
+        raise
     except Exception as e:  # noqa: BLE001 - any failure of one shard is counted, never fatal
         bad[shard_error_reason(e)] += 1
 
