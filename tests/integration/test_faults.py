@@ -142,8 +142,9 @@ def test_should_resume_from_the_previous_commit_when_a_save_is_interrupted(data,
 
 def test_should_continue_or_stop_cleanly_when_the_s3_server_restarts_mid_run(data, monkeypatch):
     """(d) the S3 server goes away while a checkpoint is due and comes back empty a few seconds later (moto
-    keeps state in memory; the bucket is recreated): the save retries and training finishes, or it stops
-    with a one-line error naming the URL. Either way every committed checkpoint loads."""
+    keeps state in memory; the bucket is recreated): the save waits (storage.stall_timeout_s) and training
+    finishes, or it stops with a one-line error naming the URL. Either way every committed checkpoint loads.
+    (Outages that outlast the bound, and SIGTERM during one: tests/integration/test_outage.py.)"""
     from s3server import S3Server, apply_env
 
     server = S3Server().start()
@@ -153,8 +154,8 @@ def test_should_continue_or_stop_cleanly_when_the_s3_server_restarts_mid_run(dat
             monkeypatch.setenv(k, v)
         apply_env({})  # drop s3fs clients bound to the session's server
         run = f"{bucket}/run"
-        env = {**server.env(), "CLIPJOB_TEST_STEP_DELAY_S": "1", "CLIPJOB_FS_RETRIES": "8"}
-        r = launch(data, run, "train.steps=8", "train.ckpt_every_steps=2", env=env)
+        env = {**server.env(), "CLIPJOB_TEST_STEP_DELAY_S": "1"}
+        r = launch(data, run, "train.steps=8", "train.ckpt_every_steps=2", "storage.stall_timeout_s=60", env=env)
         try:
             r.wait_for(r"checkpoint: step 2 committed")
             server.stop()  # (2 s of step delays before the next save is due)
