@@ -9,7 +9,8 @@ corrupts the previous checkpoint; saving a step again first un-commits and clear
 an interrupted save of that step). Loading never unpickles arbitrary objects.
 
 "Committed" is a listing (cheap); "loads" is checked when a file is read: its size and CRC-32 must match
-meta.json (about 0.5 s per 2 GiB, on bytes that are in memory anyway), then the format must parse. Every
+meta.json (zlib.crc32 ran at 1.5-5 GB/s here: 0.4-1.6 s per 2.2 GiB, once when saving and once when
+loading, on bytes that are in memory anyway), then the format must parse. Every
 reader of a run dir takes the newest committed step that loads (`load_newest`: an unloadable one is skipped
 with a one-line warning naming it; a storage outage is not taken for corruption). Pruning counts only steps
 up to the one just saved, so a stale unloadable step beyond the step training resumed from never displaces
