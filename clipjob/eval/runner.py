@@ -4,8 +4,10 @@ until the run's final step is evaluated.
 The final step is read from each checkpoint's own config.yaml (committed atomically with its weights):
 a step S whose `train.steps` is <= S is the last one its run will save. The run dir's config.yaml is not
 used: it may not exist yet when the watcher starts, and a restart with a different `train.steps` rewrites
-it. A stop signal (SIGTERM on pod deletion, via `stop`) abandons the evaluation under way at the next batch:
-results are appended only once a step is fully evaluated, so nothing partial is ever written.
+it. A step that does not load is skipped with one warning (training rewrites a stale step when it gets
+there), unless it is the final step: then nothing will, and the watcher ends with a one-line error. A stop
+signal (SIGTERM on pod deletion, via `stop`) abandons the evaluation under way at the next batch: results
+are appended only once a step is fully evaluated, so nothing partial is ever written.
 """
 
 from __future__ import annotations
@@ -194,7 +196,13 @@ def watch(run_dir: str, data: list[str], poll_seconds: float = 60.0, max_polls: 
             except RetryableError:
                 raise
             except ClipjobError as e:
-                if step in ckpt.committed_steps(run_dir) and (step, str(e)) not in warned:  # else: pruned meanwhile
+                if step not in ckpt.committed_steps(run_dir):
+                    continue  # pruned by the trainer while we looked; a newer one will come
+                target = target_step(ckpt.step_url(run_dir, step))
+                if target is not None and step >= target:  # training is over: nothing will rewrite it
+                    raise ClipjobError(f"step {step} is the run's final step (train.steps={target}) and it does "
+                                       f"not load: {e}") from None
+                if (step, str(e)) not in warned:  # training rewrites a stale step when it gets there
                     warned.add((step, str(e)))
                     print(f"warning: skipping checkpoint step {step}, it does not load: {e}", file=sys.stderr,
                           flush=True)

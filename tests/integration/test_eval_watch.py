@@ -141,6 +141,17 @@ def test_should_skip_a_step_that_does_not_load_and_still_finish_when_watching(tm
     assert warning.startswith("warning: skipping checkpoint step 2, it does not load: ") and "crc32" in warning
 
 
+def test_should_fail_in_one_line_when_the_final_step_does_not_load_when_watching(tmp_path, images):
+    run = str(tmp_path / "run")
+    for s in (2, 4):
+        save_step(run, s)
+    flip_last_byte(Path(ckpt.step_url(run, 4)) / "model.safetensors")
+    line = one_error_line(clipjob("eval", "zeroshot", "--watch", run, "--data", images, "--workers", "0"))
+    assert line.startswith("error: step 4 is the run's final step (train.steps=4) and it does not load: ")
+    assert f"{ckpt.step_url(run, 4)}/model.safetensors: crc32" in line
+    assert [r["step"] for r in results(run)] == [2]
+
+
 def test_should_fail_in_one_line_when_the_watched_run_dir_does_not_exist(tmp_path, images):
     line = one_error_line(clipjob("eval", "zeroshot", "--watch", str(tmp_path / "nope"), "--data", images))
     assert line == (f"error: {tmp_path / 'nope'}: no run there (no config.yaml or checkpoints/): check the URL, "
