@@ -231,5 +231,19 @@ def lower_priority(nice: int, _worker_id: int = 0) -> None:
             pass
 
 
-def worker_init(nice: int) -> Callable[[int], None] | None:
-    return functools.partial(lower_priority, nice) if nice > 0 else None
+def start_worker(nice: int, _worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn` of the training loader (as `functools.partial(start_worker, nice)`).
+
+    The worker leaves the rank's process group first. torchrun stops a rank with `killpg(rank, SIGTERM)`
+    (and a shell's Ctrl-C or `kill -- -PGID` signals the group too); a worker in that group dies of it, and
+    the rank's next step fails with "DataLoader worker ... is killed by signal: Terminated" before it can
+    commit its stop step. In a group of its own only the rank's main process gets the signal: it finishes
+    the step, commits it, and the loader shuts the workers down. (Ignoring SIGTERM in the worker instead
+    would also ignore the loader's own `terminate()` and could hang the interpreter's exit.) A worker whose
+    rank is SIGKILLed still ends: the loader's watchdog sees its parent gone within seconds."""
+    os.setpgid(0, 0)
+    lower_priority(nice)
+
+
+def worker_init(nice: int) -> Callable[[int], None]:
+    return functools.partial(start_worker, nice)

@@ -124,11 +124,28 @@ class _Niceness(torch.utils.data.Dataset):
         return os.nice(0)
 
 
+class _ProcessGroup(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return os.getpgrp(), os.getpid()
+
+
+def test_should_run_data_workers_in_a_process_group_of_their_own():
+    """torchrun stops a rank with killpg(rank, SIGTERM): a worker in the rank's group would die of it and
+    take the rank's stop step with it (tests/integration/test_stop.py runs that for real)."""
+    from clipjob.data.pipeline import worker_init
+
+    ((group, pid),) = list(torch.utils.data.DataLoader(_ProcessGroup(), batch_size=None, num_workers=1,
+                                                       worker_init_fn=worker_init(0)))
+    assert group == pid != os.getpid() and os.getpgrp() != group
+
+
 def test_should_run_data_workers_at_the_added_niceness():
     from clipjob.data.pipeline import worker_init
 
     base = os.nice(0)
-    assert worker_init(0) is None
     got = list(torch.utils.data.DataLoader(_Niceness(), batch_size=None, num_workers=1,
                                            worker_init_fn=worker_init(7)))
     assert got == [min(19, base + 7)] * 2
