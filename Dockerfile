@@ -7,7 +7,9 @@
 #
 # Any base works that has python >= 3.11 (with pip), torch and torchvision, e.g. an NGC PyTorch image;
 # scripts/smoke_container.sh builds this file on a locally made Debian base without a Docker daemon.
-ARG BASE_IMAGE=pytorch/pytorch:2.8.0-cuda12.8-cudnn9-runtime
+# The default base carries the torch the test suite runs (Makefile TORCH_PINS: torch 2.14.1 with
+# torchvision 0.29.1); tests/container/test_dockerfile.py keeps the two in step.
+ARG BASE_IMAGE=pytorch/pytorch:2.14.1-cuda13.0-cudnn9-runtime
 
 # ---- stage 1: build the clipjob wheel (build tools stay in this stage) ----
 FROM ${BASE_IMAGE} AS wheel

@@ -47,7 +47,25 @@ def test_should_pass_hadolint_when_linting_the_dockerfile():
 def test_should_default_to_a_cuda_pytorch_runtime_base_when_base_image_is_not_given():
     (first_arg,) = [a for i, a in instructions() if i == "ARG" and a.startswith("BASE_IMAGE=")]
     base = first_arg.split("=", 1)[1]
-    assert re.fullmatch(r"pytorch/pytorch:2\.\d+\.\d+-cuda12\.\d+-cudnn9-runtime", base), base
+    assert re.fullmatch(r"pytorch/pytorch:2\.\d+\.\d+-cuda1[2-9]\.\d+-cudnn9-runtime", base), base
+
+
+def pins(text: str, names: tuple[str, ...] = ("torch", "torchvision")) -> dict[str, str]:
+    return {name: m[1] for name in names if (m := re.search(rf"\b{name}==([\w.+]+)", text))}
+
+
+def test_should_default_to_the_torch_the_suite_tests_when_base_image_is_not_given():
+    """The image must run the torch the tests ran: the base's tag names Makefile's torch pin, and the script
+    that builds a stand-in base (scripts/smoke_container.sh) puts the same torch and torchvision in it."""
+    (line,) = [ln for ln in (REPO / "Makefile").read_text().splitlines() if ln.startswith("TORCH_PINS")]
+    tested = pins(line)
+    assert set(tested) == {"torch", "torchvision"}, line
+    (first_arg,) = [a for i, a in instructions() if i == "ARG" and a.startswith("BASE_IMAGE=")]
+    assert re.search(r":(\d+\.\d+\.\d+)-", first_arg)[1] == tested["torch"], (first_arg, tested)
+    smoke = (REPO / "scripts" / "smoke_container.sh").read_text()
+    assert re.search(r'TORCH="\$\{TORCH:-([\d.]+)\}"', smoke)[1] == tested["torch"]
+    assert re.search(r'TORCHVISION="\$\{TORCHVISION:-([\d.]+)\}"', smoke)[1] == tested["torchvision"]
+    assert f"torch {tested['torch']}" in DOCKERFILE.read_text() and f"torchvision {tested['torchvision']}" in DOCKERFILE.read_text()
 
 
 def test_should_build_the_wheel_in_a_separate_stage_when_building():
