@@ -9,9 +9,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from clipjob.agent import RUN_DIR_ENV
 from clipjob.commands.ckpt import ckpt_app
 from clipjob.commands.data import data_app
-from clipjob.errors import ClipjobError
+from clipjob.errors import ClipjobError, RetryableError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Train CLIP models at scale and evaluate zero-shot classification.")
@@ -46,6 +47,7 @@ def train(
     rdzv_id: Annotated[Optional[str], typer.Option(help="Rendezvous id, unique per job (PET_RDZV_ID)")] = None,
     rdzv_backend: Annotated[Optional[str], typer.Option(help="Rendezvous backend (PET_RDZV_BACKEND, default c10d)")] = None,
     max_restarts: Annotated[Optional[int], typer.Option(help="Worker-group restarts before failing (PET_MAX_RESTARTS)")] = None,
+    shutdown_timeout: Annotated[Optional[int], typer.Option(help="Seconds the agent gives the workers to commit their step after SIGTERM, then SIGKILL (PET_SHUTDOWN_TIMEOUT; torchrun's default 30); the chart sets terminationGracePeriodSeconds - 15")] = None,
 ) -> None:
     """Train (or resume) a CLIP run. Starts torchrun's elastic agent when more than one worker is asked for."""
     from clipjob import dist
@@ -61,13 +63,15 @@ def train(
         from clipjob.data.shards import parse_sources
 
         parse_sources(cfg.data.train, check_shards=True)  # a bad data spec: one line, exit 2, before any set-up
-        spec = dist.launch_spec(nnodes, nproc_per_node, rdzv_endpoint, rdzv_id, rdzv_backend, max_restarts)
+        spec = dist.launch_spec(nnodes, nproc_per_node, rdzv_endpoint, rdzv_id, rdzv_backend, max_restarts,
+                                 shutdown_timeout)
         if not spec.single_process:
             worker_args = [a for p in ([("--preset", preset)] if preset else []) + ([("--config", config)] if config else [])
                            for a in p] + [a for s in sets for a in ("--set", s)]
             argv = [sys.executable, *dist.elastic_launch_argv(spec, worker_args)]
             print(f"starting elastic agent: nnodes={spec.nnodes} nproc_per_node={spec.nproc_per_node} "
                   f"rdzv={spec.rdzv_backend}://{spec.rdzv_endpoint or '127.0.0.1:29400'} id={spec.rdzv_id}", flush=True)
+            os.environ[RUN_DIR_ENV] = cfg.storage.run_dir  # the agent reports the commits it finds there
             os.execv(sys.executable, argv)
     from clipjob.train.trainer import train as run_training
 
@@ -180,8 +184,29 @@ def main() -> None:
     try:
         app()
     except ClipjobError as e:  # one line, and the exit code its kind maps to (clipjob/errors.py)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        _fail(e)
+    except Exception as e:  # a lost peer rank or store (gloo, NCCL, TCPStore): retryable, one line
+        lost = _peer_failure(e)
+        if lost is None:
+            raise
+        _fail(RetryableError(lost))
+
+
+def _fail(e: ClipjobError) -> None:
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    if "torch" in sys.modules:  # a torchrun worker: leave the line for the elastic agent to repeat
+        from clipjob.dist import record_worker_error
+
+        record_worker_error(str(e))
+    sys.exit(e.exit_code)
+
+
+def _peer_failure(e: Exception) -> str | None:
+    if "torch.distributed" not in sys.modules:  # nothing distributed ran in this process
+        return None
+    from clipjob.dist import peer_failure
+
+    return peer_failure(e)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ class LaunchSpec:
     rdzv_endpoint: str = ""
     rdzv_id: str = "clipjob"
     max_restarts: int = 0
+    shutdown_timeout: int | None = None  # seconds from SIGTERM to SIGKILL of the workers; None: torchrun's 30
 
     @property
     def single_process(self) -> bool:
@@ -81,14 +82,11 @@ def _master_endpoint(env: os._Environ | dict) -> str:
 
 def launch_spec(nnodes: str | None = None, nproc_per_node: str | None = None, rdzv_endpoint: str | None = None,
                 rdzv_id: str | None = None, rdzv_backend: str | None = None,
-                max_restarts: int | None = None) -> LaunchSpec:
+                max_restarts: int | None = None, shutdown_timeout: int | None = None) -> LaunchSpec:
     """Flags win over the PET_* env (PyTorchJob), which wins over single-process defaults."""
     env = os.environ
-    restarts = max_restarts if max_restarts is not None else env.get("PET_MAX_RESTARTS") or 0
-    try:
-        restarts = int(restarts)
-    except ValueError:
-        raise ClipjobError(f"--max-restarts / PET_MAX_RESTARTS: expected an integer, got {restarts!r}") from None
+    restarts = _int_setting(max_restarts, "PET_MAX_RESTARTS", "--max-restarts", 0)
+    window = _int_setting(shutdown_timeout, "PET_SHUTDOWN_TIMEOUT", "--shutdown-timeout", None)
     spec = LaunchSpec(
         nnodes=str(nnodes or env.get("PET_NNODES") or "1"),
         nproc_per_node=_nproc(str(nproc_per_node or env.get("PET_NPROC_PER_NODE") or "1")),
@@ -96,24 +94,38 @@ def launch_spec(nnodes: str | None = None, nproc_per_node: str | None = None, rd
         rdzv_endpoint=rdzv_endpoint or env.get("PET_RDZV_ENDPOINT") or _master_endpoint(env),
         rdzv_id=rdzv_id or env.get("PET_RDZV_ID") or "clipjob",
         max_restarts=restarts,
+        shutdown_timeout=window,
     )
     parts = spec.nnodes.split(":")
     if len(parts) > 2 or not all(p.isdigit() and int(p) >= 1 for p in parts) or int(parts[0]) > int(parts[-1]):
         raise ClipjobError(f"--nnodes: expected N or MIN:MAX with 1 <= MIN <= MAX, got {spec.nnodes!r}")
     if spec.max_restarts < 0:
         raise ClipjobError(f"--max-restarts: must be >= 0, got {spec.max_restarts}")
+    if spec.shutdown_timeout is not None and spec.shutdown_timeout < 1:
+        raise ClipjobError(f"--shutdown-timeout: must be >= 1 second, got {spec.shutdown_timeout}")
     if spec.rdzv_endpoint and ":" not in spec.rdzv_endpoint:
         spec = LaunchSpec(**{**spec.__dict__, "rdzv_endpoint": f"{spec.rdzv_endpoint}:{DEFAULT_RDZV_PORT}"})
     return spec
 
 
+def _int_setting(flag: int | None, env_name: str, flag_name: str, default: int | None) -> int | None:
+    value = flag if flag is not None else os.environ.get(env_name) or default
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        raise ClipjobError(f"{flag_name} / {env_name}: expected an integer, got {value!r}") from None
+
+
 def elastic_launch_argv(spec: LaunchSpec, worker_args: list[str]) -> list[str]:
     """The `python -m clipjob.agent ...` arguments (torchrun's own, see agent.py) that start the elastic agent
-    and its workers."""
+    and its workers. `--shutdown-timeout` is how long the agent waits, after forwarding SIGTERM, for the
+    workers to commit their step before it SIGKILLs them: the chart sets it from the pod's grace period."""
     endpoint = spec.rdzv_endpoint or f"127.0.0.1:{DEFAULT_RDZV_PORT}"
     argv = ["-m", "clipjob.agent", "--nnodes", spec.nnodes, "--nproc-per-node", spec.nproc_per_node,
             "--rdzv-backend", spec.rdzv_backend, "--rdzv-endpoint", endpoint, "--rdzv-id", spec.rdzv_id,
             "--max-restarts", str(spec.max_restarts), "--monitor-interval", "1"]
+    if spec.shutdown_timeout is not None:
+        argv += ["--shutdown-timeout", str(spec.shutdown_timeout)]
     return argv + ["-m", "clipjob", "train", *worker_args]
 
 
@@ -153,6 +165,40 @@ def _worker_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.St
 def restart_count() -> int:
     """How many times the elastic agent restarted this worker group (0 on the first attempt)."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+
+def record_worker_error(message: str) -> None:
+    """Leave a worker's one-line error in the file torchrun's agent reads when the worker exits
+    (TORCHELASTIC_ERROR_FILE, torch's format), so the agent can repeat it (clipjob/agent.py)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE") if is_worker() else None
+    if not path:
+        return
+    import json
+    import time
+
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
+    except OSError:  # the agent then says "exited N" without the line; the line is in the log anyway
+        pass
+
+
+# gloo reports a vanished peer as a plain RuntimeError from its TCP transport ("Connection closed by peer",
+# "Connection reset by peer", a recv/send timeout); NCCL, the store and the network raise DistError kinds
+_GLOO_TRANSPORT = ("gloo/transport", "Connection closed by peer", "Connection reset by peer")
+
+
+def peer_failure(e: BaseException) -> str | None:
+    """A one-line description when `e` means another rank or the rendezvous store went away (a retry can
+    succeed: the agent restarts the group, or the operator the pod), else None."""
+    text = str(e).strip()
+    if not isinstance(e, dist.DistError) and not (isinstance(e, RuntimeError) and any(s in text for s in _GLOO_TRANSPORT)):
+        return None
+    first = (text.splitlines() or [type(e).__name__])[0]
+    first = first.split("] ", 1)[1] if first.startswith("[") and "] " in first else first  # drop the C++ file:line
+    first = first.split(". ", 1)[0]  # gloo goes on with advice and an emoji
+    return (f"lost contact with another rank or the rendezvous store ({type(e).__name__}: {first[:200]}); "
+            f"a restart resumes from the newest committed step")
 
 
 def _active() -> bool:

@@ -38,6 +38,8 @@ from clipjob.train.step import StepResult, forward_backward, optimizer_step
 
 # fault-injection tests slow the loop down so they can act mid-run; never set in real runs
 _TEST_STEP_DELAY_S = float(os.environ.get("CLIPJOB_TEST_STEP_DELAY_S", "0") or 0)
+# ... and stretch rank 0's saves (a multi-GiB checkpoint on object storage) to test the shutdown window
+_TEST_SAVE_DELAY_S = float(os.environ.get("CLIPJOB_TEST_SAVE_DELAY_S", "0") or 0)
 
 
 @dataclass
@@ -142,6 +144,8 @@ def save(cfg: Config, parts: Parts, state: TrainState, d: dist.DistInfo) -> None
     the others wait, so nobody runs ahead of a checkpoint being written."""
     if d.is_main:
         t0 = time.monotonic()
+        if _TEST_SAVE_DELAY_S:
+            time.sleep(_TEST_SAVE_DELAY_S)
         train_state = {"optimizer": parts.opt.state_dict(), "loss": parts.loss_fn.state_dict(),
                        "scaler": parts.scaler.state_dict() if parts.scaler else {},
                        "step": state.step, "samples_seen": state.samples_seen, "bad_samples": state.bad_samples,

@@ -3,6 +3,8 @@ CLI's choice between exec()ing the elastic agent and running as a worker."""
 
 from __future__ import annotations
 
+import tarfile
+
 import pytest
 import torch
 
@@ -11,13 +13,15 @@ from clipjob.errors import ClipjobError
 
 ENV_KEYS = ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_RDZV_ENDPOINT", "PET_RDZV_BACKEND", "PET_RDZV_ID",
             "PET_MAX_RESTARTS", "PET_MASTER_ADDR", "PET_MASTER_PORT", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK",
-            "WORLD_SIZE", "RANK", "TORCHELASTIC_RUN_ID", "PET_NODE_RANK")
+            "WORLD_SIZE", "RANK", "TORCHELASTIC_RUN_ID", "PET_NODE_RANK", "PET_SHUTDOWN_TIMEOUT",
+            "TORCHELASTIC_ERROR_FILE")
 
 
 @pytest.fixture
 def env(monkeypatch):
     for k in ENV_KEYS:
         monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("CLIPJOB_RUN_DIR", "")  # `clipjob train` sets it before exec(): restored after the test
     return monkeypatch
 
 
@@ -71,7 +75,8 @@ def test_should_add_the_default_port_when_the_endpoint_has_none(env):
 
 @pytest.mark.parametrize("kw, key", [({"nnodes": "0"}, "--nnodes"), ({"nnodes": "3:2"}, "--nnodes"),
                                      ({"nnodes": "a"}, "--nnodes"), ({"nproc_per_node": "x"}, "--nproc-per-node"),
-                                     ({"max_restarts": -1}, "--max-restarts")])
+                                     ({"max_restarts": -1}, "--max-restarts"),
+                                     ({"shutdown_timeout": 0}, "--shutdown-timeout")])
 def test_should_name_the_flag_when_a_launch_value_is_bad(env, kw, key):
     with pytest.raises(ClipjobError, match=key):
         dist.launch_spec(**kw)
@@ -124,8 +129,10 @@ def _cli_train(monkeypatch, tmp_path, *extra: str):
 
     monkeypatch.setattr(cli.os, "execv", fake_exec)
     monkeypatch.setattr(trainer, "train", fake_train)
+    shard = tmp_path / "train-000000.tar"  # the launcher checks that named shards exist before it starts anything
+    tarfile.open(shard, "w").close()
     r = CliRunner().invoke(cli.app, ["train", "--preset", "tiny-cpu-scratch", "--run-dir", str(tmp_path / "run"),
-                                     "--set", f"data.train={tmp_path}", "--set", "train.steps=3", *extra])
+                                     "--set", f"data.train={shard}", "--set", "train.steps=3", *extra])
     assert r.exit_code == 0, r.output
     return calls
 
@@ -156,3 +163,58 @@ def test_should_train_in_process_when_started_by_torchrun(env, tmp_path):
 def test_should_train_in_process_when_one_process_is_asked_for(env, tmp_path):
     calls = _cli_train(env, tmp_path)
     assert calls["exec"] is None and calls["trained"]
+
+
+# -- the shutdown window, exit codes ------------------------------------------------------------------------
+
+
+def test_should_pass_the_shutdown_window_to_the_agent_when_a_flag_or_the_env_sets_it(env):
+    assert "--shutdown-timeout" not in dist.elastic_launch_argv(dist.launch_spec(nproc_per_node="2"), [])  # torchrun's 30 s
+    env.setenv("PET_SHUTDOWN_TIMEOUT", "165")
+    for spec, want in ((dist.launch_spec(nproc_per_node="2"), "165"),
+                       (dist.launch_spec(nproc_per_node="2", shutdown_timeout=60), "60")):  # the flag wins
+        argv = dist.elastic_launch_argv(spec, ["--preset", "tiny-cpu"])
+        assert argv[argv.index("--shutdown-timeout") + 1] == want
+        assert argv.index("--shutdown-timeout") < argv.index("train")  # an agent option, not a worker's
+
+
+def test_should_tell_the_agent_the_run_dir_when_it_execs_it(env, tmp_path):
+    import os
+
+    env.setenv("PET_NPROC_PER_NODE", "2")
+    argv = _cli_train(env, tmp_path, "--shutdown-timeout", "165")["exec"]
+    assert argv[argv.index("--shutdown-timeout") + 1] == "165"
+    assert os.environ["CLIPJOB_RUN_DIR"] == str(tmp_path / "run")
+
+
+@pytest.mark.parametrize("error", [
+    RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                 "[127.0.0.1]:10649. This is typically caused by a remote worker crashing. GLHF!"),
+    RuntimeError("[../gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 1800000ms for recv operation"),
+    torch.distributed.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:1970, remote process exited"),
+    torch.distributed.DistStoreError("wait timeout after 60000ms, keys: /clipjob/attempt-0/0"),
+    torch.distributed.DistNetworkError("Failed to recv, got 0 bytes. Connection was likely closed."),
+])
+def test_should_call_it_a_lost_peer_in_one_line_when_a_collective_or_the_store_fails(error):
+    line = dist.peer_failure(error)
+    assert line and "\n" not in line and line.startswith("lost contact with another rank or the rendezvous store")
+    assert "GLHF" not in line and "pair.cc" not in line
+
+
+@pytest.mark.parametrize("error", [RuntimeError("mat1 and mat2 shapes cannot be multiplied"), ValueError("x"),
+                                   KeyError("optimizer")])
+def test_should_not_call_it_a_lost_peer_when_the_error_is_anything_else(error):
+    assert dist.peer_failure(error) is None
+
+
+def test_should_leave_the_workers_line_where_torchruns_agent_reads_it(env, tmp_path):
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    path = tmp_path / "error.json"
+    dist.record_worker_error("not a worker: nothing written")
+    assert not path.exists()
+    for k, v in {"LOCAL_RANK": "0", "WORLD_SIZE": "2", "TORCHELASTIC_ERROR_FILE": str(path)}.items():
+        env.setenv(k, v)
+    dist.record_worker_error("s3://b/shards/0001.tar: object not found")
+    failure = ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file=str(path))  # torch's own reader
+    assert failure.message["message"] == "s3://b/shards/0001.tar: object not found"

@@ -88,6 +88,16 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- else }}1{{ end }}
 {{- end }}
 
+{{/*
+The elastic agent's shutdown window (`clipjob train --shutdown-timeout`): after the kubelet's SIGTERM the
+agent gives the workers this long to commit their step, then SIGKILLs them (torchrun's own default is 30 s,
+whatever the grace period). Derived from the one setting, terminationGracePeriodSeconds, less 15 s in which
+the agent reads the run dir (10 s at most) to report what is committed, and exits before the kubelet's SIGKILL.
+*/}}
+{{- define "train.shutdownTimeout" -}}
+{{- sub (int .Values.terminationGracePeriodSeconds) 15 }}
+{{- end }}
+
 {{- define "train.rdzvId" -}}
 {{- default (include "train.jobName" .) .Values.elastic.rdzvId }}
 {{- end }}
@@ -104,9 +114,9 @@ kueue.x-k8s.io/queue-name: {{ . | quote }}
 {{- end }}
 
 {{/*
-`clipjob train` arguments common to both workloads: config, preset, run directory, overrides, and the
+`clipjob train` arguments common to both workloads: config, preset, run directory, overrides, the
 processes per pod (the Training Operator exports PET_NPROC_PER_NODE only for jobs with a Master, so the
-flag is always passed).
+flag is always passed) and the agent's shutdown window.
 */}}
 {{- define "train.trainArgs" -}}
 - train
@@ -120,6 +130,8 @@ flag is always passed).
 - {{ .Values.runDir | quote }}
 - --nproc-per-node
 - {{ include "train.nprocPerNode" . | quote }}
+- --shutdown-timeout
+- {{ include "train.shutdownTimeout" . | quote }}
 {{- range .Values.overrides }}
 - --set
 - {{ . | quote }}
