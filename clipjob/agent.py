@@ -37,7 +37,8 @@ def main() -> int:
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.elastic.rendezvous.api import RendezvousError, RendezvousTimeoutError
+    from torch.distributed.elastic.rendezvous.api import (RendezvousClosedError, RendezvousError,
+                                                          RendezvousTimeoutError)
     from torch.distributed.run import main as torchrun
 
     try:
@@ -51,6 +52,9 @@ def main() -> int:
         code, what = EXIT_RETRYABLE, (f"rendezvous at {_launch_arg('rdzv_endpoint', '?')} (id "
                                       f"{_launch_arg('rdzv_id', '?')}) timed out before {_launch_arg('nnodes', '?')} "
                                       f"node(s) joined")
+    except RendezvousClosedError:  # another node's agent gave up and closed it; it reopens with a new store host
+        code, what = EXIT_RETRYABLE, (f"the rendezvous at {_launch_arg('rdzv_endpoint', '?')} (id "
+                                      f"{_launch_arg('rdzv_id', '?')}) was closed by a node that gave up")
     except (RendezvousError, DistError) as e:
         code, what = EXIT_RETRYABLE, (f"lost the rendezvous store at {_launch_arg('rdzv_endpoint', '?')} "
                                       f"({type(e).__name__}: {_first_line(e)})")
