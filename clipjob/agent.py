@@ -34,6 +34,10 @@ READ_TIMEOUT_S = 10.0  # reading the run dir must not eat the pod's grace period
 
 
 def main() -> int:
+    # Each rendezvous round publishes a fresh store address that rank 0's worker hosts (dist._worker_store).
+    # torch's default, reusing the agent's store across rounds, deadlocks when a replaced node joins: the
+    # host never republishes MASTER_ADDR for the new round (docs/distributed.md, "Losing a node").
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

@@ -152,18 +152,25 @@ def init_distributed(timeout_s: float = 1800.0) -> DistInfo:
 
 
 def _worker_store(rank: int, world: int, timeout: datetime.timedelta) -> dist.Store:
-    """The workers' key-value store, namespaced by the restart attempt. torchrun's agent hosts one TCPStore
-    for the whole job and hands it to every worker group it starts; without the namespace, a restarted group
-    would read the previous group's keys (its gloo/NCCL addresses) and fail to connect."""
+    """The workers' key-value store, in a namespace that every node of one worker group agrees on and that no
+    other group uses (a group reading another's keys, its gloo/NCCL addresses, would fail to connect).
+
+    Under clipjob.agent (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1) rank 0's worker hosts a new store for each
+    rendezvous round, at the address the round published (MASTER_PORT is a fresh port each round): the address
+    names the group, also when a replaced node (restart count 0) joins a survivor (restart count 1).
+    Under plain torchrun the agent hosts one store at one address for the whole job; there the restart attempt
+    separates the groups (right on one node; a replaced node does not rejoin such a job, see docs)."""
     host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     hosts = rank == 0 and not agent_hosts
     store = dist.TCPStore(host, port, world, is_master=hosts, timeout=timeout, multi_tenant=hosts)
-    return dist.PrefixStore(f"clipjob/attempt-{restart_count()}", store)
+    group = f"attempt-{restart_count()}" if agent_hosts else f"{host}:{port}"
+    return dist.PrefixStore(f"clipjob/{group}", store)
 
 
 def restart_count() -> int:
-    """How many times the elastic agent restarted this worker group (0 on the first attempt)."""
+    """How many times this node's agent restarted its worker group (0 on the first attempt). Per node: a
+    replacement node starts at 0 while the survivors count on."""
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
 
 
