@@ -45,9 +45,10 @@ def _stored_config_yaml(resolved: str) -> str | None:
     return ckpt.load_config_yaml(resolved)
 
 
-def _model_config(sd, resolved: str, layout: str, quick_gelu: bool, overrides: list[str]):
-    """The full Config of converted weights: the stored one (clipjob), else inferred from the shapes; then
-    `--set` overrides (e.g. heads, which shapes cannot tell)."""
+def _model_config(sd, resolved: str, layout: str, quick_gelu: bool, overrides: list[str],
+                  corenet_config: str | None = None):
+    """The full Config of converted weights: the stored one (clipjob), else inferred from the shapes with the
+    head counts (which shapes cannot tell) from `--set model.*.heads=N` or the CoreNet YAML; then `--set`."""
     from clipjob.config import Config, from_dict, merge, parse_override, to_dict, validate
     from clipjob.model.convert import infer_model_config
 
@@ -55,7 +56,8 @@ def _model_config(sd, resolved: str, layout: str, quick_gelu: bool, overrides: l
     if stored:
         data = to_dict(from_dict(Config, yaml.safe_load(stored)))
     else:
-        model = infer_model_config(sd, act="quick_gelu" if quick_gelu else "gelu")
+        heads = _given_heads(overrides, corenet_config)
+        model = infer_model_config(sd, "quick_gelu" if quick_gelu else "gelu", heads["vision"], heads["text"])
         data = {"model": to_dict(model)}
     for o in overrides:
         data = merge(data, parse_override(o))
@@ -64,12 +66,43 @@ def _model_config(sd, resolved: str, layout: str, quick_gelu: bool, overrides: l
     return cfg
 
 
+def _given_heads(overrides: list[str], corenet_config: str | None) -> dict[str, int | None]:
+    """Head counts given by `--set model.{vision,text}.heads=N`, else by a CoreNet YAML (its ViT mode and
+    text n_heads_per_layer), else None."""
+    from clipjob.config import merge, parse_override
+
+    heads: dict[str, int | None] = {"vision": None, "text": None}
+    if corenet_config:
+        from clipjob.config import load_yaml
+        from clipjob.config_import import VIT_MODES, flatten
+
+        flat = flatten(load_yaml(corenet_config))
+        mode = flat.get("model.classification.vit.mode") or \
+            ("base" if flat.get("model.classification.name") == "vit" else None)  # CoreNet's default mode
+        if mode is not None and mode not in VIT_MODES:
+            raise ClipjobError(f"{corenet_config}: model.classification.vit.mode {mode!r} is not one of {', '.join(VIT_MODES)}")
+        heads = {"vision": VIT_MODES[mode][2] if mode else None,
+                 "text": flat.get("model.text.transformer.n_heads_per_layer")}
+    given: dict = {}
+    for o in overrides:
+        given = merge(given, parse_override(o))
+    for tower in heads:
+        value = given.get("model", {}).get(tower, {}).get("heads")
+        if value is not None:
+            heads[tower] = int(value)
+    return heads
+
+
+MINILM = "MiniLM text (width 384, 6 layers, 12 heads, pretrained all-MiniLM-L6-v2)"  # fixed by its weights
+
+
 def describe_model(m) -> str:
     v, t = m.vision, m.text
     stem = "conv stem" if v.family == "corenet" else f"patch {v.patch_size}"
+    text = MINILM if t.kind == "minilm" else (f"{t.kind} text (width {t.width}, {t.layers} layers, {t.heads} heads, "
+                                              f"context {t.context_length}, {t.act})")
     return (f"{v.family} ViT (width {v.width}, {v.layers} layers, {v.heads} heads, {stem}, {v.image_size}px, {v.act}) + "
-            f"{t.kind} text (width {t.width}, {t.layers} layers, {t.heads} heads, context {t.context_length}, "
-            f"{t.act}), embed {m.embed_dim}{', RangeAugment' if m.range_augment else ''}")
+            f"{text}, embed {m.embed_dim}{', RangeAugment' if m.range_augment else ''}")
 
 
 def write_converted(dst: str, sd: "dict[str, torch.Tensor]", config_yaml: str, meta: dict) -> None:
@@ -93,7 +126,7 @@ def write_converted(dst: str, sd: "dict[str, torch.Tensor]", config_yaml: str, m
 
 
 def convert_checkpoint(src: str, dst: str, source: str = "auto", overrides: list[str] = (),
-                       force: bool = False) -> str:
+                       force: bool = False, corenet_config: str | None = None) -> str:
     """Read `src` (any supported layout), check it against its architecture, write clipjob weights to `dst`."""
     from clipjob import fs
     from clipjob.config import to_yaml
@@ -110,7 +143,7 @@ def convert_checkpoint(src: str, dst: str, source: str = "auto", overrides: list
         sd = to_clipjob(raw, "openclip" if source == "openai" else source)
     except ClipjobError as e:
         raise ClipjobError(f"{resolved}: {e}") from None
-    cfg = _model_config(sd, resolved, layout, source == "openai", list(overrides))
+    cfg = _model_config(sd, resolved, layout, source == "openai", list(overrides), corenet_config)
     sd = fit_to_config(sd, cfg.model, resolved)
     sd = {k: (v.float() if v.is_floating_point() else v).contiguous().clone() for k, v in sd.items()}
     write_converted(dst, sd, to_yaml(cfg), {"source": src, "layout": layout, "step": None})
@@ -121,17 +154,17 @@ def convert_checkpoint(src: str, dst: str, source: str = "auto", overrides: list
     return f"wrote {dst}: {layout} -> clipjob, {describe_model(cfg.model)}, {n:,} parameters{note}"
 
 
-def checkpoint_info(url: str) -> dict:
+def checkpoint_info(url: str, overrides: list[str] = ()) -> dict:
     """What `ckpt info` prints; for a run dir, of its newest committed step that loads (newer ones that do
     not are skipped with a warning naming them)."""
     from clipjob.train import checkpoint as ckpt
 
     if ckpt.is_run_dir(url):
-        return ckpt.load_newest(url, _checkpoint_info)[1]
-    return _checkpoint_info(url)
+        return ckpt.load_newest(url, lambda u: _checkpoint_info(u, overrides))[1]
+    return _checkpoint_info(url, overrides)
 
 
-def _checkpoint_info(url: str) -> dict:
+def _checkpoint_info(url: str, overrides: list[str] = ()) -> dict:
     from clipjob import fs
     from clipjob.config import to_dict
     from clipjob.model.convert import count_parameters, detect_layout, read_state_dict, to_clipjob
@@ -139,7 +172,7 @@ def _checkpoint_info(url: str) -> dict:
     raw, resolved = read_state_dict(url)
     layout = detect_layout(raw)
     sd = to_clipjob(raw)
-    cfg = _model_config(sd, resolved, layout, False, [])
+    cfg = _model_config(sd, resolved, layout, False, list(overrides))
     step = None
     if resolved.endswith(".safetensors"):
         step = _safetensors_metadata(resolved).get("step")
@@ -160,18 +193,21 @@ def ckpt_convert(
     from_: Annotated[str, typer.Option("--from", help="Source layout: corenet, openclip, openai (QuickGELU) or auto")] = "auto",
     set_: Sets = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing checkpoint at DST")] = False,
+    corenet_config: Annotated[Optional[str], typer.Option(help="The CoreNet YAML the weights were trained with "
+                                                                 "(head counts; any fsspec URL)")] = None,
 ) -> None:
     """Convert CoreNet / OpenCLIP / OpenAI weights into a clipjob checkpoint (loaded strictly, shapes checked)."""
-    typer.echo(convert_checkpoint(src, dst, from_, list(set_ or []), force))
+    typer.echo(convert_checkpoint(src, dst, from_, list(set_ or []), force, corenet_config))
 
 
 @ckpt_app.command("info")
 def ckpt_info(
     url: Annotated[str, typer.Argument(help="Checkpoint: file, step folder or run dir (any fsspec URL)")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON")] = False,
+    set_: Sets = None,
 ) -> None:
     """Layout, architecture, parameter count and step of a checkpoint."""
-    info = checkpoint_info(url)
+    info = checkpoint_info(url, list(set_ or []))
     if as_json:
         typer.echo(json.dumps(info, indent=1))
         return

@@ -173,17 +173,36 @@ def _count_blocks(sd: Tensors, prefix: str) -> int:
     return len(ids)
 
 
-def _heads(width: int) -> int:
-    """CoreNet, OpenAI and OpenCLIP ViTs all use 64-dim heads; shapes cannot tell the head count, so narrower
-    towers get one head (override with `--set model.vision.heads=N`)."""
-    return width // 64 if width % 64 == 0 else 1
+# Head counts of published towers, by family and width. A state dict does not encode the head count (the fused
+# qkv projection has the same shape for any split), so it is read from here only where the width pins it down;
+# anything else must be given (`--set model.vision.heads=N`, or the CoreNet YAML), never guessed.
+KNOWN_HEADS = {
+    "corenet": {192: 3, 384: 6, 768: 12, 1024: 16, 1280: 20},  # CoreNet ViT modes tiny .. huge
+    "openai": {384: 6, 768: 12, 1024: 16, 1280: 16, 1408: 16, 1664: 16},  # OpenAI/OpenCLIP S, B, L, H, g, bigG
+    "text": {512: 8, 768: 12, 1024: 16, 1280: 20},  # CLIP text towers (OpenAI, OpenCLIP, CoreNet presets)
+}
 
 
-def infer_model_config(sd: Tensors, act: str = "gelu") -> ModelConfig:
-    """The ModelConfig of a clipjob-layout state dict (after `to_clipjob`). Heads assume 64-dim heads and the
-    activation cannot be seen in the weights (OpenAI: quick_gelu); both can be overridden by the caller."""
+def _heads(tower: str, family: str, width: int, given: int | None) -> int:
+    if given:
+        return given
+    known = KNOWN_HEADS["text" if tower == "text" else family].get(width)
+    if known is None:
+        hint = " or --corenet-config CORENET_YAML" if family == "corenet" else ""
+        raise ClipjobError(f"model.{tower}.heads: a {tower} tower {width} wide has no standard head count and the "
+                           f"weights do not encode it; pass --set model.{tower}.heads=N{hint}")
+    return known
+
+
+def infer_model_config(sd: Tensors, act: str = "gelu", vision_heads: int | None = None,
+                       text_heads: int | None = None) -> ModelConfig:
+    """The ModelConfig of a clipjob-layout state dict (after `to_clipjob`). Neither the head counts nor the
+    activation can be seen in the weights: heads are the given ones, else those of a published tower of that
+    width (KNOWN_HEADS), else a ClipjobError naming the option; the activation is the caller's (OpenAI:
+    quick_gelu)."""
     try:
         corenet = "visual.stem.conv1.weight" in sd
+        family = "corenet" if corenet else "openai"
         vw = sd["visual.ln_post.weight"].shape[0]
         n_pos = sd["visual.pos_embed"].shape[0]
         if corenet:
@@ -195,15 +214,15 @@ def infer_model_config(sd: Tensors, act: str = "gelu") -> ModelConfig:
         if not square:
             raise ClipjobError(f"visual.pos_embed: {n_pos} positions do not form a square patch grid")
         vision = VisionConfig(
-            family="corenet" if corenet else "openai", image_size=grid * patch, patch_size=patch, width=vw,
-            layers=_count_blocks(sd, "visual.transformer.blocks."), heads=_heads(vw),
+            family=family, image_size=grid * patch, patch_size=patch, width=vw,
+            layers=_count_blocks(sd, "visual.transformer.blocks."), heads=_heads("vision", family, vw, vision_heads),
             mlp_ratio=sd["visual.transformer.blocks.0.mlp.0.weight"].shape[0] / vw, act=act,
             ln_eps=1e-6 if corenet else 1e-5)
         tw = sd["text.ln_final.weight"].shape[0]
         text = TextConfig(
             kind="transformer", context_length=sd["text.pos_embed"].shape[0],
             vocab_size=sd["text.token_embedding.weight"].shape[0], width=tw,
-            layers=_count_blocks(sd, "text.transformer.blocks."), heads=_heads(tw),
+            layers=_count_blocks(sd, "text.transformer.blocks."), heads=_heads("text", family, tw, text_heads),
             mlp_ratio=sd["text.transformer.blocks.0.mlp.0.weight"].shape[0] / tw, act=act, ln_eps=1e-5)
         embed = sd["visual.proj"].shape[1]
     except KeyError as e:

@@ -4,6 +4,7 @@ computes, checked against plain-torch code written in this file (conv stem paddi
 interpolation at 160/224/320, class token without positional embedding, LayerNorm eps, exact GELU, EOT pooling,
 x @ proj)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -257,14 +258,47 @@ def test_should_fill_or_drop_range_augment_to_fit_the_config(tmp_path):
 def test_should_convert_and_describe_a_corenet_checkpoint(tmp_path):
     sd = random_state(corenet_shapes(dim=128, layers=2, text_dim=64, text_layers=1, embed=48, ctx=16, vocab=1000))
     torch.save(sd, tmp_path / "clip_vit_tiny.pt")
-    info = checkpoint_info(str(tmp_path / "clip_vit_tiny.pt"))
+    with pytest.raises(ClipjobError, match=r"^model.vision.heads: a vision tower 128 wide has no standard head count "
+                                           r"and the weights do not encode it; pass --set model.vision.heads=N or "
+                                           r"--corenet-config CORENET_YAML$"):
+        checkpoint_info(str(tmp_path / "clip_vit_tiny.pt"))  # never a silent guess
+    heads = ["model.vision.heads=2", "model.text.heads=1"]
+    info = checkpoint_info(str(tmp_path / "clip_vit_tiny.pt"), heads)
     assert info["layout"] == "corenet" and info["step"] is None
     assert info["architecture"].startswith("corenet ViT (width 128, 2 layers, 2 heads, conv stem, 224px, gelu)")
     assert "RangeAugment" in info["architecture"]
     buffers = [k for k in sd if "running_" in k or "num_batches" in k]
     assert info["parameters"] == sum(v.numel() for k, v in sd.items() if k not in buffers)
-    convert_checkpoint(str(tmp_path / "clip_vit_tiny.pt"), str(tmp_path / "ckpt"), "corenet")
+    convert_checkpoint(str(tmp_path / "clip_vit_tiny.pt"), str(tmp_path / "ckpt"), "corenet", heads)
     again = checkpoint_info(str(tmp_path / "ckpt"))
     assert again["layout"] == "clipjob" and again["model"] == info["model"]
     with pytest.raises(ClipjobError, match="keys look like corenet"):
-        convert_checkpoint(str(tmp_path / "clip_vit_tiny.pt"), str(tmp_path / "x"), "openclip")
+        convert_checkpoint(str(tmp_path / "clip_vit_tiny.pt"), str(tmp_path / "x"), "openclip", heads)
+
+
+def test_should_take_the_text_heads_from_the_corenet_yaml_instead_of_guessing(tmp_path):
+    """A CoreNet text tower 256 wide with 8 heads (32-dim): a 64-dim-head guess built it with 4 heads, and text
+    embeddings moved by ~0.1. The head counts come from the CoreNet YAML (or --set); the result matches the
+    reference forward pass with 8 heads."""
+    sd = random_state(corenet_shapes(dim=768, layers=1, text_dim=256, text_layers=2, embed=48, ctx=16, vocab=500))
+    torch.save(sd, tmp_path / "clip.pt")
+    (tmp_path / "corenet.yaml").write_text("model:\n  classification: {name: vit, vit: {mode: base}}\n"
+                                           "  text:\n    transformer: {model_dim: 256, n_heads_per_layer: 8}\n")
+    with pytest.raises(ClipjobError, match="model.text.heads: a text tower 256 wide .* --set model.text.heads=N"):
+        convert_checkpoint(str(tmp_path / "clip.pt"), str(tmp_path / "guess"), "corenet")
+    convert_checkpoint(str(tmp_path / "clip.pt"), str(tmp_path / "ckpt"), "corenet",
+                       corenet_config=str(tmp_path / "corenet.yaml"))
+    info = checkpoint_info(str(tmp_path / "ckpt"))
+    assert (info["model"]["vision"]["heads"], info["model"]["text"]["heads"]) == (12, 8)
+    cfg = ModelConfig(**{**SMALL_CFG.__dict__, "embed_dim": 48,
+                         "vision": VisionConfig(family="corenet", width=768, layers=1, heads=12, ln_eps=1e-6),
+                         "text": TextConfig(width=256, layers=2, heads=8, context_length=16, vocab_size=500)})
+    model = model_with_weights(cfg, load_any_weights(str(tmp_path / "ckpt"), cfg)).eval()
+    tokens = torch.randint(1, 499, (2, 16))
+    with torch.no_grad():
+        got = model.encode_text(tokens)
+    torch.testing.assert_close(got, reference_text(sd, tokens, layers=2, heads=8), atol=1e-5, rtol=1e-4)
+    four = model_with_weights(dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, heads=4)),
+                              load_any_weights(str(tmp_path / "ckpt"), cfg)).eval()
+    with torch.no_grad():
+        assert (four.encode_text(tokens) - got).abs().max() > 1e-3  # the guess computed something else

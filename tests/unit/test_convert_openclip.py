@@ -116,11 +116,7 @@ def test_should_match_openclip_at_a_second_resolution_when_its_pos_embed_is_resi
     resized = dict(sd)
     open_clip.model.resize_pos_embed(resized, other)
     other.load_state_dict(resized)
-    import dataclasses
-
-    cfg = infer_model_config(to_clipjob(sd), act="quick_gelu")
-    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, heads=3),
-                              text=dataclasses.replace(cfg.text, heads=2))
+    cfg = infer_model_config(to_clipjob(sd), act="quick_gelu", vision_heads=3, text_heads=2)
     ours = model_with_weights(cfg, fit_to_config(to_clipjob(sd), cfg, "test"))
     assert (cfg.vision.patch_size, cfg.vision.image_size, cfg.vision.width // cfg.vision.heads) == (14, 56, 24)
     assert_same_features(other, ours, size=second, context=16)
