@@ -85,7 +85,8 @@ def imagenet_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("imagenet")
     sd = random_state(corenet_shapes(dim=128, layers=1, text_dim=16, text_layers=1, embed=32, ctx=CONTEXT, text_ffn=16))
     torch.save(sd, tmp / "clip_vit_tiny.pt")
-    convert = clipjob("ckpt", "convert", "--from", "corenet", str(tmp / "clip_vit_tiny.pt"), str(tmp / "ckpt"))
+    convert = clipjob("ckpt", "convert", "--from", "corenet", str(tmp / "clip_vit_tiny.pt"), str(tmp / "ckpt"),
+                      "--set", "model.vision.heads=2", "--set", "model.text.heads=1")  # not standard widths: given
     model, cfg, _ = load_for_eval(str(tmp / "ckpt"), device=torch.device("cpu"))
     jpegs = images(len(RANKS))
     labels = ranked_labels(protocol_logits(model, jpegs))
