@@ -65,6 +65,8 @@ def train(
         parse_sources(cfg.data.train, check_shards=True)  # a bad data spec: one line, exit 2, before any set-up
         spec = dist.launch_spec(nnodes, nproc_per_node, rdzv_endpoint, rdzv_id, rdzv_backend, max_restarts,
                                  shutdown_timeout)
+        # the workers (or this process) size the stop step's storage waits to the window (storage.stop_wait_s)
+        os.environ[dist.WINDOW_ENV] = str(spec.shutdown_timeout or dist.DEFAULT_SHUTDOWN_WINDOW_S)
         if not spec.single_process:
             worker_args = [a for p in ([("--preset", preset)] if preset else []) + ([("--config", config)] if config else [])
                            for a in p] + [a for s in sets for a in ("--set", s)]

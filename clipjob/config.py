@@ -119,7 +119,7 @@ class EvalConfig:
 class StorageConfig:
     run_dir: str = F("", "Run directory URL (local path, s3://, gs://, memory://): config, checkpoints, metrics")
     stall_timeout_s: float = F(180.0, "Longest wait for run-dir storage that does not answer (checkpoint, metrics); then one line naming the URL and exit 203 (retryable)")
-    stop_wait_s: float = F(20.0, "After a stop request (SIGTERM), the longest any storage call waits for storage that does not answer; then exit 203 with the previous checkpoint intact (keep it below the agent's shutdown timeout)")
+    stop_wait_s: float = F(0.0, "After a stop request (SIGTERM), how long storage calls (the stop step's save) may still take; then exit 203 with the previous checkpoint intact. 0 = the shutdown window (clipjob train --shutdown-timeout, which the chart derives from terminationGracePeriodSeconds; torchrun's 30 s without it) minus 5 s")
 
 
 @dataclass(frozen=True)
@@ -314,7 +314,7 @@ def validate(cfg: Config) -> None:
     _check(tr.dist_timeout_s > 0, f"train.dist_timeout_s: must be > 0, got {tr.dist_timeout_s}")
     _check(d.stall_timeout_s > 0, f"data.stall_timeout_s: must be > 0, got {d.stall_timeout_s}")
     _check(cfg.storage.stall_timeout_s > 0, f"storage.stall_timeout_s: must be > 0, got {cfg.storage.stall_timeout_s}")
-    _check(cfg.storage.stop_wait_s > 0, f"storage.stop_wait_s: must be > 0, got {cfg.storage.stop_wait_s}")
+    _check(cfg.storage.stop_wait_s >= 0, f"storage.stop_wait_s: must be >= 0 (0: from the shutdown window), got {cfg.storage.stop_wait_s}")
     _check(not d.multiscale or all(s > 0 and s % stride == 0 for s in d.multiscale_sizes),  # only when used
            f"data.multiscale_sizes: each must be a positive multiple of the patch size {stride}, got {d.multiscale_sizes}")
     _check(cfg.eval.resolution >= 0, f"eval.resolution: must be >= 0, got {cfg.eval.resolution}")

@@ -23,6 +23,8 @@ import torch.distributed as dist
 from clipjob.errors import ClipjobError
 
 DEFAULT_RDZV_PORT = 29400
+DEFAULT_SHUTDOWN_WINDOW_S = 30  # torchrun's own, when --shutdown-timeout is not given
+WINDOW_ENV = "CLIPJOB_SHUTDOWN_WINDOW_S"  # the window, handed by `clipjob train` to itself or its workers
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,17 @@ def _int_setting(flag: int | None, env_name: str, flag_name: str, default: int |
         return None if value is None else int(value)
     except ValueError:
         raise ClipjobError(f"{flag_name} / {env_name}: expected an integer, got {value!r}") from None
+
+
+def shutdown_window_s() -> float:
+    """Seconds between SIGTERM and SIGKILL for this process: the agent's shutdown window as `clipjob train`
+    handed it down (its --shutdown-timeout / PET_SHUTDOWN_TIMEOUT, else torchrun's 30 s). The stop step's save
+    must end inside it (storage.stop_wait_s derives from it)."""
+    value = os.environ.get(WINDOW_ENV) or os.environ.get("PET_SHUTDOWN_TIMEOUT") or DEFAULT_SHUTDOWN_WINDOW_S
+    try:
+        return float(value)
+    except ValueError:
+        raise ClipjobError(f"{WINDOW_ENV}: expected seconds, got {value!r}") from None
 
 
 def elastic_launch_argv(spec: LaunchSpec, worker_args: list[str]) -> list[str]:

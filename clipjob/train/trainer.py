@@ -144,8 +144,8 @@ def save(cfg: Config, parts: Parts, state: TrainState, d: dist.DistInfo) -> None
     the others wait, so nobody runs ahead of a checkpoint being written."""
     if d.is_main:
         t0 = time.monotonic()
-        if _TEST_SAVE_DELAY_S:
-            time.sleep(_TEST_SAVE_DELAY_S)
+        if _TEST_SAVE_DELAY_S:  # as slow as a multi-GiB upload: a storage call, under the same stop grace
+            fs.retry(lambda: time.sleep(_TEST_SAVE_DELAY_S), ckpt.step_url(cfg.storage.run_dir, state.step))
         train_state = {"optimizer": parts.opt.state_dict(), "loss": parts.loss_fn.state_dict(),
                        "scaler": parts.scaler.state_dict() if parts.scaler else {},
                        "step": state.step, "samples_seen": state.samples_seen, "bad_samples": state.bad_samples,
@@ -271,11 +271,20 @@ def agree_due(cfg: Config, step: int, device: torch.device, world_size: int) -> 
     return world_size == 1 or step % every == 0 or step == cfg.train.steps
 
 
+STOP_MARGIN_S = 5.0  # of the shutdown window, left for the exit after the stop step's save
+
+
+def stop_grace_s(cfg: Config) -> float:
+    """How long storage calls may still take after a stop request: storage.stop_wait_s, or (0) the shutdown
+    window minus a margin, so that a multi-GiB save of the stop step uses the whole window the chart gives it."""
+    return cfg.storage.stop_wait_s or max(1.0, dist.shutdown_window_s() - STOP_MARGIN_S)
+
+
 def bound_storage_waits(cfg: Config, stop: StopFlag) -> None:
     """Storage calls of this process wait at most storage.stall_timeout_s for storage that does not answer,
-    and no longer than storage.stop_wait_s once a stop was requested (then RetryableError: exit 203)."""
+    and end at most stop_grace_s after a stop request (then RetryableError: exit 203)."""
     fs.configure(cfg.storage.stall_timeout_s, "storage.stall_timeout_s")
-    fs.on_stop(lambda: stop.set, cfg.storage.stop_wait_s)
+    fs.on_stop(lambda: stop.set, stop_grace_s(cfg))
 
 
 def wait_for_batch(batches, stop: StopFlag, cfg: Config, d: dist.DistInfo, step: int):

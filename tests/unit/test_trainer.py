@@ -69,3 +69,20 @@ def test_should_agree_on_flags_every_step_on_the_cpu_and_every_tenth_on_gpus():
     assert all(trainer.agree_due(cfg, s, gpu, 1) for s in range(1, 26))  # one process: nothing to wait for
     every3 = build_config("tiny-cpu", None, ["train.steps=25", "train.agree_every=3"])
     assert [s for s in range(1, 10) if trainer.agree_due(every3, s, cpu, 2)] == [3, 6, 9]
+
+
+def test_should_give_the_stop_steps_save_the_shutdown_window_minus_a_margin(monkeypatch):
+    """After SIGTERM, storage calls (the stop step's save) may take the agent's whole window less 5 s: with the
+    chart's 165 s window a 2 GiB upload is not cut off at a fixed 20 s. An explicit storage.stop_wait_s wins."""
+    from clipjob.config import build_config
+    from clipjob.train.trainer import stop_grace_s
+
+    cfg = build_config("tiny-cpu-scratch", None, [])
+    for var in ("CLIPJOB_SHUTDOWN_WINDOW_S", "PET_SHUTDOWN_TIMEOUT"):
+        monkeypatch.delenv(var, raising=False)
+    assert stop_grace_s(cfg) == 25  # torchrun's default window, 30 s
+    monkeypatch.setenv("PET_SHUTDOWN_TIMEOUT", "90")
+    assert stop_grace_s(cfg) == 85
+    monkeypatch.setenv("CLIPJOB_SHUTDOWN_WINDOW_S", "165")  # what `clipjob train --shutdown-timeout 165` hands down
+    assert stop_grace_s(cfg) == 160
+    assert stop_grace_s(build_config("tiny-cpu-scratch", None, ["storage.stop_wait_s=7"])) == 7
