@@ -159,8 +159,9 @@ def test_should_restore_the_full_train_state_when_resuming(tmp_path, capsys):
         torch.testing.assert_close(fresh.ema.state_dict()[k], v)
 
 
-def test_should_fall_back_to_an_older_checkpoint_when_the_newest_is_unreadable(tmp_path, capsys):
-    from clipjob.train.trainer import build_parts, restore, save
+def _run_with_steps_1_and_2(tmp_path):
+    """A run dir with committed steps 1 and 2 (with EMA); its config."""
+    from clipjob.train.trainer import save
 
     cfg = build_config("tiny-cpu-scratch", None, TINY + [f"storage.run_dir={tmp_path / 'run'}",
                                                          "train.ema_momentum=0.5"])
@@ -168,6 +169,13 @@ def test_should_fall_back_to_an_older_checkpoint_when_the_newest_is_unreadable(t
     save(cfg, parts, state, CPU)
     state.step = 2
     save(cfg, parts, state, CPU)
+    return cfg
+
+
+def test_should_fall_back_to_an_older_checkpoint_when_the_newest_is_unreadable(tmp_path, capsys):
+    from clipjob.train.trainer import build_parts, restore
+
+    cfg = _run_with_steps_1_and_2(tmp_path)
     with open(fs.join(ckpt.step_url(cfg.storage.run_dir, 2), "model.safetensors"), "wb") as f:
         f.write(b"garbage")
     got = restore(cfg, build_parts(cfg, CPU), CPU)
@@ -322,14 +330,9 @@ def test_should_prune_only_up_to_the_saved_step_when_a_stale_newer_step_exists(t
 
 def test_should_not_resume_from_an_older_step_when_storage_fails_while_restoring(tmp_path, monkeypatch):
     from clipjob.errors import RetryableError
-    from clipjob.train.trainer import build_parts, restore, save
+    from clipjob.train.trainer import build_parts, restore
 
-    cfg = build_config("tiny-cpu-scratch", None, TINY + [f"storage.run_dir={tmp_path / 'run'}",
-                                                         "train.ema_momentum=0.5"])
-    parts, state = _parts_after_one_step(cfg)
-    save(cfg, parts, state, CPU)
-    state.step = 2
-    save(cfg, parts, state, CPU)
+    cfg = _run_with_steps_1_and_2(tmp_path)
     real = ckpt.load_weights
 
     def outage_at_step_2(url: str):
