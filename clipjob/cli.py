@@ -33,6 +33,20 @@ def _overrides(sets: Optional[list[str]], **extra: Optional[str]) -> list[str]:
     return out
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from clipjob import __version__
+
+        typer.echo(f"clipjob {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print the version and exit")] = False) -> None:
+    """Train CLIP models at scale and evaluate zero-shot classification."""
+
+
 @app.command()
 def train(
     preset: Preset = None,
@@ -99,10 +113,19 @@ def config_show(preset: Preset = None, config: ConfigFile = None, set_: Sets = N
     from clipjob.config import build_config, field_docs, to_yaml
 
     if docs:
-        for key, tp, doc in field_docs():
-            typer.echo(f"{key:32s} {tp:28s} {doc}")
-        return
-    typer.echo(to_yaml(build_config(preset, config, list(set_ or []))), nl=False)
+        text = "".join(f"{key:32s} {tp:28s} {doc}\n" for key, tp, doc in field_docs())
+    else:
+        text = to_yaml(build_config(preset, config, list(set_ or [])))
+    _print_to_reader(text)
+
+
+def _print_to_reader(text: str) -> None:
+    """Print `text`; a reader that stopped early (`| head`) is not an error (click would exit 1)."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to say at exit
 
 
 @config_app.command("presets")

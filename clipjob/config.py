@@ -329,6 +329,9 @@ def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str
         if dataclasses.is_dataclass(tp):
             rows += field_docs(tp, prefix + f.name + ".")
         else:
-            name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+            if typing.get_origin(tp) is typing.Literal:  # an enum key: its allowed values are its type
+                name = " | ".join(str(v) for v in typing.get_args(tp))
+            else:
+                name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
             rows.append((prefix + f.name, name, f.metadata.get("doc", "")))
     return rows

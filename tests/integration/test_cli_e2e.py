@@ -91,3 +91,16 @@ def test_should_fail_with_one_line_when_the_training_data_is_missing(tmp_path):
                 "--set", f"data.train={tmp_path / 'nodata'}")
     assert p.returncode == 2
     assert "manifest.json" in p.stderr and p.stderr.strip().count("\n") == 0
+
+
+def test_should_print_the_version_and_stop_quietly_when_the_reader_of_its_output_is_gone():
+    from clipjob import __version__
+
+    v = clipjob("--version")
+    assert v.returncode == 0 and v.stdout == f"clipjob {__version__}\n", v
+    # `clipjob config show --docs | head -1`: the reader closed the pipe before clipjob wrote (here: at once)
+    p = subprocess.Popen([sys.executable, "-m", "clipjob", "config", "show", "--docs"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    p.stdout.close()
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and err == "", (p.returncode, err)

@@ -54,6 +54,9 @@ def test_should_document_every_field():
     rows = field_docs()
     assert len(rows) > 40
     assert all(doc for _, _, doc in rows), [k for k, _, d in rows if not d]
+    types = {key: tp for key, tp, _ in rows}
+    assert types["train.precision"] == "fp32 | bf16 | fp16" and types["model.text.kind"] == "transformer | minilm"
+    assert types["train.lr"] == "float"
 
 
 def test_should_be_immutable_after_build():
