@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from clipjob.data.transforms import eval_transform, to_unit_float
 from clipjob.errors import ClipjobError
 from clipjob.hostmem import restore_malloc
 from clipjob.model.tokenizer import trim_padding
+from clipjob.train.metrics import Progress
 
 EMOJI_TEMPLATES = ["{}", "an emoji of {}.", "a {} emoji.", "an icon of {}.", "a picture of {}.",
                    "a cartoon of {}.", "a small image showing {}."]
@@ -218,9 +220,10 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int,
 @torch.inference_mode()
 def evaluate(model, tokenizer, es: EvalSet, device: torch.device, batch_size: int = 256, workers: int = 2,
              precision: str = "fp32", progress: bool = True, trim_text: bool = True, worker_nice: int = 19,
-             check_stop: Callable[[], None] | None = None) -> dict:
+             check_stop: Callable[[], None] | None = None, progress_every_s: float = 30.0) -> dict:
     """Top-1/top-5 of a model on an eval set. `check_stop` is called between batches and may raise to abandon
-    the evaluation (SIGTERM: see eval/runner.py); the DataLoader's workers end with its iterator."""
+    the evaluation (SIGTERM: see eval/runner.py); the DataLoader's workers end with its iterator. Progress: a
+    bar on a terminal, else a line every `progress_every_s` (a pod's log: 50,000 ImageNet images take minutes)."""
     model.eval()
     t0 = time.time()
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else torch.autocast(device.type, enabled=False)
@@ -229,12 +232,15 @@ def evaluate(model, tokenizer, es: EvalSet, device: torch.device, batch_size: in
                             check_stop=check_stop)
     loader = DataLoader(es.dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
                         worker_init_fn=functools.partial(eval_worker_init, worker_nice) if workers else None)
-    bar = None
+    bar, lines = None, None
     if progress and os.isatty(2):
         from tqdm import tqdm
 
         bar = tqdm(total=es.size, unit="img", desc="zero-shot")
-    hits, n = {1: 0, 5: 0}, 0
+    elif progress and es.size:
+        lines = Progress(es.size)
+        lines.eta_s(0)  # the rate counts from here
+    hits, n, last_line = {1: 0, 5: 0}, 0, time.monotonic()
     for images, labels in loader:
         if check_stop:
             check_stop()
@@ -246,6 +252,9 @@ def evaluate(model, tokenizer, es: EvalSet, device: torch.device, batch_size: in
         n += images.shape[0]
         if bar:
             bar.update(images.shape[0])
+        elif lines and time.monotonic() - last_line >= progress_every_s:
+            print(f"zero-shot {es.name}: {lines.line(n)} images", file=sys.stderr, flush=True)
+            last_line = time.monotonic()
     if bar:
         bar.close()
     if n == 0:

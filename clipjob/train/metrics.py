@@ -38,6 +38,7 @@ class MetricsLogger:
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
         self._pending: list[str] = []
         self._last_flush = time.monotonic()
+        self.progress = Progress(total_steps)
         self._remote = not fs.is_local(run_dir)
         self.tb = TensorBoard(run_dir) if enabled else None
 
@@ -57,7 +58,7 @@ class MetricsLogger:
         else:
             keys = ("loss", "lr", "logit_scale", "samples_per_s", "data_wait_frac", "mfu")
             parts = " ".join(f"{k}={record[k]:.4g}" for k in keys if record.get(k) is not None)
-            print(f"step {record['step']}: {parts}", file=sys.stderr, flush=True)
+            print(f"step {record['step']}: {parts} | {self.progress.line(record['step'])}", file=sys.stderr, flush=True)
 
     def flush(self) -> None:
         if self._pending:
@@ -74,6 +75,40 @@ class MetricsLogger:
             self.tb.close()
         if self.bar is not None:
             self.bar.close()
+
+
+class Progress:
+    """`step/total (pct), eta` for log lines where no progress bar can be drawn (a pod's log). The rate is
+    measured from the first step this process logged, so start-up and a resume do not skew it."""
+
+    def __init__(self, total: int, clock: Any = time.monotonic):
+        self.total, self.clock = total, clock
+        self.first: tuple[int, float] | None = None
+
+    def eta_s(self, step: int) -> float | None:
+        now = self.clock()
+        if self.first is None:
+            self.first = (step, now)
+        first_step, first_time = self.first
+        if step <= first_step or now <= first_time:
+            return None
+        return (self.total - step) * (now - first_time) / (step - first_step)
+
+    def line(self, step: int) -> str:
+        eta = self.eta_s(step)
+        return f"{step}/{self.total} ({100 * step / self.total:.1f}%), eta {format_duration(eta)}"
+
+
+def format_duration(seconds: float | None) -> str:
+    """1h02m, 3m05s, 42s; '?' when unknown."""
+    if seconds is None:
+        return "?"
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
 
 
 class TensorBoard:

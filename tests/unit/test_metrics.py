@@ -76,3 +76,18 @@ def test_should_upload_tensorboard_events_when_the_run_dir_is_remote(s3_bucket):
     m.close()
     assert any(n.startswith("events.out.tfevents") for n in fs.ls(fs.join(run, "tb")))
     assert json.loads(fs.read_text(fs.join(run, "metrics.jsonl")))["loss"] == 2.0
+
+
+def test_should_show_step_total_percent_and_eta_in_log_lines_without_a_terminal():
+    """A pod's log has no TTY: each step line carries step/total, % and an ETA from the rate since the first
+    step this process logged (a resumed run does not count the steps it did not do)."""
+    from clipjob.train.metrics import Progress, format_duration
+
+    now = [100.0]
+    p = Progress(1000, clock=lambda: now[0])
+    assert p.line(200) == "200/1000 (20.0%), eta ?"  # resumed at step 200: no rate yet
+    now[0] += 50.0  # 50 steps in 50 s -> 750 steps left at 1 step/s
+    assert p.line(250) == "250/1000 (25.0%), eta 12m30s"
+    now[0] += 700.0
+    assert p.line(950) == "950/1000 (95.0%), eta 50s"
+    assert [format_duration(s) for s in (None, 59.4, 61, 3725)] == ["?", "59s", "1m01s", "1h02m"]
