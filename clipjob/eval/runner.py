@@ -7,7 +7,9 @@ used: it may not exist yet when the watcher starts, and a restart with a differe
 it. A step that does not load is skipped with one warning (training rewrites a stale step when it gets
 there), unless it is the final step: then nothing will, and the watcher ends with a one-line error. A stop
 signal (SIGTERM on pod deletion, via `stop`) abandons the evaluation under way at the next batch: results
-are appended only once a step is fully evaluated, so nothing partial is ever written.
+are appended only once a step is fully evaluated, so nothing partial is ever written. With `ema`, a run whose
+config.yaml says it keeps no EMA weights (train.ema_momentum 0) is a one-line error as soon as that is known,
+instead of a warning per step until the run ends.
 """
 
 from __future__ import annotations
@@ -152,15 +154,30 @@ def wait_for_run(run_dir: str, wait_s: float, poll_seconds: float, stop: Any = N
             _sleep(min(poll_seconds, left), stop)
 
 
-def target_step(step_url: str) -> int | None:
-    """train.steps of the config committed with a step (None when it has none or it does not parse)."""
+def _train_value(url: str, key: str) -> Any:
+    """train.<key> of the config.yaml in a step folder or run dir (None when it has none or it does not parse)."""
     try:
-        steps = (yaml.safe_load(ckpt.load_config_yaml(step_url) or "") or {}).get("train", {}).get("steps")
+        return (yaml.safe_load(ckpt.load_config_yaml(url) or "") or {}).get("train", {}).get(key)
     except RetryableError:
         raise
     except (ClipjobError, yaml.YAMLError, AttributeError):
         return None
+
+
+def target_step(step_url: str) -> int | None:
+    """train.steps of the config committed with a step (None when it has none or it does not parse)."""
+    steps = _train_value(step_url, "steps")
     return steps if isinstance(steps, int) else None
+
+
+def check_ema(url: str) -> None:
+    """A one-line error when the config.yaml at `url` (a run dir, or a step folder) says the run keeps no EMA
+    weights (train.ema_momentum 0): `--watch --ema` would otherwise skip every step, each with a warning, and
+    fail only once training is over. Nothing to say while there is no config.yaml yet."""
+    momentum = _train_value(url, "ema_momentum")
+    if isinstance(momentum, (int, float)) and momentum <= 0:
+        raise ClipjobError(f"--ema: the run at {url} keeps no EMA weights (train.ema_momentum={momentum} in its "
+                           f"config.yaml): drop --ema, or train with train.ema_momentum > 0")
 
 
 def _sleep(seconds: float, stop: Any) -> None:
@@ -182,6 +199,8 @@ def watch(run_dir: str, data: list[str], poll_seconds: float = 60.0, max_polls: 
     from clipjob.train.metrics import read_jsonl
 
     wait_for_run(run_dir, wait_for_run_s, poll_seconds, stop)
+    if ema:  # the run's config.yaml, written when training starts, says whether EMA weights will come
+        check_ema(run_dir)
     results_url = fs.join(run_dir, "eval", "results.jsonl")
     polls, evaluated, warned, targets = 0, 0, set(), {}
     while True:
@@ -198,6 +217,8 @@ def watch(run_dir: str, data: list[str], poll_seconds: float = 60.0, max_polls: 
             except ClipjobError as e:
                 if step not in ckpt.committed_steps(run_dir):
                     continue  # pruned by the trainer while we looked; a newer one will come
+                if ema:  # a step saved without EMA: its run has none (no run-dir config.yaml said so up front)
+                    check_ema(ckpt.step_url(run_dir, step))
                 target = target_step(ckpt.step_url(run_dir, step))
                 if target is not None and step >= target:  # training is over: nothing will rewrite it
                     raise ClipjobError(f"step {step} is the run's final step (train.steps={target}) and it does "

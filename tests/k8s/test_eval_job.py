@@ -99,13 +99,14 @@ def test_should_fail_at_once_on_exit_2_and_not_count_sigterm_when_the_eval_job_e
                                             for c in r.get("onPodConditions", [])]
 
 
-def test_should_complete_after_the_runs_final_step_when_the_eval_job_runs_its_args(container, tmp_path):
-    """The Job's own arguments, with its EDIT values pointed at a tiny local run (train.steps=4, steps 2 and 4
-    committed) and image folder, through the real CLI: it must exit 0 (the Job completes) instead of polling
-    forever."""
-    import subprocess
-    import sys
+TINY = ["model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2", "model.vision.image_size=16",
+        "model.text.width=32", "model.text.layers=1", "model.text.heads=2", "model.text.context_length=8",
+        "model.embed_dim=16", "train.steps=4"]
 
+
+def _tiny_run(tmp_path, ema_momentum: float, run_config: bool = True) -> str:
+    """A tiny local run (train.steps=4, steps 2 and 4 committed, EMA weights saved when ema_momentum > 0, the
+    run dir's config.yaml as training writes it when it starts) with an image folder of two classes beside it."""
     from PIL import Image
 
     from clipjob.config import build_config, to_yaml
@@ -113,21 +114,159 @@ def test_should_complete_after_the_runs_final_step_when_the_eval_job_runs_its_ar
     from clipjob.train import checkpoint as ckpt
 
     run = str(tmp_path / "run")
-    cfg = build_config("tiny-cpu-scratch", None, [
-        "model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2", "model.vision.image_size=16",
-        "model.text.width=32", "model.text.layers=1", "model.text.heads=2", "model.text.context_length=8",
-        "model.embed_dim=16", "train.steps=4", f"storage.run_dir={run}"])
+    cfg = build_config("tiny-cpu-scratch", None, [*TINY, f"train.ema_momentum={ema_momentum}", f"storage.run_dir={run}"])
     for step in (2, 4):
-        ckpt.save_checkpoint(run, step, build_model(cfg.model, pretrained_text=False).state_dict(), {}, to_yaml(cfg), {})
+        weights = build_model(cfg.model, pretrained_text=False).state_dict()
+        ckpt.save_checkpoint(run, step, weights, {}, to_yaml(cfg), {},
+                             {ckpt.EMA_FILE: weights} if ema_momentum > 0 else None)
+    if run_config:
+        (tmp_path / "run" / "config.yaml").write_text(to_yaml(cfg))
     for c in ("cat", "dog"):
         (tmp_path / "val" / c).mkdir(parents=True)
         Image.new("RGB", (20, 20), (200, 20, 20) if c == "cat" else (20, 20, 200)).save(tmp_path / "val" / c / "0.png")
+    return run
+
+
+def _run_job_args(container, run: str, tmp_path, *extra: str):
+    """The Job's own arguments through the real CLI, with its EDIT values pointed at a local run and folder."""
+    import subprocess
+    import sys
+
     args = list(container["args"])
     args[args.index("--watch") + 1] = run
     args[args.index("--data") + 1] = f"folder:{tmp_path / 'val'}"  # imagenet: needs the 1000 wnid folders
     args[args.index("--resolution") + 1] = "16"
-    assert 0 < float(args[args.index("--wait-for-run") + 1]) <= 3600 and "--max-polls" not in args
-    p = subprocess.run([sys.executable, "-m", "clipjob", *args], capture_output=True, text=True, timeout=120)
+    args[args.index("--workers") + 1] = "1"  # 2 cores here
+    return subprocess.run([sys.executable, "-m", "clipjob", *args, *extra], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_should_complete_after_the_runs_final_step_when_the_eval_job_runs_its_args(container, tmp_path):
+    """The Job's arguments on a run with EMA weights (as the CoreNet recipe trains): it must exit 0 (the Job
+    completes) instead of polling forever, and record that the EMA weights were evaluated."""
+    import json
+
+    assert 0 < float(container["args"][container["args"].index("--wait-for-run") + 1]) <= 3600
+    assert "--max-polls" not in container["args"]
+    p = _run_job_args(container, _tiny_run(tmp_path, ema_momentum=0.001), tmp_path)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "step 4 is the run's final step (train.steps=4) and is evaluated: done" in p.stdout
-    assert len((tmp_path / "run" / "eval" / "results.jsonl").read_text().splitlines()) == 2
+    lines = (tmp_path / "run" / "eval" / "results.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["ema"] for ln in lines] == [True, True]
+
+
+def test_should_evaluate_the_ema_weights_when_the_eval_job_runs(container):
+    assert "--ema" in container["args"]
+
+
+def test_should_fail_at_once_in_one_line_when_the_eval_job_watches_a_run_without_ema(container, tmp_path):
+    """`--ema` on a run trained with train.ema_momentum 0: exit 2 (the Job's FailJob rule) with one line naming
+    the run and what to do, before any step is evaluated; it used to warn per step and fail only at the end."""
+    p = _run_job_args(container, _tiny_run(tmp_path, ema_momentum=0.0), tmp_path)
+    assert p.returncode == 2, p.stdout + p.stderr
+    (line,) = p.stderr.strip().splitlines()
+    assert line.startswith("error: --ema: the run at " + str(tmp_path / "run") + " keeps no EMA weights"), line
+    assert "drop --ema" in line, line
+    assert "warning" not in p.stderr and not (tmp_path / "run" / "eval").exists()
+
+
+def test_should_fail_at_once_when_ema_is_asked_of_a_run_whose_steps_have_none(container, tmp_path):
+    """The same when the run dir has no config.yaml of its own yet (only committed steps): the first step's
+    config says there is no EMA, so the watcher stops there instead of skipping every step."""
+    run = _tiny_run(tmp_path, ema_momentum=0.0, run_config=False)
+    p = _run_job_args(container, run, tmp_path)
+    assert p.returncode == 2 and "step-00000002" in p.stderr and "drop --ema" in p.stderr, p.stdout + p.stderr
+
+
+def test_should_request_a_cpu_per_decode_worker_and_one_for_the_main_process_when_the_eval_job_runs(container):
+    args = container["args"]
+    workers = int(args[args.index("--workers") + 1])
+    assert workers >= 1
+    assert float(container["resources"]["requests"]["cpu"]) >= workers + 1
+    assert "cpu" not in container["resources"].get("limits", {}), "a CPU limit throttles the decoders"
+
+
+def test_should_tolerate_the_gpu_taint_when_gpu_nodes_are_tainted(job, container):
+    """A toleration matches a taint when key and effect match and the operator is Exists (any value) or
+    Equal with the same value: check it against the taints GPU node pools carry."""
+    assert "nvidia.com/gpu" in container["resources"]["limits"]
+    tolerations = job["spec"]["template"]["spec"]["tolerations"]
+    for taint in ({"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"},  # GKE
+                  {"key": "nvidia.com/gpu", "value": "true", "effect": "NoSchedule"},
+                  {"key": "nvidia.com/gpu", "effect": "NoSchedule"}):
+        assert any(_tolerates(t, taint) for t in tolerations), taint
+    assert not any(_tolerates(t, {"key": "node.kubernetes.io/unschedulable", "effect": "NoSchedule"})
+                   for t in tolerations), "tolerates more than GPU taints"
+
+
+def _tolerates(t: dict, taint: dict) -> bool:
+    if t.get("effect") and t["effect"] != taint["effect"]:
+        return False
+    if not t.get("key"):
+        return t.get("operator") == "Exists"
+    if t["key"] != taint["key"]:
+        return False
+    return t.get("operator", "Equal") == "Exists" or t.get("value", "") == taint.get("value", "")
+
+
+def _uncomment(text: str, first: str) -> str:
+    """The manifest with the commented-out block starting at the line `# {first}` uncommented: that line and the
+    following `# ` lines indented deeper than it, as a user would by removing `# `."""
+    lines, out, indent = text.splitlines(), [], None
+    for line in lines:
+        stripped = line.lstrip(" ")
+        here = len(line) - len(stripped)
+        if indent is None and stripped == f"# {first}":
+            indent = here
+            out.append(" " * here + stripped[2:])
+            continue
+        if indent is not None and indent >= 0:
+            body = line[indent:]
+            if line[:indent].strip() == "" and body.startswith("#   "):
+                out.append(" " * indent + body[2:])
+                continue
+            indent = -1
+        out.append(line)
+    assert indent is not None, f"no commented-out `{first}` in the manifest"
+    return "\n".join(out) + "\n"
+
+
+def _with(*firsts: str) -> dict:
+    text = EVAL_JOB.read_text()
+    for first in firsts:
+        text = _uncomment(text, first)
+    (doc,) = [d for d in yaml.safe_load_all(text) if d]
+    return doc
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_should_stay_valid_when_the_cluster_lines_are_uncommented(version):
+    job = _with("kueue.x-k8s.io/queue-name: team-vision", "scheduling.volcano.sh/queue-name: default",
+                "schedulerName: volcano", "nodeSelector:")
+    pod = job["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["schedulerName"] == "volcano"
+    try:
+        kubernetes_validate.validate(job, version, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        pytest.fail(f"{'.'.join(map(str, e.caused_by.path))}: {e.caused_by.message}")
+
+
+def test_should_carry_the_same_kueue_label_as_training_when_the_queue_line_is_uncommented(job, render):
+    """Kueue reads the queue-name label from the Job object itself (not its pod template), where the chart puts
+    it on the training job: same key, same place. It ships commented out: with Kueue installed, a queue that
+    does not exist would keep the Job suspended."""
+    uncommented = _with("kueue.x-k8s.io/queue-name: team-vision")
+    queue = uncommented["metadata"]["labels"]["kueue.x-k8s.io/queue-name"]
+    assert "kueue.x-k8s.io/queue-name" not in uncommented["spec"]["template"]["metadata"]["labels"]
+    training = [d for d in render(sets={"scheduling.kueueQueue": queue}).docs
+                if d["kind"] in ("PyTorchJob", "TrainJob", "Job")]
+    assert training and all(d["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == queue for d in training)
+    assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]
+
+
+def test_should_use_the_volcano_queue_annotation_and_scheduler_together_when_uncommented(job):
+    pod = _with("scheduling.volcano.sh/queue-name: default", "schedulerName: volcano")["spec"]["template"]
+    assert pod["metadata"]["annotations"]["scheduling.volcano.sh/queue-name"] == "default"
+    assert pod["spec"]["schedulerName"] == "volcano"
+    assert "schedulerName" not in job["spec"]["template"]["spec"], "Volcano ships commented out"
