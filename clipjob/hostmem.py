@@ -9,14 +9,23 @@ off and a high trim threshold, freed buffers stay on the heap and are reused war
 step, bench/ablate.py). This is what tcmalloc/jemalloc preloading gives CPU PyTorch, without a preload.
 
 Applied once per process by the CLI, before any tensor exists (DataLoader workers are forked and inherit
-it; zero-shot eval's workers undo it, see restore_malloc). `CLIPJOB_MALLOC=system` leaves glibc's defaults
-alone. Not glibc (musl, macOS): nothing to do.
+it; zero-shot eval's workers undo it, see restore_malloc). Not glibc (musl, macOS): nothing to do.
+
+On by default only where no GPU is used. On a GPU the activations live in device memory, the gain was
+measured on CPU steps only, and every DataLoader worker (64 on an 8-GPU node) could keep up to the 1 GiB trim
+threshold of freed decode buffers. `CLIPJOB_MALLOC=keep` or `=system` decides; unset (or `auto`), a GPU counts
+as used when the process can see one: NVIDIA device nodes (/dev/nvidia0, ...) exist, or NVIDIA_VISIBLE_DEVICES
+names GPUs (what the device plugin or `docker run --gpus` set; not `all`, which CUDA base images set even on
+CPU-only hosts), unless CUDA_VISIBLE_DEVICES hides them all ("" or -1). This runs before torch is imported
+(importing it here would cost seconds in every command), so it looks at those instead of
+torch.cuda.is_available().
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import glob
 import os
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters (malloc.h)
@@ -34,13 +43,29 @@ def _libc() -> ctypes.CDLL:
     return libc
 
 
+def gpu_visible() -> bool:
+    """Whether this process can see an NVIDIA GPU, without importing torch (see the module doc)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "unset").strip() in ("", "-1"):
+        return False
+    named = os.environ.get("NVIDIA_VISIBLE_DEVICES", "").strip().lower()
+    return named not in ("", "all", "none", "void") or bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+def malloc_mode() -> str:
+    """`keep` (tune_malloc applies) or `system` (glibc's defaults): CLIPJOB_MALLOC, else by gpu_visible()."""
+    mode = os.environ.get("CLIPJOB_MALLOC", "auto").strip().lower()
+    if mode in ("keep", "system"):
+        return mode
+    return "system" if gpu_visible() else "keep"
+
+
 def tune_malloc() -> bool:
     """Switch glibc malloc to keep freed memory (idempotent). True when the setting is in effect."""
     global _applied
     if _applied is not None:
         return _applied
     _applied = False
-    if os.environ.get("CLIPJOB_MALLOC", "keep").strip().lower() == "system":
+    if malloc_mode() == "system":
         return False
     try:
         libc = _libc()

@@ -7,6 +7,7 @@ the kernel places mappings (an earlier version compared heap addresses and faile
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -49,9 +50,16 @@ print(json.dumps(r))
 BLOCK = 64 << 20
 
 
+GPU_ENV = ("CLIPJOB_MALLOC", "NVIDIA_VISIBLE_DEVICES", "CUDA_VISIBLE_DEVICES")
+GPU_NODES = glob.glob("/dev/nvidia[0-9]*")
+
+
 def _probe(*args: str, **env: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", PROBE, *args], env={**os.environ, **env}, capture_output=True, text=True,
-                         check=True)
+    """The probe in a fresh process, with only the given allocator/GPU env set (CLIPJOB_MALLOC=keep unless
+    given: most cases test the setting itself, which a GPU machine would otherwise turn off by default)."""
+    base = {k: v for k, v in os.environ.items() if k not in GPU_ENV}
+    out = subprocess.run([sys.executable, "-c", PROBE, *args], env={**base, "CLIPJOB_MALLOC": "keep", **env},
+                         capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 
@@ -82,3 +90,29 @@ def test_should_map_large_blocks_again_and_trim_the_heap_when_restored():
     assert r["restored"] and r["heap_trimmed"] >= BLOCK, r  # malloc_trim handed the kept block back
     assert _served_by_mmap(r["after_restore"]), r
     assert _probe("restore", CLIPJOB_MALLOC="system")["restored"] is False  # nothing to undo
+
+
+# -- the default: on where no GPU is used, off where one is ---------------------------------------------------
+# The GPU signal is faked through the environment (NVIDIA_VISIBLE_DEVICES naming a GPU, as the NVIDIA device
+# plugin and `docker run --gpus` set it): no GPU here. CLIPJOB_MALLOC="" is "unset" for the probe.
+
+
+@pytest.mark.skipif(bool(GPU_NODES), reason=f"this machine has NVIDIA device nodes ({GPU_NODES[:1]})")
+def test_should_keep_freed_memory_by_default_when_no_gpu_is_visible():
+    r = _probe(CLIPJOB_MALLOC="")
+    assert r["on"] and r["first"]["heap_after_free"] >= BLOCK, r
+    # CUDA base images set NVIDIA_VISIBLE_DEVICES=all even on CPU-only hosts: not a GPU by itself
+    assert _probe(CLIPJOB_MALLOC="", NVIDIA_VISIBLE_DEVICES="all")["on"]
+
+
+def test_should_leave_glibc_defaults_by_default_when_a_gpu_is_visible():
+    """Faked: NVIDIA_VISIBLE_DEVICES names a GPU by UUID (the device plugin's env strategy)."""
+    r = _probe(CLIPJOB_MALLOC="", NVIDIA_VISIBLE_DEVICES="GPU-2b8f6e1c-0d4a-4f2e-9c61-5a0e7d3b9f10")
+    assert not r["on"]
+    assert _served_by_mmap(r["first"]), r
+    assert _probe(NVIDIA_VISIBLE_DEVICES="0")["on"], "CLIPJOB_MALLOC=keep still applies on a GPU"
+
+
+def test_should_keep_freed_memory_by_default_when_cuda_visible_devices_hides_every_gpu():
+    r = _probe(CLIPJOB_MALLOC="", NVIDIA_VISIBLE_DEVICES="0", CUDA_VISIBLE_DEVICES="")
+    assert r["on"], "a CPU-only run on a GPU host keeps the CPU setting"
