@@ -8,6 +8,7 @@ it after `build_config` returns. Errors name the offending key.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -243,12 +244,21 @@ def _looks_numeric(s: str) -> bool:
         return False
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """yaml.safe_load that also reads floats without a dot (1e-05) as numbers, as YAML 1.2 does: helm's
+    toYaml writes a chart value of 0.00001 that way, and PyYAML's YAML 1.1 rules would make it a string."""
+
+
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9]+(\.[0-9]*)?[eE][-+]?[0-9]+$"),
+                                  list("-+0123456789"))
+
+
 def load_yaml(path: str) -> dict[str, Any]:
     from clipjob import fs
 
     try:
         with fs.open_url(path, "r") as f:
-            data = yaml.safe_load(f) or {}
+            data = yaml.load(f, Loader=_YamlLoader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -335,3 +345,73 @@ def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str
                 name = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
             rows.append((prefix + f.name, name, f.metadata.get("doc", "")))
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# JSON schema (`clipjob config schema`; charts/train/values.schema.json's `config` is generated from it)
+
+# The single-key rules of validate() that a JSON schema can say, so that `helm install` rejects these values
+# too; tests/unit/test_config_schema.py checks each against validate().
+SCHEMA_BOUNDS: dict[str, dict[str, float]] = {
+    **{key: {"minimum": 1} for key in (
+        "model.embed_dim", "model.vision.width", "model.vision.layers", "model.vision.heads",
+        "model.vision.patch_size", "model.text.width", "model.text.layers", "model.text.heads",
+        "model.text.context_length", "train.steps", "train.batch_size", "train.log_every", "train.keep_last",
+        "train.accum_steps", "eval.batch_size")},
+    **{key: {"minimum": 0} for key in (
+        "train.min_lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip", "train.ckpt_every_steps",
+        "train.ckpt_every_minutes", "train.threads", "train.peak_flops", "train.agree_every",
+        "data.num_workers", "data.shuffle_buffer", "storage.stop_wait_s", "eval.resolution")},
+    **{key: {"exclusiveMinimum": 0} for key in (
+        "train.lr", "train.dist_timeout_s", "model.logit_scale_max", "data.stall_timeout_s",
+        "storage.stall_timeout_s")},
+    "data.worker_nice": {"minimum": 0, "maximum": 19},
+    "eval.worker_nice": {"minimum": 0, "maximum": 19},
+    "data.max_bad_fraction": {"minimum": 0, "maximum": 1},
+    "train.ema_momentum": {"minimum": 0, "exclusiveMaximum": 1},
+}
+
+_JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", type(None): "null"}
+
+
+def _type_schema(tp: Any) -> dict[str, Any]:
+    """The JSON schema of one leaf type: what _coerce accepts."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        types_ = {_JSON_TYPES[type(a)] for a in args}
+        return {"type": types_.pop(), "enum": list(args)} if len(types_) == 1 else {"enum": list(args)}
+    if origin is list:
+        return {"type": "array", "items": _type_schema(args[0])}
+    if origin is tuple:  # draft-07 tuple form: one schema per position
+        return {"type": "array", "items": [_type_schema(a) for a in args], "minItems": len(args),
+                "maxItems": len(args)}
+    if origin in (typing.Union, types.UnionType):
+        return {"anyOf": [_type_schema(a) for a in args]}
+    if tp in _JSON_TYPES:
+        return {"type": _JSON_TYPES[tp]}
+    raise TypeError(f"no JSON schema for config type {tp}")
+
+
+def json_schema(cls: type = Config, omit: tuple[str, ...] = (), _prefix: str = "") -> dict[str, Any]:
+    """JSON schema (draft-07) of a config section: every key typed, documented, with its default and the
+    bounds of SCHEMA_BOUNDS; unknown keys rejected in every section. `omit` drops keys, e.g. storage.run_dir."""
+    hints = typing.get_type_hints(cls)
+    props: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        key, tp = _prefix + f.name, hints[f.name]
+        if key in omit:
+            continue
+        if dataclasses.is_dataclass(tp):
+            props[f.name] = {"description": f.metadata.get("doc", ""), **json_schema(tp, omit, key + ".")}
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        props[f.name] = {"description": f.metadata.get("doc", ""), **_type_schema(tp),
+                         **SCHEMA_BOUNDS.get(key, {}),
+                         "default": list(default) if isinstance(default, tuple) else default}
+    out: dict[str, Any] = {"type": "object", "additionalProperties": False, "properties": props}
+    if not _prefix:
+        unknown = set(SCHEMA_BOUNDS) - {k for k, _, _ in field_docs(cls)}
+        if unknown:
+            raise KeyError(f"SCHEMA_BOUNDS names keys the config does not have: {sorted(unknown)}")
+        out = {"$schema": "http://json-schema.org/draft-07/schema#", "title": "clipjob config", **out}
+    return out
