@@ -119,6 +119,23 @@ def config_show(preset: Preset = None, config: ConfigFile = None, set_: Sets = N
     _print_to_reader(text)
 
 
+@config_app.command("schema")
+def config_schema(chart: Annotated[Optional[str], typer.Option(
+        help="Rewrite the `config` subtree of this values.schema.json instead of printing")] = None) -> None:
+    """Print the config's JSON schema (each key typed, with its doc line and default), or update a chart's:
+    clipjob config schema --chart charts/train/values.schema.json"""
+    import json
+
+    from clipjob.chart_schema import write_chart_schema
+    from clipjob.config import json_schema
+
+    if chart:
+        write_chart_schema(chart)
+        typer.echo(f"{chart}: properties.config regenerated from clipjob's config")
+    else:
+        _print_to_reader(json.dumps(json_schema(), indent=2, ensure_ascii=False) + "\n")
+
+
 def _print_to_reader(text: str) -> None:
     """Print `text`; a reader that stopped early (`| head`) is not an error (click would exit 1)."""
     try:
