@@ -6,6 +6,7 @@ Fast static checks that always run; tests/container/test_container.py builds and
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -108,3 +109,44 @@ def test_should_keep_the_build_context_to_the_package_when_reading_dockerignore(
     admitted = {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")}
     assert {"pyproject.toml", "README.md", "clipjob"} <= admitted
     assert not admitted & {".venv", ".git", ".tools", "runs", "data", "tests"}
+
+
+def documented_smoke_commands() -> list[str]:
+    """The shell lines of the `docker` block in docs/kubernetes.md's image smoke test, continuations joined."""
+    doc = (REPO / "docs" / "kubernetes.md").read_text()
+    section = doc.split("## 14. Local smoke test of the image", 1)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.S)[1]
+    return [ln.strip() for ln in re.sub(r"\\\n\s*", "", block).splitlines() if ln.strip()]
+
+
+def dockerfile_env(name: str) -> str:
+    (value,) = [m[1] for i, a in instructions() if i == "ENV" for m in [re.search(rf"\b{name}=(\S+)", a)] if m]
+    return value
+
+
+def test_should_write_the_mounted_folder_as_the_user_who_runs_it_when_following_the_documented_docker_run():
+    """The documented `docker run` commands must work for a non-root user as written: the host folder exists
+    before the first run (else the daemon creates it owned by root), the container runs as the caller's
+    uid:gid (who owns that folder), every output path lies inside the mount, and HOME points to a folder any
+    user can write, since the image's HOME and WORKDIR belong to the image's own user."""
+    lines = documented_smoke_commands()
+    runs = [i for i, ln in enumerate(lines) if ln.startswith("docker run ")]
+    assert len(runs) == 3, lines
+    made = {m[1] for ln in lines[:runs[0]] for m in [re.fullmatch(r"mkdir -p (\S+)", ln)] if m}
+    image_home = dockerfile_env("HOME")
+    (workdir,) = [a for i, a in instructions() if i == "WORKDIR"][-1:]
+    (image_user,) = [a for i, a in instructions() if i == "USER"][-1:]
+    assert workdir == image_home and image_user == "${UID}:${UID}"  # owned by the image's user (useradd -m)
+    for i in runs:
+        argv = shlex.split(lines[i], posix=True)
+        opts = dict(zip(argv, argv[1:]))
+        source, target = opts["-v"].split(":")
+        assert source.startswith("$PWD/") and source.removeprefix("$PWD/") in made, (lines[i], made)
+        assert opts["--user"] == "$(id -u):$(id -g)", "the caller's uid and gid: the owner of the mkdir'd folder"
+        home = opts["-e"].removeprefix("HOME=")
+        assert opts["-e"].startswith("HOME=") and home == "/tmp" != image_home, "/tmp: writable by any user"
+        image = argv.index("clipjob:dev")
+        for arg in argv[image + 1:]:
+            for path in re.findall(r"(?:^|[=:])(/[^\s,]*)", arg):
+                assert path == target or path.startswith(target + "/"), f"{path} is outside the mount {target}"
+        assert any(a.startswith(target) or "=" + target in a or ":" + target in a for a in argv[image + 1:])
