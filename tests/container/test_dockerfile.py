@@ -10,6 +10,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -115,7 +116,7 @@ def documented_smoke_commands() -> list[str]:
     """The shell lines of the `docker` block in docs/kubernetes.md's image smoke test, continuations joined."""
     doc = (REPO / "docs" / "kubernetes.md").read_text()
     section = doc.split("## 14. Local smoke test of the image", 1)[1]
-    block = re.search(r"```bash\n(.*?)```", section, re.S)[1]
+    block = re.search(r"```bash\n(.*?)```", section, re.DOTALL)[1]
     return [ln.strip() for ln in re.sub(r"\\\n\s*", "", block).splitlines() if ln.strip()]
 
 
@@ -139,7 +140,7 @@ def test_should_write_the_mounted_folder_as_the_user_who_runs_it_when_following_
     assert workdir == image_home and image_user == "${UID}:${UID}"  # owned by the image's user (useradd -m)
     for i in runs:
         argv = shlex.split(lines[i], posix=True)
-        opts = dict(zip(argv, argv[1:]))
+        opts = dict(pairwise(argv))
         source, target = opts["-v"].split(":")
         assert source.startswith("$PWD/") and source.removeprefix("$PWD/") in made, (lines[i], made)
         assert opts["--user"] == "$(id -u):$(id -g)", "the caller's uid and gid: the owner of the mkdir'd folder"
