@@ -217,6 +217,32 @@ def report(run: Annotated[str, typer.Argument(help="Run directory URL")],
     typer.echo(draw_report(run, out))
 
 
+@app.command()
+def status(
+    target: Annotated[Optional[str], typer.Argument(help="Run dir (path or fsspec URL), or a job name")] = None,
+    job: Annotated[Optional[str], typer.Option("--job", help="Kubernetes job (PyTorchJob, TrainJob or Job) to show too")] = None,
+    namespace: Annotated[Optional[str], typer.Option("--namespace", "-n", help="Job namespace (default: the kubeconfig context's)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (one object per poll with --watch)")] = False,
+    watch: Annotated[bool, typer.Option(help="Reprint until the run reaches its final step (or the job ends)")] = False,
+    interval: Annotated[float, typer.Option(help="--watch: seconds between polls")] = 30.0,
+) -> None:
+    """Where a run stands: step / total, speed, ETA, data wait, MFU, bad samples, newest checkpoint, latest eval;
+    and its Kubernetes job: state, pods, why pods wait or fail, log tails of failing pods."""
+    import json
+
+    from clipjob.status import collector, render, watch as watch_status
+
+    collect = collector(target, job, namespace)
+
+    def show(s: dict) -> None:
+        typer.echo(json.dumps(s, sort_keys=True) if as_json else render(s), nl=as_json)
+
+    if watch:
+        watch_status(collect, show, interval)
+    else:
+        show(collect())
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after the tokenizer is built
     from clipjob.hostmem import tune_malloc
