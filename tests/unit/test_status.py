@@ -223,3 +223,73 @@ current-context: ctx
     assert r.returncode == 2, r.stderr
     assert r.stderr.strip() == (f"error: Kubernetes API http://127.0.0.1:{port} unreachable (MaxRetryError): "
                                 f"check the kubeconfig context or the network")
+
+
+# ---- KubeApi through the real client, against the recordings served on loopback --------------------------
+
+class _Replay:
+    """An HTTP server on loopback that answers the kubernetes client's GETs from one recorded case (the paths
+    and query parameters of the real API; not an API server: no auth, no watch, GET only)."""
+
+    def __init__(self, case: str):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        from urllib.parse import parse_qs, urlparse
+
+        api, self.paths = RecordedApi(case), []
+        plural = {"pytorchjobs": "PyTorchJob", "trainjobs": "TrainJob", "jobs": "Job"}
+
+        def answer(path: str, q: dict[str, str]) -> tuple[int, str]:
+            parts = path.strip("/").split("/")
+            if parts[-1] == "log":
+                return 200, api.pod_log(parts[-2], q["container"], q.get("previous") == "true", int(q["tailLines"]))
+            if parts[-1] == "pods":
+                return 200, json.dumps(api.list_pods(q["labelSelector"]))
+            if parts[-1] == "events":
+                return 200, json.dumps(api.list_events(q["fieldSelector"].removeprefix("involvedObject.name=")))
+            obj = api.get_job(plural[parts[-2]], parts[-1])
+            return (200, json.dumps(obj)) if obj else (404, json.dumps({"kind": "Status", "code": 404}))
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                url = urlparse(self.path)
+                self.server.paths.append(self.path)
+                code, body = answer(url.path, {k: v[0] for k, v in parse_qs(url.query).items()})
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body.encode())
+
+            def log_message(self, *a) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.paths = self.paths
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+
+def test_should_read_jobs_pods_events_and_logs_through_the_kubernetes_client(tmp_path, monkeypatch):
+    replay = _Replay("failed-exit-1")
+    cfg = tmp_path / "kubeconfig"
+    cfg.write_text(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: c, cluster: {{server: "{replay.url}"}}}}]
+users: [{{name: u, user: {{token: t}}}}]
+contexts: [{{name: ctx, context: {{cluster: c, user: u, namespace: clip}}}}]
+current-context: ctx
+""")
+    monkeypatch.setenv("KUBECONFIG", str(cfg))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    try:
+        api = st.KubeApi()
+        assert api.namespace == "clip"  # the kubeconfig context's namespace, as kubectl takes it
+        s = st.job_status(api, "clip-train")
+    finally:
+        replay.server.shutdown()
+    assert s == st.job_status(RecordedApi("failed-exit-1"), "clip-train")  # same answer over HTTP
+    paths = [p.split("?")[0] for p in replay.paths]
+    assert paths[:3] == ["/apis/kubeflow.org/v1/namespaces/clip/pytorchjobs/clip-train",  # 404: not this kind
+                         "/apis/trainer.kubeflow.org/v1alpha1/namespaces/clip/trainjobs/clip-train",
+                         "/apis/batch/v1/namespaces/clip/jobs/clip-train"]
+    assert "/api/v1/namespaces/clip/pods/clip-train-0-8fj2l/log" in paths
