@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+from PIL import Image
 from trainrun import Run, make_shards, train_argv
 
 
@@ -68,15 +69,26 @@ def test_should_stop_a_watch_cleanly_on_sigterm(shards, tmp_path):
     assert "step        0 / 100 (0.0%)" in out and "checkpoint  none committed yet" in out
 
 
-def test_should_show_a_run_on_s3(shards, s3_server, s3_bucket):
+def test_should_show_a_run_and_its_eval_results_on_s3(shards, s3_server, s3_bucket, tmp_path):
     run_dir = f"{s3_bucket}/runs/r1"
     r = subprocess.run(train_argv(shards, run_dir, "train.steps=4", "train.ckpt_every_steps=2"),
                        capture_output=True, text=True, env={**os.environ, **s3_server.env()}, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
+    images = tmp_path / "eval"  # two classes of two images: the eval watcher appends eval/results.jsonl
+    for c, color in (("red", (220, 30, 30)), ("blue", (40, 60, 220))):
+        (images / c).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (20, 20), color).save(images / c / f"{i}.png")
+    r = subprocess.run([sys.executable, "-m", "clipjob", "eval", "zeroshot", "--watch", run_dir, "--data",
+                        f"folder:{images}", "--workers", "0"], capture_output=True, text=True,
+                       env={**os.environ, **s3_server.env()}, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
     got = json.loads(status(run_dir, "--json", env=s3_server.env()).stdout)["run"]
     assert (got["step"], got["total"], got["percent"], got["done"]) == (4, 4, 100.0, True)
     assert got["checkpoint"]["step"] == 4 and got["checkpoint"]["url"] == f"{run_dir}/checkpoints/step-00000004"
-    assert got["checkpoint"]["committed"] == 2 and got["samples_per_s"] > 0 and got["eval"] == []
+    assert got["checkpoint"]["committed"] == 2 and got["samples_per_s"] > 0
+    [ev] = got["eval"]  # the newest evaluated step only
+    assert ev["step"] == 4 and ev["data"] == f"folder:{images}" and 0 <= ev["top1"] <= 100
 
 
 def test_should_fail_in_one_line_for_a_run_dir_that_does_not_exist(tmp_path, s3_server, s3_bucket):
