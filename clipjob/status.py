@@ -284,7 +284,7 @@ def job_status(api: Any, name: str, max_pods: int = 8) -> dict[str, Any]:
     job = find_job(api, name)
     pods = sorted((pod_summary(p) for p in job_pods(api, job)), key=lambda p: p["name"])
     events = warning_events(api, name)
-    trouble = [p for p in pods if p["phase"] == "Pending" or p["reason"] or failing(p)][:max_pods]
+    trouble = [p for p in pods if p["phase"] == "Pending" or p["reason"] in HINTS or failing(p)][:max_pods]
     for p in trouble:
         own = warning_events(api, p["name"]) or [{"object": p["name"], "reason": p["reason"], "message": "",
                                                   "count": 1, "hint": None}] * (p["reason"] in HINTS)

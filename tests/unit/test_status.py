@@ -32,6 +32,7 @@ class RecordedApi:
         self.data = json.loads((RECORDED / f"{case}.json").read_text())
         self.namespace = namespace
         self.log_calls: list[tuple[str, str, bool, int]] = []
+        self.event_calls: list[str] = []
 
     def get_job(self, kind: str, name: str) -> dict | None:
         return self.data["jobs"].get(f"{kind}/{name}")
@@ -43,6 +44,7 @@ class RecordedApi:
         return {**self.data["pods"], "items": items}
 
     def list_events(self, object_name: str) -> dict:
+        self.event_calls.append(object_name)
         items = [e for e in self.data["events"]["items"] if e["involvedObject"]["name"] == object_name]
         return {**self.data["events"], "items": items}
 
@@ -106,7 +108,10 @@ def test_should_show_a_failed_indexed_job_with_exit_1_and_the_log_tail_of_each_f
 
 
 def test_should_show_a_succeeded_pytorchjob_as_finished_without_trouble():
-    s, text = _job("succeeded")
+    api = RecordedApi("succeeded")
+    s = st.job_status(api, "clip-train")
+    text = st.render({"k8s": s})
+    assert api.event_calls == ["clip-train"]  # completed pods are no trouble: their events are not read
     assert s["job"]["state"] == "Succeeded" and s["job"]["finished"]  # the newest true condition, not Running
     assert s["pod_phases"] == {"Succeeded": 2}
     assert all(p["exit_code"] == 0 and p["reason"] == "Completed" for p in s["pods"])
@@ -122,6 +127,19 @@ def test_should_name_the_missing_secret_of_a_createcontainerconfigerror():
         ("clip-train-worker-0", 'Error: secret "clipjob-s3" not found', 1)]
     assert "clip-train-worker-0 (and 1 more): Failed: Error: secret" in text
     assert "a Secret or ConfigMap the pod names is missing" in text
+
+
+def test_should_read_the_previous_log_of_a_pod_in_crashloopbackoff():
+    api = RecordedApi("running")  # worker-1 of the recording, as it looks while its container backs off
+    pod = api.data["pods"]["items"][1]
+    pod["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": "CrashLoopBackOff", "message":
+                                                      "back-off 20s restarting failed container=pytorch"}}
+    api.data["logs"]["clip-train-worker-1"] = "error: lost peer rank 0 (gloo: connection reset); exit 203\n"
+    s = st.job_status(api, "clip-train")
+    p = s["pods"][1]
+    assert (p["phase"], p["reason"], p["exit_code"], p["restarts"]) == ("Running", "CrashLoopBackOff", 203, 1)
+    assert api.log_calls == [("clip-train-worker-1", "pytorch", True, st.LOG_LINES)]  # the container that died
+    assert s["logs"] == {"clip-train-worker-1": ["error: lost peer rank 0 (gloo: connection reset); exit 203"]}
 
 
 def test_should_fail_in_one_line_when_no_job_has_that_name():
@@ -251,7 +269,7 @@ class _Replay:
             return (200, json.dumps(obj)) if obj else (404, json.dumps({"kind": "Status", "code": 404}))
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 url = urlparse(self.path)
                 self.server.paths.append(self.path)
                 code, body = answer(url.path, {k: v[0] for k, v in parse_qs(url.query).items()})
