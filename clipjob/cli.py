@@ -223,7 +223,7 @@ def status(
     job: Annotated[Optional[str], typer.Option("--job", help="Kubernetes job (PyTorchJob, TrainJob or Job) to show too")] = None,
     namespace: Annotated[Optional[str], typer.Option("--namespace", "-n", help="Job namespace (default: the kubeconfig context's)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (one object per poll with --watch)")] = False,
-    watch: Annotated[bool, typer.Option(help="Reprint until the run reaches its final step (or the job ends)")] = False,
+    watch: Annotated[bool, typer.Option(help="Reprint until the run commits its final step (or the job ends)")] = False,
     interval: Annotated[float, typer.Option(help="--watch: seconds between polls")] = 30.0,
 ) -> None:
     """Where a run stands: step / total, speed, ETA, data wait, MFU, bad samples, newest checkpoint, latest eval;

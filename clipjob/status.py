@@ -122,8 +122,10 @@ def run_status(run_dir: str, now: float | None = None) -> dict[str, Any]:
     check_run_dir(run_dir)
     total = total_steps(run_dir)
     p = progress(last_per_step(_jsonl(fs.join(run_dir, "metrics.jsonl"))), total, now)
-    return {"run_dir": run_dir, **p, "done": bool(total) and p["step"] >= total,
-            "checkpoint": newest_checkpoint(run_dir, now), "eval": latest_eval(run_dir)}
+    c = newest_checkpoint(run_dir, now)
+    # done once the final step is committed (the trainer always saves it): its metrics line comes first
+    return {"run_dir": run_dir, **p, "done": bool(total and c and c["step"] >= total), "checkpoint": c,
+            "eval": latest_eval(run_dir)}
 
 
 # ---- Kubernetes -----------------------------------------------------------------------------------------
@@ -370,7 +372,7 @@ def render(status: dict[str, Any]) -> str:
 
 
 def finished(status: dict[str, Any]) -> bool:
-    """--watch stops here: the run reached its final step, or (job only) the job finished."""
+    """--watch stops here: the run committed its final step, or (job only) the job finished."""
     if "run" in status:
         return status["run"]["done"] or ("k8s" in status and status["k8s"]["job"]["state"] == "Failed")
     return status["k8s"]["job"]["finished"]
