@@ -13,6 +13,7 @@ put recorded responses in its place; the rest reads plain dicts.
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from collections.abc import Callable
@@ -141,13 +142,14 @@ class KubeApi:
             config.load_incluster_config()
             default_ns = _incluster_namespace()
         except config.ConfigException:
-            try:
-                config.load_kube_config()
+            kubeconfig = os.environ.get("KUBECONFIG") or None  # read now, as kubectl does (the client reads
+            try:                                                # it once, when first imported)
+                config.load_kube_config(config_file=kubeconfig)
             except (config.ConfigException, OSError, TypeError) as e:
                 raise ClipjobError(f"no Kubernetes config: not inside a cluster and no usable kubeconfig "
                                    f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); set KUBECONFIG "
                                    f"or run where kubectl works") from None
-            _, active = config.list_kube_config_contexts()
+            _, active = config.list_kube_config_contexts(config_file=kubeconfig)
             default_ns = (active or {}).get("context", {}).get("namespace")
         self.namespace = namespace or default_ns or "default"
         self.timeout = timeout_s

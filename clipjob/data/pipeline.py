@@ -155,6 +155,15 @@ class _Batches:
         return self
 
     def __next__(self) -> Batch:
+        """The next batch, however long the workers take (a plain iterator: benches, tests, tools)."""
+        while True:
+            try:
+                return self.poll()
+            except BatchTimeout:
+                continue
+
+    def poll(self) -> Batch:
+        """The next batch, or BatchTimeout after the loader's POLL_S without one (next_batch waits in slices)."""
         try:
             return next(self.it)
         except ClipjobError as e:
@@ -180,9 +189,10 @@ def next_batch(batches: Iterator[Batch], stop_requested: Callable[[], bool], sta
     (data.stall_timeout_s); a loader that yields nothing for 2 x stall_s + 60 s without any error (a stuck
     worker) is a RetryableError too."""
     t0 = time.monotonic()
+    poll = getattr(batches, "poll", batches.__next__)  # a loader without workers has no timeout to poll on
     while True:
         try:
-            return next(batches)
+            return poll()
         except BatchTimeout:  # nothing yet from the workers: look at the stop flag and the clock
             pass
         except fs.StopWaiting:  # a read in this process saw the stop request

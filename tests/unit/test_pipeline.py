@@ -150,3 +150,24 @@ def test_should_run_data_workers_at_the_added_niceness():
                                            worker_init_fn=worker_init(7)))
     assert got == [min(19, base + 7)] * 2
     assert os.nice(0) == base  # the parent keeps its priority
+
+
+def test_should_wait_through_poll_timeouts_when_iterated_plainly(tmp_path, monkeypatch):
+    """The loader polls its workers every POLL_S so the trainer can look at its stop flag (next_batch); a plain
+    `next()` (benches, tools) must still wait for the batch however slow the workers are, not raise. Here POLL_S
+    is 1 ms, far below a batch's decode time, so nearly every batch arrives after at least one poll timeout."""
+    from clipjob.data import pipeline
+
+    monkeypatch.setattr(pipeline, "POLL_S", 0.001)
+    spec = write_shards(str(tmp_path / "ds"), shards=2, per_shard=8)
+    it = iter(loader(spec, batch=4, workers=1))
+    timeouts = 0
+    for _ in range(3):  # the poll interface does time out...
+        while True:
+            try:
+                it.poll()
+                break
+            except pipeline.BatchTimeout:
+                timeouts += 1
+    assert timeouts > 0
+    assert all(next(it).images.shape[0] == 4 for _ in range(4))  # ...plain iteration never does
