@@ -114,7 +114,7 @@ def committed_summary(run_dir: str | None, timeout_s: float = READ_TIMEOUT_S) ->
     """What a restart resumes from: the newest committed step of the run dir, read within `timeout_s`."""
     if not run_dir:
         return "run dir unknown, commits not checked"
-    from clipjob.train import checkpoint as ckpt
+    from clipjob import checkpoint as ckpt
 
     result: dict[str, Any] = {}
 

@@ -94,7 +94,7 @@ def progress(records: list[dict[str, Any]], total: int | None, now: float) -> di
 
 
 def newest_checkpoint(run_dir: str, now: float) -> dict[str, Any] | None:
-    from clipjob.train.checkpoint import committed_steps, load_meta, step_url
+    from clipjob.checkpoint import committed_steps, load_meta, step_url
 
     steps = committed_steps(run_dir)
     if not steps:

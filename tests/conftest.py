@@ -9,6 +9,9 @@ import uuid
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+# Processes the tests start import tests/hooks/sitecustomize.py: the fault-injection hooks (CLIPJOB_TEST_*).
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [os.path.join(os.path.dirname(__file__), "hooks"), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 from s3server import S3Server, apply_env  # noqa: E402
 

@@ -8,56 +8,35 @@
 from __future__ import annotations
 
 import json
-import struct
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import Annotated, Optional
 
 import typer
 import yaml
 
 from clipjob.errors import ClipjobError
 
-if TYPE_CHECKING:  # torch is imported only by the commands that need it: `clipjob --help` stays fast
-    import torch
-
 ckpt_app = typer.Typer(no_args_is_help=True, help="Inspect and convert checkpoints.")
 
 SOURCES = ("auto", "corenet", "openclip", "openai")
-
-
-def _safetensors_metadata(url: str) -> dict[str, str]:
-    """The `__metadata__` of a safetensors file, reading only its header."""
-    from clipjob import fs
-
-    with fs.open_url(url, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n > 100_000_000:
-            raise ClipjobError(f"{url}: corrupt safetensors header")
-        return json.loads(f.read(n)).get("__metadata__") or {}
-
-
-def _stored_config_yaml(resolved: str) -> str | None:
-    from clipjob.train import checkpoint as ckpt
-
-    if resolved.endswith(".safetensors"):
-        return _safetensors_metadata(resolved).get("clipjob_config")
-    if resolved.endswith((".pt", ".pth", ".bin", ".ckpt")):
-        return None
-    return ckpt.load_config_yaml(resolved)
 
 
 def _model_config(sd, resolved: str, layout: str, quick_gelu: bool, overrides: list[str],
                   corenet_config: str | None = None):
     """The full Config of converted weights: the stored one (clipjob), else inferred from the shapes with the
     head counts (which shapes cannot tell) from `--set model.*.heads=N` or the CoreNet YAML; then `--set`."""
+    from clipjob import checkpoint as ckpt
     from clipjob.config import Config, from_dict, merge, parse_override, to_dict, validate
     from clipjob.model.convert import infer_model_config
 
-    stored = _stored_config_yaml(resolved) if layout == "clipjob" else None
+    stored = ckpt.stored_config_yaml(resolved) if layout == "clipjob" else None
     if stored:
         data = to_dict(from_dict(Config, yaml.safe_load(stored)))
     else:
         heads = _given_heads(overrides, corenet_config)
-        model = infer_model_config(sd, "quick_gelu" if quick_gelu else "gelu", heads["vision"], heads["text"])
+        try:
+            model = infer_model_config(sd, "quick_gelu" if quick_gelu else "gelu", heads["vision"], heads["text"])
+        except ClipjobError as e:
+            raise ClipjobError(f"{resolved}: {e}") from None
         data = {"model": to_dict(model)}
     for o in overrides:
         data = merge(data, parse_override(o))
@@ -105,39 +84,20 @@ def describe_model(m) -> str:
             f"{text}, embed {m.embed_dim}{', RangeAugment' if m.range_augment else ''}")
 
 
-def write_converted(dst: str, sd: "dict[str, torch.Tensor]", config_yaml: str, meta: dict) -> None:
-    """A `.safetensors` file (config in its metadata) or a committed step folder usable anywhere a
-    checkpoint is: model.safetensors + config.yaml + meta.json + COMMITTED (written last)."""
-    from safetensors.torch import save as st_save
-
-    from clipjob import fs
-    from clipjob.train import checkpoint as ckpt
-
-    if dst.endswith(".safetensors"):
-        fs.write_bytes(dst, st_save(sd, metadata={"clipjob_config": config_yaml, "source": meta["source"],
-                                                  "layout": meta["layout"]}))
-        return
-    weights, config = st_save(sd, metadata={"source": meta["source"]}), config_yaml.encode("utf-8")
-    fs.write_bytes(fs.join(dst, "model.safetensors"), weights)
-    fs.write_bytes(fs.join(dst, "config.yaml"), config)
-    files = {"model.safetensors": ckpt.file_record(weights), "config.yaml": ckpt.file_record(config)}
-    fs.write_text(fs.join(dst, "meta.json"), json.dumps({**meta, "files": files}, indent=1))
-    fs.write_text(fs.join(dst, ckpt.MARKER), "converted\n")
-
-
 def convert_checkpoint(src: str, dst: str, source: str = "auto", overrides: list[str] = (),
                        force: bool = False, corenet_config: str | None = None) -> str:
     """Read `src` (any supported layout), check it against its architecture, write clipjob weights to `dst`."""
+    from clipjob import checkpoint as ckpt
     from clipjob import fs
     from clipjob.config import to_yaml
-    from clipjob.model.convert import count_parameters, detect_layout, fit_to_config, read_state_dict, to_clipjob
+    from clipjob.model.convert import count_parameters, detect_layout, fit_to_config, to_clipjob
 
     if source not in SOURCES:
         raise ClipjobError(f"--from {source!r}: expected one of {', '.join(SOURCES)}")
     target = dst if dst.endswith(".safetensors") else fs.join(dst, "model.safetensors")
     if fs.exists(target) and not force:
         raise ClipjobError(f"{dst}: already holds a checkpoint; pass --force to overwrite it")
-    raw, resolved = read_state_dict(src)
+    raw, resolved = ckpt.read_state_dict(src)
     layout = detect_layout(raw)
     try:
         sd = to_clipjob(raw, "openclip" if source == "openai" else source)
@@ -146,7 +106,7 @@ def convert_checkpoint(src: str, dst: str, source: str = "auto", overrides: list
     cfg = _model_config(sd, resolved, layout, source == "openai", list(overrides), corenet_config)
     sd = fit_to_config(sd, cfg.model, resolved)
     sd = {k: (v.float() if v.is_floating_point() else v).contiguous().clone() for k, v in sd.items()}
-    write_converted(dst, sd, to_yaml(cfg), {"source": src, "layout": layout, "step": None})
+    ckpt.write_converted(dst, sd, to_yaml(cfg), {"source": src, "layout": layout, "step": None})
     n = count_parameters(cfg.model)
     note = ""
     if layout == "openclip" and source == "auto":
@@ -157,7 +117,7 @@ def convert_checkpoint(src: str, dst: str, source: str = "auto", overrides: list
 def checkpoint_info(url: str, overrides: list[str] = ()) -> dict:
     """What `ckpt info` prints; for a run dir, of its newest committed step that loads (newer ones that do
     not are skipped with a warning naming them)."""
-    from clipjob.train import checkpoint as ckpt
+    from clipjob import checkpoint as ckpt
 
     if ckpt.is_run_dir(url):
         return ckpt.load_newest(url, lambda u: _checkpoint_info(u, overrides))[1]
@@ -165,21 +125,16 @@ def checkpoint_info(url: str, overrides: list[str] = ()) -> dict:
 
 
 def _checkpoint_info(url: str, overrides: list[str] = ()) -> dict:
-    from clipjob import fs
+    from clipjob import checkpoint as ckpt
     from clipjob.config import to_dict
-    from clipjob.model.convert import count_parameters, detect_layout, read_state_dict, to_clipjob
+    from clipjob.model.convert import count_parameters, detect_layout, to_clipjob
 
-    raw, resolved = read_state_dict(url)
+    raw, resolved = ckpt.read_state_dict(url)
     layout = detect_layout(raw)
     sd = to_clipjob(raw)
     cfg = _model_config(sd, resolved, layout, False, list(overrides))
-    step = None
-    if resolved.endswith(".safetensors"):
-        step = _safetensors_metadata(resolved).get("step")
-    elif not resolved.endswith((".pt", ".pth", ".bin", ".ckpt")) and fs.exists(fs.join(resolved, "meta.json")):
-        step = json.loads(fs.read_text(fs.join(resolved, "meta.json"))).get("step")
     return {"checkpoint": resolved, "layout": layout, "architecture": describe_model(cfg.model),
-            "parameters": count_parameters(cfg.model), "step": None if step is None else int(step),
+            "parameters": count_parameters(cfg.model), "step": ckpt.stored_step(resolved),
             "tensors": len(raw), "model": to_dict(cfg.model)}
 
 

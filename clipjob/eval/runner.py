@@ -22,12 +22,12 @@ from typing import Any
 import torch
 import yaml
 
+from clipjob import checkpoint as ckpt
 from clipjob import fs
 from clipjob.config import Config, build_config, from_dict, validate
 from clipjob.errors import ClipjobError, RetryableError
 from clipjob.eval.zeroshot import build_eval_set, evaluate, format_result
 from clipjob.model import build_model, build_tokenizer
-from clipjob.train import checkpoint as ckpt
 
 
 class EvalStopped(Exception):
@@ -60,7 +60,7 @@ def config_for_checkpoint(step_or_file: str, preset: str | None, config_file: st
 
 def _load_model(url: str, preset: str | None, config_file: str | None, overrides: list[str],
                 device: torch.device, ema: bool):
-    from clipjob.model.convert import load_any_weights
+    from clipjob.checkpoint import load_any_weights
 
     cfg = config_for_checkpoint(url, preset, config_file, overrides)
     model = build_model(cfg.model, pretrained_text=False)

@@ -1,4 +1,5 @@
-"""Checkpoint adapters: CoreNet and OpenCLIP/OpenAI state dicts -> clipjob's CLIP, and `load_any_weights`.
+"""Checkpoint adapters: CoreNet and OpenCLIP/OpenAI state dicts -> clipjob's CLIP (key mapping and architecture
+inference only; reading and writing files is clipjob/checkpoint.py).
 
 Layouts, detected from the keys:
 - clipjob:  `visual.stem...`, `visual.transformer.blocks.N...`, `text.transformer.blocks.N...`
@@ -7,18 +8,12 @@ Layouts, detected from the keys:
 - openclip: OpenAI/OpenCLIP `CLIP` ViT models (`visual.conv1.weight`, `visual.transformer.resblocks.N...`,
             `token_embedding.weight`, ...; also the `text.`-prefixed CustomTextCLIP text tower). The same
             layout holds OpenAI's weights, which need `act: quick_gelu`; it cannot be told from the keys.
-Files are read as safetensors or with `torch.load(weights_only=True)`: nothing arbitrary is unpickled, and a
-pickle that would run code (or a TorchScript archive) is refused with a one-line error.
 """
 
 from __future__ import annotations
 
-import io
 import math
-import pickle
 import re
-import warnings
-import zipfile
 from collections.abc import Callable
 
 import torch
@@ -241,9 +236,9 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def fit_to_config(sd: Tensors, cfg: ModelConfig, source: str) -> Tensors:
+def fit_to_config(sd: Tensors, cfg: ModelConfig, source: str, hint: str = "") -> Tensors:
     """Check that `sd` has exactly the keys and shapes of a model built from `cfg` (one-line error naming
-    the first difference). RangeAugment ranges are training-only: dropped when model.range_augment is off,
+    `source` and the first difference, then `hint`). RangeAugment ranges are training-only: dropped when model.range_augment is off,
     filled with their initial values when it is on and the checkpoint has none (e.g. OpenCLIP weights)."""
     from clipjob.model.range_augment import RangeAugment
 
@@ -256,7 +251,7 @@ def fit_to_config(sd: Tensors, cfg: ModelConfig, source: str) -> Tensors:
     if missing or extra:
         what = f"missing {', '.join(missing[:3])}" if missing else f"unexpected {', '.join(extra[:3])}"
         raise ClipjobError(f"{source}: weights do not fit the model config ({what}); check model.vision/"
-                           "model.text layers, or convert with `clipjob ckpt convert` to keep the config")
+                           f"model.text layers{hint}")
     for k, shape in want.items():
         if tuple(sd[k].shape) != shape:
             section = "model.vision" if k.startswith("visual.") else "model.text" if k.startswith("text.") else "model"
@@ -270,86 +265,6 @@ def count_parameters(cfg: ModelConfig) -> int:
 
     with torch.device("meta"):
         return sum(p.numel() for p in CLIP(cfg, pretrained_text=False).parameters())
-
-
-# ---------------------------------------------------------------------------------------------------------
-# reading files: tensors only
-
-
-def _refusal(e: Exception) -> str:
-    # torch <= 2.5: "GLOBAL os.system was not an allowed global"; torch 2.6+: "Trying to load unsupported GLOBAL
-    # posix.system whose module posix is blocked"
-    m = re.search(r"GLOBAL ([\w.]+)", str(e))
-    what = f"it references {m[1]}" if m else "it holds objects other than tensors and plain containers"
-    return f"refusing to unpickle: {what}, which could run code; clipjob loads only tensors (safetensors, " \
-           f"or torch.load with weights_only=True)"
-
-
-def load_tensor_file(data: bytes, url: str) -> object:
-    """Safetensors bytes, or a torch pickle restricted to tensors and plain containers."""
-    from safetensors.torch import load as st_load
-
-    if url.endswith(".safetensors"):
-        try:
-            return st_load(data)
-        except Exception as e:  # noqa: BLE001
-            raise ClipjobError(f"{url}: corrupt safetensors file ({str(e).splitlines()[0][:160]})") from None
-    if data[:4] == b"PK\x03\x04":
-        try:
-            names = zipfile.ZipFile(io.BytesIO(data)).namelist()
-        except zipfile.BadZipFile:
-            raise ClipjobError(f"{url}: not a readable checkpoint (a truncated or corrupt zip file)") from None
-        if any("/code/" in n or n.endswith("constants.pkl") for n in names):
-            raise ClipjobError(f"{url}: a TorchScript archive (e.g. OpenAI's original ViT-B-32.pt); clipjob does "
-                               "not load TorchScript: use the OpenCLIP state dict of the same weights "
-                               "(open_clip_model.safetensors) instead")
-    try:
-        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the one-line outcome says enough
-            warnings.simplefilter("ignore")
-            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ClipjobError(f"{url}: {_refusal(e)}") from None
-    except Exception as e:  # noqa: BLE001 - corrupt/truncated file
-        first = str(e).splitlines()[0][:160] if str(e) else ""
-        raise ClipjobError(f"{url}: not a readable checkpoint ({type(e).__name__}: {first})") from None
-
-
-def read_state_dict(url: str) -> tuple[Tensors, str]:
-    """(raw state dict, resolved URL) of a run dir (its newest committed step that loads), step folder or
-    weights file at any fsspec URL."""
-    from clipjob.train import checkpoint as ckpt
-
-    if ckpt.is_run_dir(url):
-        resolved, obj = ckpt.load_newest(url, _read_state_dict)
-        return obj, resolved
-    resolved = ckpt.resolve_checkpoint(url)
-    return _read_state_dict(resolved), resolved
-
-
-def _read_state_dict(resolved: str) -> Tensors:
-    from clipjob import fs
-    from clipjob.train import checkpoint as ckpt
-
-    file = resolved if resolved.endswith(ckpt.FILE_EXTS) else fs.join(resolved, "model.safetensors")
-    obj = load_tensor_file(ckpt.read_checkpoint_file(file), file)
-    for key in ("state_dict", "model", "model_state_dict"):  # training checkpoints of other frameworks
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ClipjobError(f"{file}: expected a state dict of tensors")
-    return obj
-
-
-def load_any_weights(url: str, model_cfg: ModelConfig, layout: str = "auto") -> Tensors:
-    """clipjob run dirs, step folders and files, CoreNet and OpenCLIP/OpenAI state dicts, from any fsspec
-    URL -> a state dict that `CLIP(model_cfg).load_state_dict` accepts strictly."""
-    raw, resolved = read_state_dict(url)
-    try:
-        sd = to_clipjob(raw, layout)
-    except ClipjobError as e:
-        raise ClipjobError(f"{resolved}: {e}") from None
-    return fit_to_config(sd, model_cfg, resolved)
-
 
 
 _INIT_FNS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "trunc_normal_", "xavier_uniform_",

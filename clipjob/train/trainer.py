@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from clipjob import checkpoint as ckpt
 from clipjob import dist, fs
 from clipjob.config import Config, ModelConfig, to_yaml
 from clipjob.data.multiscale import build_schedule
@@ -29,18 +30,11 @@ from clipjob.data.transforms import to_unit_float
 from clipjob.errors import ClipjobError, RetryableError
 from clipjob.model import build_model, build_tokenizer
 from clipjob.model.tokenizer import trim_padding
-from clipjob.train import checkpoint as ckpt
 from clipjob.train.ema import EMA
 from clipjob.train.loss import SIGLIP_LOGIT_SCALE_INIT, ContrastiveLoss, build_loss
 from clipjob.train.metrics import MetricsLogger, Throughput, flops_per_sample, peak_flops
 from clipjob.train.optim import build_optimizer, lr_at, set_lr
 from clipjob.train.step import StepResult, forward_backward, optimizer_step
-
-# fault-injection tests slow the loop down so they can act mid-run; never set in real runs
-_TEST_STEP_DELAY_S = float(os.environ.get("CLIPJOB_TEST_STEP_DELAY_S", "0") or 0)
-# ... and stretch rank 0's saves (a multi-GiB checkpoint on object storage) to test the shutdown window
-_TEST_SAVE_DELAY_S = float(os.environ.get("CLIPJOB_TEST_SAVE_DELAY_S", "0") or 0)
-
 
 @dataclass
 class TrainState:
@@ -144,8 +138,6 @@ def save(cfg: Config, parts: Parts, state: TrainState, d: dist.DistInfo) -> None
     the others wait, so nobody runs ahead of a checkpoint being written."""
     if d.is_main:
         t0 = time.monotonic()
-        if _TEST_SAVE_DELAY_S:  # as slow as a multi-GiB upload: a storage call, under the same stop grace
-            fs.retry(lambda: time.sleep(_TEST_SAVE_DELAY_S), ckpt.step_url(cfg.storage.run_dir, state.step))
         train_state = {"optimizer": parts.opt.state_dict(), "loss": parts.loss_fn.state_dict(),
                        "scaler": parts.scaler.state_dict() if parts.scaler else {},
                        "step": state.step, "samples_seen": state.samples_seen, "bad_samples": state.bad_samples,
@@ -198,7 +190,7 @@ def restore(cfg: Config, parts: Parts, d: dist.DistInfo) -> TrainState:
     if steps and ts is None:
         raise ClipjobError(f"{cfg.storage.run_dir}: none of the committed checkpoints {steps} loads (see warnings)")
     if ts is None and cfg.train.init_from:
-        from clipjob.model.convert import load_any_weights
+        from clipjob.checkpoint import load_any_weights
 
         parts.model.load_state_dict(load_any_weights(cfg.train.init_from, cfg.model), strict=False)
     if cfg.train.ema_momentum > 0:
@@ -384,7 +376,5 @@ def run(cfg: Config, stop: StopFlag) -> TrainState:
             if d.is_main:
                 print(f"stop requested: saved step {state.step}, exiting", flush=True)
             break
-        if _TEST_STEP_DELAY_S:
-            time.sleep(_TEST_STEP_DELAY_S)
     metrics.close()
     return state

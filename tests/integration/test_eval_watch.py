@@ -19,7 +19,7 @@ from PIL import Image
 
 from clipjob.config import build_config, to_yaml
 from clipjob.model import build_model
-from clipjob.train import checkpoint as ckpt
+from clipjob import checkpoint as ckpt
 from trainrun import Run
 
 TINY = ["model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2", "model.vision.image_size=16",

@@ -43,7 +43,7 @@ def sigterm_after(r: Run, pattern: str) -> int:
 
 
 def committed(run: str) -> list[int]:
-    from clipjob.train import checkpoint as ckpt
+    from clipjob import checkpoint as ckpt
 
     return ckpt.committed_steps(run)
 
@@ -54,7 +54,7 @@ def assert_all_load(run: str) -> None:
 
     from clipjob.config import Config, from_dict
     from clipjob.model import build_model
-    from clipjob.train import checkpoint as ckpt
+    from clipjob import checkpoint as ckpt
 
     for step in committed(run):
         url = ckpt.step_url(run, step)
@@ -124,7 +124,7 @@ def test_should_resume_from_the_previous_commit_when_a_save_is_interrupted(data,
     """(c) rank 0 dies after writing model.safetensors of step 4, before COMMITTED: the restarted group
     loads step 2 and finishes; the half-written step is written again in full."""
     from clipjob import fs
-    from clipjob.train import checkpoint as ckpt
+    from clipjob import checkpoint as ckpt
 
     run = f"{s3_bucket}/run"
     r = launch(data, run, "train.steps=6", "train.ckpt_every_steps=2", restarts=1,

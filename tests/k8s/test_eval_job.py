@@ -111,7 +111,7 @@ def _tiny_run(tmp_path, ema_momentum: float, run_config: bool = True) -> str:
 
     from clipjob.config import build_config, to_yaml
     from clipjob.model import build_model
-    from clipjob.train import checkpoint as ckpt
+    from clipjob import checkpoint as ckpt
 
     run = str(tmp_path / "run")
     cfg = build_config("tiny-cpu-scratch", None, [*TINY, f"train.ema_momentum={ema_momentum}", f"storage.run_dir={run}"])

@@ -11,7 +11,7 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
 
 from clipjob import agent
-from clipjob.train import checkpoint as ckpt
+from clipjob import checkpoint as ckpt
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""train/checkpoint.py and the trainer's save/restore: commit marker last, newest committed wins, pruning,
+"""checkpoint.py and the trainer's save/restore: commit marker last, newest committed wins, pruning,
 a crash mid-save, incomplete folders never committed, S3, EMA weights for eval, resume of the full state."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from clipjob import dist, fs
 from clipjob.config import build_config, to_yaml
 from clipjob.errors import ClipjobError
-from clipjob.train import checkpoint as ckpt
+from clipjob import checkpoint as ckpt
 
 TINY = ["model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2", "model.vision.image_size=16",
         "model.text.width=32", "model.text.layers=1", "model.text.heads=2", "model.text.context_length=8",
@@ -77,7 +77,7 @@ def test_should_keep_the_previous_checkpoint_loadable_when_killed_during_a_save(
     run = str(tmp_path / "run")
     script = textwrap.dedent(f"""
         import torch
-        from clipjob.train import checkpoint as ckpt
+        from clipjob import checkpoint as ckpt
         for step in (1, 2):
             ckpt.save_checkpoint({run!r}, step, {{"w": torch.ones(3) * step}}, {{"step": step}}, "", {{}})
     """)
@@ -219,7 +219,7 @@ def test_should_uncommit_the_old_step_before_rewriting_it_when_a_re_save_is_kill
     _save(run, 2)
     script = textwrap.dedent(f"""
         import torch
-        from clipjob.train import checkpoint as ckpt
+        from clipjob import checkpoint as ckpt
         ckpt.save_checkpoint({run!r}, 2, {{"w": torch.ones(3) * 7}}, {{"step": 2}}, "", {{}})
     """)
     p = subprocess.run([sys.executable, "-c", script], env={**os.environ, "CLIPJOB_TEST_CRASH_DURING_SAVE": "1"},

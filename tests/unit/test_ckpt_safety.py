@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from clipjob.config import ModelConfig
 from clipjob.errors import ClipjobError
-from clipjob.model.convert import load_any_weights
+from clipjob.checkpoint import load_any_weights
 
 REPO = Path(__file__).resolve().parents[2]
 

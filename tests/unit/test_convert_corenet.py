@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from clipjob.commands.ckpt import checkpoint_info, convert_checkpoint
 from clipjob.config import ModelConfig, TextConfig, VisionConfig
 from clipjob.errors import ClipjobError
-from clipjob.model.convert import count_parameters, fit_to_config, infer_model_config, load_any_weights, \
-    model_with_weights, to_clipjob
+from clipjob.checkpoint import load_any_weights
+from clipjob.model.convert import count_parameters, fit_to_config, infer_model_config, model_with_weights, to_clipjob
 from clipjob.presets import PRESETS
 
 SOT, EOT = 49406, 49407
@@ -258,7 +258,7 @@ def test_should_fill_or_drop_range_augment_to_fit_the_config(tmp_path):
 def test_should_convert_and_describe_a_corenet_checkpoint(tmp_path):
     sd = random_state(corenet_shapes(dim=128, layers=2, text_dim=64, text_layers=1, embed=48, ctx=16, vocab=1000))
     torch.save(sd, tmp_path / "clip_vit_tiny.pt")
-    with pytest.raises(ClipjobError, match=r"^model.vision.heads: a vision tower 128 wide has no standard head count "
+    with pytest.raises(ClipjobError, match=r"^\S+clip_vit_tiny.pt: model.vision.heads: a vision tower 128 wide has no standard head count "
                                            r"and the weights do not encode it; pass --set model.vision.heads=N or "
                                            r"--corenet-config CORENET_YAML$"):
         checkpoint_info(str(tmp_path / "clip_vit_tiny.pt"))  # never a silent guess

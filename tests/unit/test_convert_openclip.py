@@ -14,8 +14,8 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg  # noqa: E402
 from clipjob.commands.ckpt import convert_checkpoint  # noqa: E402
 from clipjob.errors import ClipjobError  # noqa: E402
 from clipjob.eval.runner import load_for_eval  # noqa: E402
-from clipjob.model.convert import (detect_layout, fit_to_config, infer_model_config, load_any_weights,  # noqa: E402
-                                   model_with_weights, to_clipjob)
+from clipjob.checkpoint import load_any_weights  # noqa: E402
+from clipjob.model.convert import detect_layout, fit_to_config, infer_model_config, model_with_weights, to_clipjob  # noqa: E402
 
 MEAN = torch.tensor((0.48145466, 0.4578275, 0.40821073)).view(1, 3, 1, 1)
 STD = torch.tensor((0.26862954, 0.26130258, 0.27577711)).view(1, 3, 1, 1)

@@ -1,4 +1,5 @@
-"""Step-level atomic checkpoints on any fsspec URL.
+"""Every read and write of weights and of the step-folder format, on any fsspec URL (the one module that does
+checkpoint I/O; `model/convert.py` maps keys and infers architectures without touching files).
 
 Layout: `{run}/checkpoints/step-{N:08d}/` holding `model.safetensors` (weights, RangeAugment's included),
 `ema.safetensors` (EMA weights, when enabled), `train_state.pt` (optimizer, scaler, loss parameters, counters,
@@ -16,27 +17,31 @@ with a one-line warning naming it; a storage outage is not taken for corruption)
 up to the one just saved, so a stale unloadable step beyond the step training resumed from never displaces
 the fresh ones; training rewrites it when it gets there.
 
-Test hook: CLIPJOB_TEST_CRASH_DURING_SAVE=K makes the K-th save of a process os._exit(1) right after
-model.safetensors is written and before COMMITTED, on the first attempt only (a worker group restarted by the
-elastic agent saves normally): fault-injection tests.
+Foreign weights (CoreNet .pt, OpenCLIP/OpenAI .safetensors or .pt) are read as safetensors or with
+`torch.load(weights_only=True)`: nothing arbitrary is unpickled, and a pickle that would run code (or a
+TorchScript archive) is refused with a one-line error. `write_step_folder` is the one writer of step folders
+(training saves and `ckpt convert`); `load_meta` the one reader of meta.json.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
+import pickle
 import re
 import sys
 import time
+import warnings
+import zipfile
 import zlib
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
+from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from clipjob import dist, fs
+from clipjob import fs
 from clipjob.errors import ClipjobError, RetryableError
 
 T = TypeVar("T")
@@ -78,18 +83,6 @@ def _safetensors_bytes(state: dict[str, torch.Tensor], step: int) -> bytes:
     return st_save(weights, metadata={"step": str(step)})
 
 
-_saves_in_process = 0
-
-
-def _crash_hook() -> None:
-    """Fault injection for tests: die mid-save (see the module doc)."""
-    global _saves_in_process
-    _saves_in_process += 1
-    if os.environ.get("CLIPJOB_TEST_CRASH_DURING_SAVE") == str(_saves_in_process) and dist.restart_count() == 0:
-        print(f"CLIPJOB_TEST_CRASH_DURING_SAVE: exiting during save {_saves_in_process}", flush=True)
-        os._exit(1)
-
-
 def file_record(data: bytes) -> dict[str, Any]:
     """What meta.json records of each file of a step: its size and CRC-32 (verified whenever it is read)."""
     return {"bytes": len(data), "crc32": f"{zlib.crc32(data):08x}"}
@@ -109,35 +102,50 @@ def _clear_step(url: str) -> None:
 _last_saved: dict[str, int] = {}  # run dir -> the step this process committed last (prune's default bound)
 
 
-def save_checkpoint(run_dir: str, step: int, model_state: dict[str, torch.Tensor], train_state: dict[str, Any],
-                    config_yaml: str, meta: dict[str, Any],
-                    extra_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> str:
-    """Clear the step's folder, write every file of step N, record their sizes and CRC-32s in meta.json, check
-    they are all there, then write the commit marker. `extra_weights` maps file names (e.g. ema.safetensors)
-    to further state dicts. Returns the step URL."""
-    url = step_url(run_dir, step)
+def write_step_folder(url: str, files: dict[str, bytes], meta: dict[str, Any], marker: str) -> None:
+    """The one writer of step folders: clear the folder, write `files` in order, record their sizes and CRC-32s
+    in meta.json, check they are all listed, then write the commit marker (holding `marker`)."""
     _clear_step(url)
     written: dict[str, dict[str, Any]] = {}
-
-    def put(name: str, data: bytes) -> None:
+    for name, data in files.items():
         fs.write_bytes(fs.join(url, name), data)
         written[name] = file_record(data)
-
-    put("model.safetensors", _safetensors_bytes(model_state, step))
-    _crash_hook()
-    for name, state in (extra_weights or {}).items():
-        put(name, _safetensors_bytes(state, step))
-    put("train_state.pt", _tensor_bytes(train_state))
-    put("config.yaml", config_yaml.encode("utf-8"))
-    fs.write_text(fs.join(url, "meta.json"),
-                  json.dumps({**meta, "step": step, "saved_at": time.time(), "files": written}, indent=1))
+    fs.write_text(fs.join(url, "meta.json"), json.dumps({**meta, "files": written}, indent=1))
     missing = sorted({*written, "meta.json"} - set(fs.ls(url)))
     if missing:  # e.g. the object store lost data mid-save: never commit an incomplete checkpoint
         raise ClipjobError(f"{url}: {', '.join(missing)} missing after writing them; checkpoint not committed "
-                           f"(check the storage at {run_dir})")
-    fs.write_text(fs.join(url, MARKER), f"{step}\n")
+                           f"(check the storage at {url})")
+    fs.write_text(fs.join(url, MARKER), marker)
+
+
+_last_saved: dict[str, int] = {}  # run dir -> the step this process committed last (prune's default bound)
+
+
+def save_checkpoint(run_dir: str, step: int, model_state: dict[str, torch.Tensor], train_state: dict[str, Any],
+                    config_yaml: str, meta: dict[str, Any],
+                    extra_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> str:
+    """Write and commit step N of a run: model.safetensors, `extra_weights` (file name -> state dict, e.g.
+    ema.safetensors), train_state.pt, config.yaml. Returns the step URL."""
+    url = step_url(run_dir, step)
+    files = {"model.safetensors": _safetensors_bytes(model_state, step)}
+    files.update({name: _safetensors_bytes(state, step) for name, state in (extra_weights or {}).items()})
+    files["train_state.pt"] = _tensor_bytes(train_state)
+    files["config.yaml"] = config_yaml.encode("utf-8")
+    write_step_folder(url, files, {**meta, "step": step, "saved_at": time.time()}, f"{step}\n")
     _last_saved[run_dir] = step
     return url
+
+
+def write_converted(dst: str, sd: dict[str, torch.Tensor], config_yaml: str, meta: dict[str, Any]) -> None:
+    """Converted weights: a `.safetensors` file (config, source and layout in its metadata) or a committed step
+    folder (model.safetensors + config.yaml), usable anywhere a checkpoint is."""
+    if dst.endswith(".safetensors"):
+        fs.write_bytes(dst, st_save(sd, metadata={"clipjob_config": config_yaml, "source": meta["source"],
+                                                  "layout": meta["layout"]}))
+        return
+    files = {"model.safetensors": st_save(sd, metadata={"source": meta["source"]}),
+             "config.yaml": config_yaml.encode("utf-8")}
+    write_step_folder(dst, files, meta, "converted\n")
 
 
 def prune_checkpoints(run_dir: str, keep: int, upto: int | None = None) -> list[int]:
@@ -160,11 +168,40 @@ def prune_checkpoints(run_dir: str, keep: int, upto: int | None = None) -> list[
     return sorted(set(doomed))
 
 
-def safe_torch_load(data: bytes, url: str) -> Any:
-    """Tensors-only loading (safetensors, or torch.load(weights_only=True)); one reader for every checkpoint."""
-    from clipjob.model.convert import load_tensor_file
+def _refusal(e: Exception) -> str:
+    # torch <= 2.5: "GLOBAL os.system was not an allowed global"; torch 2.6+: "Trying to load unsupported GLOBAL
+    # posix.system whose module posix is blocked"
+    m = re.search(r"GLOBAL ([\w.]+)", str(e))
+    what = f"it references {m[1]}" if m else "it holds objects other than tensors and plain containers"
+    return f"refusing to unpickle: {what}, which could run code; clipjob loads only tensors (safetensors, " \
+           f"or torch.load with weights_only=True)"
 
-    return load_tensor_file(data, url)
+
+def load_tensor_file(data: bytes, url: str) -> object:
+    """Safetensors bytes, or a torch pickle restricted to tensors and plain containers."""
+    if url.endswith(".safetensors"):
+        try:
+            return st_load(data)
+        except Exception as e:  # noqa: BLE001
+            raise ClipjobError(f"{url}: corrupt safetensors file ({str(e).splitlines()[0][:160]})") from None
+    if data[:4] == b"PK\x03\x04":
+        try:
+            names = zipfile.ZipFile(io.BytesIO(data)).namelist()
+        except zipfile.BadZipFile:
+            raise ClipjobError(f"{url}: not a readable checkpoint (a truncated or corrupt zip file)") from None
+        if any("/code/" in n or n.endswith("constants.pkl") for n in names):
+            raise ClipjobError(f"{url}: a TorchScript archive (e.g. OpenAI's original ViT-B-32.pt); clipjob does "
+                               "not load TorchScript: use the OpenCLIP state dict of the same weights "
+                               "(open_clip_model.safetensors) instead")
+    try:
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the one-line outcome says enough
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ClipjobError(f"{url}: {_refusal(e)}") from None
+    except Exception as e:  # noqa: BLE001 - corrupt/truncated file
+        first = str(e).splitlines()[0][:160] if str(e) else ""
+        raise ClipjobError(f"{url}: not a readable checkpoint ({type(e).__name__}: {first})") from None
 
 
 def is_run_dir(url: str) -> bool:
@@ -212,13 +249,9 @@ def load_newest(run_dir: str, load: Callable[[str], T]) -> tuple[str, T]:
 
 def _recorded(folder: str) -> dict[str, Any]:
     """The per-file records in a folder's meta.json ({} without one, or for steps saved before they existed)."""
-    u = fs.join(folder, "meta.json")
-    if not fs.exists(u):
+    if not fs.exists(fs.join(folder, "meta.json")):
         return {}
-    try:
-        files = json.loads(fs.read_text(u)).get("files")
-    except (ValueError, AttributeError):
-        raise ClipjobError(f"{u}: not a JSON object (corrupt); the checkpoint does not load") from None
+    files = load_meta(folder).get("files")
     return files if isinstance(files, dict) else {}
 
 
@@ -239,16 +272,40 @@ def read_checkpoint_file(url: str) -> bytes:
 
 
 def load_weights(url: str) -> dict[str, torch.Tensor]:
-    """Weights of a committed step folder or a single file (safetensors, or a tensors-only torch pickle)."""
+    """The raw state dict of a committed step folder or a single weights file (safetensors, or a tensors-only
+    torch pickle; other frameworks' training checkpoints are unwrapped from their state_dict/model key)."""
     if not url.endswith(FILE_EXTS):
         url = fs.join(url, "model.safetensors")
-    obj = safe_torch_load(read_checkpoint_file(url), url)
+    obj = load_tensor_file(read_checkpoint_file(url), url)
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ClipjobError(f"{url}: expected a state dict of tensors")
     return obj
+
+
+def read_state_dict(url: str) -> tuple[dict[str, torch.Tensor], str]:
+    """(raw state dict, resolved URL) of a run dir (its newest committed step that loads), step folder or
+    weights file."""
+    if is_run_dir(url):
+        resolved, sd = load_newest(url, load_weights)
+        return sd, resolved
+    resolved = resolve_checkpoint(url)
+    return load_weights(resolved), resolved
+
+
+def load_any_weights(url: str, model_cfg, layout: str = "auto") -> dict[str, torch.Tensor]:
+    """clipjob run dirs, step folders and files, CoreNet and OpenCLIP/OpenAI state dicts, from any fsspec
+    URL -> a state dict that `CLIP(model_cfg).load_state_dict` accepts strictly."""
+    from clipjob.model.convert import fit_to_config, to_clipjob
+
+    raw, resolved = read_state_dict(url)
+    try:
+        sd = to_clipjob(raw, layout)
+    except ClipjobError as e:
+        raise ClipjobError(f"{resolved}: {e}") from None
+    return fit_to_config(sd, model_cfg, resolved, hint=", or convert with `clipjob ckpt convert` to keep its config")
 
 
 def ema_weights_url(step_dir: str) -> str:
@@ -268,11 +325,51 @@ def load_ema(step_dir: str) -> dict[str, torch.Tensor] | None:
 
 def load_train_state(step_dir: str) -> dict[str, Any]:
     u = fs.join(step_dir, "train_state.pt")
-    return safe_torch_load(read_checkpoint_file(u), u)
+    return load_tensor_file(read_checkpoint_file(u), u)
 
 
 def load_meta(step_dir: str) -> dict[str, Any]:
-    return json.loads(fs.read_text(fs.join(step_dir, "meta.json")))
+    """A step folder's meta.json (the one reader of it)."""
+    u = fs.join(step_dir, "meta.json")
+    try:
+        meta = json.loads(fs.read_text(u))
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict):
+        raise ClipjobError(f"{u}: not a JSON object (corrupt); the checkpoint does not load")
+    return meta
+
+
+def safetensors_metadata(url: str) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file, reading only its header."""
+    import struct
+
+    with fs.open_url(url, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        if n > 100_000_000:
+            raise ClipjobError(f"{url}: corrupt safetensors header")
+        return json.loads(f.read(n)).get("__metadata__") or {}
+
+
+def stored_config_yaml(resolved: str) -> str | None:
+    """The clipjob config saved with a checkpoint: a step folder's config.yaml or a converted .safetensors
+    file's metadata; None for foreign weights."""
+    if resolved.endswith(".safetensors"):
+        return safetensors_metadata(resolved).get("clipjob_config")
+    if resolved.endswith(FILE_EXTS):
+        return None
+    return load_config_yaml(resolved)
+
+
+def stored_step(resolved: str) -> int | None:
+    """The training step a checkpoint was saved at (None for converted or foreign weights)."""
+    if resolved.endswith(".safetensors"):
+        step = safetensors_metadata(resolved).get("step")
+    elif not resolved.endswith(FILE_EXTS) and fs.exists(fs.join(resolved, "meta.json")):
+        step = load_meta(resolved).get("step")
+    else:
+        step = None
+    return None if step is None else int(step)
 
 
 def load_config_yaml(step_dir: str) -> str | None:
