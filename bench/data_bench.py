@@ -77,7 +77,7 @@ def make_images(folder: Path, n: int, seed: int = 0) -> None:
 
 
 def make_shards(images: Path, out: Path, per_shard: int) -> str:
-    from clipjob.data.build import BuildOptions, build_shards
+    from clipjob.datasets.build import BuildOptions, build_shards
 
     if not (out / "manifest.json").exists():
         build_shards(str(images), BuildOptions(out=str(out), samples_per_shard=per_shard, workers=2,

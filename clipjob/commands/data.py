@@ -30,7 +30,7 @@ def data_emoji(out: Annotated[str, typer.Option(help="Output directory")],
                seed: Annotated[int, typer.Option(help="Split/caption seed")] = 0,
                heldout_fraction: Annotated[float, typer.Option(help="Fraction of concepts held out")] = 0.1) -> None:
     """Build the embedded emoji dataset (twemoji images, CC-BY 4.0) as webdataset shards."""
-    from clipjob.data.emoji import build_emoji_dataset
+    from clipjob.datasets.emoji import build_emoji_dataset
 
     summary = build_emoji_dataset(out, seed=seed, heldout_fraction=heldout_fraction)
     typer.echo(json.dumps(summary))
@@ -53,7 +53,7 @@ def data_build(
     progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
 ) -> None:
     """Write webdataset shards + manifest.json. Rerun the same command to finish a build that crashed."""
-    from clipjob.data.build import BuildOptions, build_shards
+    from clipjob.datasets.build import BuildOptions, build_shards
 
     if samples_per_shard < 0 or max_size < 0 or workers < 0 or not 1 <= jpeg_quality <= 100:
         raise ClipjobError("--samples-per-shard, --max-size and --workers must be >= 0, --jpeg-quality in 1..100")
@@ -74,7 +74,7 @@ def data_inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON")] = False,
 ) -> None:
     """Sample counts, bad samples by reason, caption length and image size statistics."""
-    from clipjob.data.inspect import format_report, inspect_shards
+    from clipjob.datasets.inspect import format_report, inspect_shards
 
     report = inspect_shards(spec, verify=verify, workers=max(1, workers), max_shards=max_shards, image_size=image_size)
     typer.echo(json.dumps(report) if as_json else format_report(report))

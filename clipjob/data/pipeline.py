@@ -31,8 +31,8 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from clipjob.data.decode import BadSample, decode_caption, decode_image
 from clipjob import fs
+from clipjob.data.decode import BadSample, decode_caption, decode_image
 from clipjob.data.shards import Source, derive_seed, parse_sources, read_tar_samples, register_gopen_handlers
 from clipjob.data.transforms import train_transform
 from clipjob.errors import ClipjobError, ConfigError, RetryableError

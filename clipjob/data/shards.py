@@ -14,8 +14,6 @@ size (samples when every source has a manifest, else shards), i.e. like one conc
 
 from __future__ import annotations
 
-import os
-import posixpath
 import re
 import sys
 import tarfile
@@ -27,8 +25,8 @@ from dataclasses import dataclass
 import braceexpand
 
 from clipjob import fs
+from clipjob.data.manifest import manifest_dir, manifest_url, read_manifest
 from clipjob.data.tarstream import NotATar, tar_members
-from clipjob.data.writer import read_manifest
 from clipjob.errors import ClipjobError, RetryableError
 
 FSSPEC_SCHEMES = ("s3", "s3a", "gs", "gcs", "memory", "az", "abfs", "hf", "http", "https")
@@ -96,21 +94,10 @@ def _check_bucket(part: str) -> None:
         raise ClipjobError(f"{part}: bucket does not exist (check the URL and AWS_ENDPOINT_URL_S3)")
 
 
-def manifest_dir(url: str) -> str:
-    """The directory a manifest's shard names are relative to: the folder of a `*.json` URL (whatever its
-    name), else the URL itself (a directory holding manifest.json)."""
-    if not url.endswith(".json"):
-        return url
-    if "://" in url:
-        proto, path = url.split("://", 1)
-        return f"{proto}://{posixpath.dirname(path)}"
-    return os.path.dirname(url)
-
-
 def _expand_dir(part: str) -> tuple[list[str], int | None]:
     """A directory: its manifest.json, or (without one) the *.tar files directly in it."""
     base = manifest_dir(part)
-    murl = part if part.endswith(".json") else fs.join(part, "manifest.json")
+    murl = manifest_url(part)
     if part.endswith(".json") or fs.exists(murl):
         m = read_manifest(murl)
         return [fs.join(base, s["name"]) for s in m["shards"]], int(m["total_samples"])

@@ -112,7 +112,7 @@ def build_eval_set(spec: str, image_size: int, family: str, classnames_file: str
     kind, root = spec.split(":", 1)
     tf = eval_transform(image_size, family)
     if kind.startswith("emoji"):
-        from clipjob.data.shards import read_manifest
+        from clipjob.data.manifest import read_manifest
 
         sub, names_file = ("heldout", "heldout_concepts.json") if kind == "emoji-heldout" else ("seen_eval", "seen_concepts.json")
         names = json.loads(fs.read_text(fs.join(root, names_file)))

@@ -20,12 +20,12 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from clipjob.data import build
-from clipjob.data.build import BuildOptions, build_shards
-from clipjob.data.corenet_tar import UnsafePickle, plain_unpickle
-from clipjob.data.inspect import inspect_shards
 from clipjob.data.shards import read_tar_samples
-from clipjob.data.writer import ShardWriter
+from clipjob.datasets import build
+from clipjob.datasets.build import BuildOptions, build_shards
+from clipjob.datasets.corenet_tar import UnsafePickle, plain_unpickle
+from clipjob.datasets.inspect import inspect_shards
+from clipjob.datasets.writer import ShardWriter
 from clipjob.errors import ClipjobError
 
 

@@ -16,10 +16,10 @@ import torch
 from PIL import Image
 
 from clipjob import fs
-from clipjob.data.build import BuildOptions, build_shards
-from clipjob.data.inspect import inspect_shards
+from clipjob.datasets.build import BuildOptions, build_shards
+from clipjob.datasets.inspect import inspect_shards
 from clipjob.data.pipeline import build_train_loader
-from clipjob.data.writer import ShardWriter
+from clipjob.datasets.writer import ShardWriter
 from clipjob.errors import ClipjobError
 
 

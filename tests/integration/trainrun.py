@@ -47,7 +47,7 @@ def _png(color: tuple[int, int, int], shape: str, rng: random.Random) -> bytes:
 
 def make_shards(out: str | Path, samples: int = 256, per_shard: int = 64, seed: int = 0) -> str:
     """Synthetic image-caption shards ("a red circle") with a manifest; returns the directory."""
-    from clipjob.data.writer import ShardWriter
+    from clipjob.datasets.writer import ShardWriter
 
     rng = random.Random(seed)
     with ShardWriter(str(out), prefix="train", max_samples=per_shard) as w:

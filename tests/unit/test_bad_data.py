@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from clipjob.data.pipeline import build_train_loader
-from clipjob.data.writer import ShardWriter
+from clipjob.datasets.writer import ShardWriter
 
 
 def png(size: int = 16) -> bytes:

@@ -10,8 +10,8 @@ import webdataset as wds
 from PIL import Image
 
 from clipjob import fs
-from clipjob.data.emoji import _twemoji_dir, build_emoji_dataset, render, split_concepts
-from clipjob.data.writer import read_manifest
+from clipjob.data.manifest import read_manifest
+from clipjob.datasets.emoji import _twemoji_dir, build_emoji_dataset, render, split_concepts
 from clipjob.errors import ClipjobError
 
 CAPTIONS = 4

@@ -50,7 +50,7 @@ def _tokens(captions: list[str]) -> torch.Tensor:
 @pytest.mark.parametrize("workers", [0, 2])
 def test_should_yield_each_steps_shape_in_order_when_the_loader_uses_the_schedule(tmp_path, workers):
     from clipjob.data.pipeline import build_train_loader
-    from clipjob.data.writer import ShardWriter
+    from clipjob.datasets.writer import ShardWriter
 
     with ShardWriter(str(tmp_path), prefix="t", max_samples=20) as w:
         for i in range(60):

@@ -14,7 +14,7 @@ from PIL import Image
 from clipjob.data import pipeline
 from clipjob.data.pipeline import Batch, build_train_loader
 from clipjob.data.transforms import to_unit_float
-from clipjob.data.writer import ShardWriter
+from clipjob.datasets.writer import ShardWriter
 from clipjob.errors import ClipjobError
 
 

@@ -13,10 +13,10 @@ from collections import Counter
 import pytest
 
 from clipjob import fs
-from clipjob.data.inspect import inspect_shards
 from clipjob.data.shards import (derive_seed, expand_shard_urls, manifest_sample_count, missing_shards, parse_sources,
                                  read_tar_samples, split_weight)
-from clipjob.data.writer import ShardWriter
+from clipjob.datasets.inspect import inspect_shards
+from clipjob.datasets.writer import ShardWriter
 from clipjob.errors import ClipjobError, RetryableError
 
 

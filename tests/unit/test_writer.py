@@ -8,7 +8,8 @@ import pytest
 import webdataset as wds
 
 from clipjob import fs
-from clipjob.data.writer import MANIFEST_FORMAT, ShardWriter, _member, read_manifest
+from clipjob.data.manifest import MANIFEST_FORMAT, read_manifest
+from clipjob.datasets.writer import ShardWriter, _member
 from clipjob.errors import ClipjobError
 
 

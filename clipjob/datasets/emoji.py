@@ -36,7 +36,7 @@ import numpy as np
 from PIL import Image
 
 from clipjob import fs
-from clipjob.data.writer import ShardWriter
+from clipjob.datasets.writer import ShardWriter
 from clipjob.errors import ClipjobError
 
 FULLY_QUALIFIED = 2  # emoji.STATUS["fully_qualified"]

@@ -34,9 +34,10 @@ from typing import Any
 from PIL import Image
 
 from clipjob import fs
-from clipjob.data import corenet_tar
 from clipjob.data.decode import BadSample, decode_caption, decode_image, open_image
-from clipjob.data.writer import MANIFEST_FORMAT, MANIFEST_NAME, ShardWriter
+from clipjob.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME
+from clipjob.datasets import corenet_tar
+from clipjob.datasets.writer import ShardWriter
 from clipjob.errors import ClipjobError
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")

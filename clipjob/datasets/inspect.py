@@ -13,7 +13,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 from clipjob.data.decode import BadSample, decode_caption, decode_image, image_bytes, open_image
-from clipjob.data.shards import manifest_dir, parse_sources, read_tar_samples
+from clipjob.data.manifest import shard_sample_counts
+from clipjob.data.shards import parse_sources, read_tar_samples
 
 
 @dataclass
@@ -65,7 +66,7 @@ def inspect_shards(spec: str, verify: bool = False, workers: int = 1, max_shards
     """Counts, bad samples by reason, caption length and image size statistics of the shards of a spec."""
     jobs: list[tuple[str, int | None]] = []
     for src in parse_sources(spec, check_shards=True):
-        counts = _manifest_counts(src.spec) if src.samples is not None else {}
+        counts = shard_sample_counts(src.spec) if src.samples is not None else {}
         jobs += [(u, counts.get(u)) for u in src.urls]
     if max_shards:
         jobs = jobs[:max_shards]
@@ -80,15 +81,6 @@ def inspect_shards(spec: str, verify: bool = False, workers: int = 1, max_shards
 
 def _inspect_args(a: tuple) -> ShardStats:
     return inspect_shard(*a)
-
-
-def _manifest_counts(spec: str) -> dict[str, int]:
-    from clipjob import fs
-    from clipjob.data.writer import read_manifest
-
-    base = manifest_dir(spec)
-    m = read_manifest(spec if spec.endswith(".json") else fs.join(spec, "manifest.json"))
-    return {fs.join(base, s["name"]): s["samples"] for s in m["shards"]}
 
 
 def _report(spec: str, stats: list[ShardStats], verify: bool) -> dict:

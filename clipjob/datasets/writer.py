@@ -8,15 +8,14 @@ Shards are `{prefix}-{i:06d}.tar`; one sample = tar members `{key}.{ext}`. Tar h
 `tarfile` (PAX format) writes, produced directly so that a shard's final size is known before each sample.
 A shard becomes visible under its final name only when complete: locally it is written to a hidden temp name
 in the same directory and renamed; for other URLs it is spooled to a local temp file and uploaded in one go at
-shard end. `close()` writes `manifest.json` last; leaving the `with` block by an exception discards the
-unfinished shard and writes no manifest.
+shard end. `close()` writes `manifest.json` (format: clipjob.data.manifest) last; leaving the `with` block by
+an exception discards the unfinished shard and writes no manifest.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import posixpath
 import random
 import shutil
 import tarfile
@@ -24,10 +23,9 @@ import tempfile
 from typing import IO, Any
 
 from clipjob import fs
+from clipjob.data.manifest import MANIFEST_FORMAT, MANIFEST_NAME
 from clipjob.errors import ClipjobError
 
-MANIFEST_FORMAT = "clipjob-shards/1"
-MANIFEST_NAME = "manifest.json"
 _BLOCK = tarfile.BLOCKSIZE  # 512
 _RECORD = tarfile.RECORDSIZE  # 10240: tarfile pads the archive to a multiple of this
 _FORMAT = tarfile.PAX_FORMAT
@@ -217,38 +215,3 @@ class ShardWriter:
     @staticmethod
     def _local_path(url: str) -> str:
         return url[len("file://"):] if url.startswith("file://") else url
-
-
-def read_manifest(url: str) -> dict:
-    """The manifest of a shard directory (or the manifest.json URL itself), validated."""
-    murl = url if url.endswith(".json") else fs.join(url, MANIFEST_NAME)
-    if not fs.exists(murl):
-        raise ClipjobError(f"{murl}: no manifest.json (write shards with ShardWriter or `clipjob data ...`)")
-    try:
-        m = json.loads(fs.read_text(murl))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ClipjobError(f"{murl}: manifest is not valid JSON ({e})") from None
-    problem = _manifest_problem(m)
-    if problem:
-        raise ClipjobError(f"{murl}: malformed manifest: {problem}")
-    return m
-
-
-def _manifest_problem(m: Any) -> str | None:
-    if not isinstance(m, dict):
-        return "expected a JSON object"
-    if m.get("format") != MANIFEST_FORMAT:
-        return f"format is {m.get('format')!r}, expected {MANIFEST_FORMAT!r}"
-    shards = m.get("shards")
-    if not isinstance(shards, list):
-        return "'shards' must be a list"
-    for i, s in enumerate(shards):
-        if not (isinstance(s, dict) and isinstance(s.get("name"), str) and s["name"]
-                and posixpath.basename(s["name"]) == s["name"]
-                and isinstance(s.get("samples"), int) and s["samples"] >= 0
-                and isinstance(s.get("bytes"), int) and s["bytes"] >= 0):
-            return f"shards[{i}] must be {{'name': file name, 'samples': int, 'bytes': int}}"
-    total = m.get("total_samples")
-    if not isinstance(total, int) or total != sum(s["samples"] for s in shards):
-        return f"total_samples {total!r} does not equal the sum of the shards' samples"
-    return None
