@@ -8,8 +8,9 @@ JPEGs with captions), with the same number of DataLoader workers, image size, ba
 and do the same work per sample in their workers: decode, RandomResizedCrop(224, scale 0.9..1), to tensor,
 tokenise to 77 tokens, batch. clipjob's workers send uint8 images that its trainer turns into float [0, 1];
 here the consumer does that conversion (timed, in one thread: see main), so both sides deliver float batches. Sources: a local
-directory and the loopback S3 server (moto). The peer reads s3:// through the same fsspec gopen handler
-(webdataset has none of its own; OpenCLIP shells out to `aws s3 cp`, which does not exist here). Samples/s are
+directory and the loopback S3 server (moto). The peer reads s3:// through a webdataset gopen handler on the
+same fsspec stream clipjob reads with (webdataset has none of its own; OpenCLIP shells out to `aws s3 cp`,
+which does not exist here). Samples/s are
 measured after a warm-up (workers started, shuffle buffer filled); each configuration runs `--repeats` times
 alternating sides, the best run counts.
 
@@ -105,6 +106,19 @@ def clipjob_loader(spec: str, args: argparse.Namespace):
                               num_workers=args.workers, shuffle_buffer=args.shuffle, rrc_scale=(0.9, 1.0))
 
 
+FSSPEC_SCHEMES = ("s3", "s3a", "gs", "gcs", "memory", "az", "abfs", "hf", "http", "https")
+
+
+def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
+    """A webdataset gopen handler (webdataset's public `gopen_schemes` table) that opens any fsspec URL as
+    clipjob reads it: a stream of range requests with clipjob.fs's retries."""
+    from clipjob import fs
+
+    if mode != "rb":
+        raise ValueError(f"{url}: this gopen handler only reads (mode {mode!r})")
+    return fs.open_stream(url)
+
+
 def openclip_loader(spec: str, args: argparse.Namespace):
     """The webdataset pipeline as open_clip_train builds it for `--dataset-resampled` training: resampled
     shards -> tar samples -> sample shuffle -> drop samples without image or caption -> decode to PIL RGBA
@@ -113,9 +127,10 @@ def openclip_loader(spec: str, args: argparse.Namespace):
     import open_clip
     import webdataset as wds
 
-    from clipjob.data.shards import expand_shard_urls, register_gopen_handlers
+    from clipjob.data.shards import expand_shard_urls
 
-    register_gopen_handlers()  # s3:// for the peer too (see the module doc)
+    for scheme in FSSPEC_SCHEMES:  # s3:// for the peer too (see the module doc)
+        wds.gopen_schemes[scheme] = _gopen_fsspec
     urls = expand_shard_urls(spec)
     preprocess = open_clip.image_transform(args.image_size, is_train=True)
     tokenizer = open_clip.get_tokenizer("ViT-B-32")

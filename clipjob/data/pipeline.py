@@ -1,5 +1,5 @@
-"""The training data pipeline: resampled shards -> tar samples -> shuffle -> decode + augment -> batches
-with tokenised captions, all inside DataLoader workers.
+"""The training data pipeline: resampled shards -> tar samples -> seeded shuffle buffer -> decode + augment
+-> batches with tokenised captions, all inside DataLoader workers.
 
 Every (rank, worker) draws shards with replacement from its own RNG, seeded from (seed, rank, worker, start
 step), first picking a source by weight, then a shard of it. So no rank or worker ever runs dry (no DDP hang
@@ -28,18 +28,18 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipjob import fs
 from clipjob.data.decode import BadSample, decode_caption, decode_image
-from clipjob.data.shards import Source, derive_seed, parse_sources, read_tar_samples, register_gopen_handlers
+from clipjob.data.shards import Source, derive_seed, parse_sources, read_tar_samples
 from clipjob.data.transforms import train_transform
 from clipjob.errors import ClipjobError, ConfigError, RetryableError
 
 BatchSchedule = Callable[[int], tuple[int, int]]  # step -> (image_size, batch_size)
 MIN_HOPELESS = 10_000  # bad samples/shards in a row, with nothing good in between, before giving up
 POLL_S = 1.0  # how often a trainer waiting for its DataLoader workers looks at its stop flag
+_END: dict = {}  # shuffle_samples' end-of-stream marker: compared by identity, never yielded
 
 
 @dataclass
@@ -91,7 +91,6 @@ class ShardStream(IterableDataset):
             yield {}  # end of shard: lets the consumer notice shards that gave nothing
 
     def __iter__(self) -> Iterator[Batch]:
-        register_gopen_handlers()
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         if info is not None:  # a DataLoader worker: its rank decides when to stop; requests fit the data bound
@@ -106,7 +105,7 @@ class ShardStream(IterableDataset):
         transforms: dict[int, Callable] = {}
         samples: Iterator[dict] = self._samples(rng, bad)
         if self.shuffle_buffer > 1:
-            samples = wds.filters._shuffle(samples, self.shuffle_buffer, min(self.shuffle_buffer, 100), rng)
+            samples = shuffle_samples(samples, self.shuffle_buffer, min(self.shuffle_buffer, 100), rng)
         hopeless = max(MIN_HOPELESS, 20 * self.n_shards)
         step = self.start_step + worker
         size, batch_size = self.schedule(step)
@@ -133,6 +132,38 @@ class ShardStream(IterableDataset):
                 images, captions = [], []
                 step += n_workers
                 size, batch_size = self.schedule(step)
+
+
+def shuffle_samples(samples: Iterator[dict], size: int, initial: int, rng: random.Random) -> Iterator[dict]:
+    """The stream through a buffer of up to `size` samples, in an order that only `rng` decides.
+
+    While the buffer holds fewer than `size`, each incoming sample brings the next one along (the buffer fills
+    twice as fast); once it holds `initial` (at most `size`), each step lets out one buffered sample chosen by
+    `rng.randint`, its slot refilled by the last one; when the stream ends the buffer drains the same way.
+    These are webdataset's `shuffle(bufsize, initial)` steps and rng calls, so a seed gives the order it gave
+    (the README's demo numbers were measured with it)."""
+    samples = iter(samples)
+    initial = min(initial, size)
+    buf: list[dict] = []
+    for sample in samples:
+        buf.append(sample)
+        if len(buf) < size:
+            extra = next(samples, _END)
+            if extra is not _END:
+                buf.append(extra)
+        if len(buf) >= initial:
+            yield _pick(buf, rng)
+    while buf:
+        yield _pick(buf, rng)
+
+
+def _pick(buf: list[dict], rng: random.Random) -> dict:
+    """Take a random sample out of `buf`: its slot gets the last one."""
+    k = rng.randint(0, len(buf) - 1)
+    sample = buf[k]
+    buf[k] = buf[-1]
+    buf.pop()
+    return sample
 
 
 class TrainLoader(DataLoader):

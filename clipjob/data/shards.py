@@ -1,5 +1,5 @@
-"""Shard URLs: the source syntax of `data.train`, its expansion (manifest.json, brace patterns, globs), the
-webdataset gopen handler for every fsspec protocol, reading one shard, and the per-rank/per-worker seeds.
+"""Shard URLs: the source syntax of `data.train`, its expansion (manifest.json, brace patterns, globs), reading
+one shard (any fsspec URL, through clipjob.fs) with bad-shard accounting, and the per-rank/per-worker seeds.
 
 Source syntax: one or more sources joined with `::`, each `SPEC` or `SPEC@WEIGHT`:
 
@@ -15,7 +15,6 @@ size (samples when every source has a manifest, else shards), i.e. like one conc
 from __future__ import annotations
 
 import re
-import sys
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
@@ -29,8 +28,6 @@ from clipjob.data.manifest import manifest_dir, manifest_url, read_manifest
 from clipjob.data.tarstream import NotATar, tar_members
 from clipjob.errors import ClipjobError, RetryableError
 
-FSSPEC_SCHEMES = ("s3", "s3a", "gs", "gcs", "memory", "az", "abfs", "hf", "http", "https")
-
 
 @dataclass(frozen=True)
 class Source:
@@ -40,23 +37,6 @@ class Source:
     urls: tuple[str, ...]
     weight: float  # relative share of shard draws (normalised over sources by the sampler)
     samples: int | None  # total samples from the manifest, None without one
-
-
-def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw):
-    """webdataset gopen handler: open any fsspec URL as a streaming binary file (retries in fs)."""
-    if mode != "rb":
-        raise ValueError(f"{url}: clipjob's gopen handler only reads (mode {mode!r})")
-    return fs.open_stream(url)
-
-
-def register_gopen_handlers() -> None:
-    """Teach webdataset to read s3://, gs://, https://, memory://, ... through fsspec (no `pipe:aws s3 cp`,
-    no curl)."""
-    import webdataset  # noqa: F401 - makes sure the module is loaded
-
-    schemes = sys.modules["webdataset.gopen"].gopen_schemes
-    for s in FSSPEC_SCHEMES:
-        schemes[s] = _gopen_fsspec
 
 
 def _is_pattern(spec: str) -> bool:
@@ -197,18 +177,6 @@ def manifest_sample_count(spec: str) -> int | None:
     return None if any(c is None for c in counts) else sum(counts)  # type: ignore[misc]
 
 
-def open_shard(url: str, stall_s: float | None = None, interruptible: bool = False):
-    """A read stream of a shard: local paths and fsspec URLs through `fs.open_stream` (block-sized range
-    requests, one block ahead; storage that stops answering is waited for up to `stall_s`, default the
-    process's storage bound, then a RetryableError naming the URL), other schemes through webdataset's gopen."""
-    if fs.is_local(url) or fs.protocol(url) in FSSPEC_SCHEMES:
-        return fs.open_stream(url, stall_s=stall_s, setting="data.stall_timeout_s", interruptible=interruptible)
-    import webdataset as wds
-
-    register_gopen_handlers()
-    return wds.gopen(url, "rb")
-
-
 def split_member_name(name: str) -> tuple[str | None, str]:
     """`dir/000123.seg.jpg` -> ("dir/000123", "seg.jpg"): webdataset's key/extension split (first dot of the
     base name)."""
@@ -230,14 +198,16 @@ def shard_error_reason(exn: BaseException) -> str:
     return "unreadable_shard"
 
 
-def read_tar_samples(url: str, bad: Counter, stall_s: float | None = None, interruptible: bool = False) -> Iterator[dict]:
-    """The samples of one webdataset tar ({"__key__", "jpg": bytes, "txt": bytes, ...}), read as a stream.
-    A shard that cannot be opened, or breaks off, adds one count to `bad` under its reason; the samples read
-    before the break are kept, the one in progress is dropped. Storage that does not answer is no bad data:
-    the read waits (up to `stall_s`) and then raises RetryableError naming the URL, or fs.StopWaiting when
-    `interruptible` and the process is asked to stop."""
+def read_tar_samples(url: str, bad: Counter, stall_s: float | None = None, interruptible: bool = False,
+                     setting: str | None = "data.stall_timeout_s") -> Iterator[dict]:
+    """The samples of one webdataset tar ({"__key__", "jpg": bytes, "txt": bytes, ...}), read as a stream:
+    local paths as files, any other URL through fsspec (`fs.open_stream`: block-sized range requests, one block
+    ahead). A shard that cannot be opened, or breaks off, adds one count to `bad` under its reason; the samples
+    read before the break are kept, the one in progress is dropped. Storage that does not answer is no bad data:
+    the read waits (up to `stall_s`) and then raises RetryableError naming the URL and `setting` (None: the
+    process's bound), or fs.StopWaiting when `interruptible` and the process is asked to stop."""
     try:
-        with open_shard(url, stall_s, interruptible) as stream:
+        with fs.open_stream(url, stall_s=stall_s, setting=setting, interruptible=interruptible) as stream:
             yield from assemble_samples(tar_members(stream), url, bad)
     except (RetryableError, fs.StopWaiting):
         raise

@@ -1,7 +1,7 @@
 """`clipjob data inspect`: what is in a set of shards, and what is wrong with it.
 
-Every shard is read as the training pipeline reads it (same gopen handler, same tar reader, same caption
-checks). By default images are only parsed up to their header (format, size, decompression bombs);
+Every shard is read as the training pipeline reads it (same fsspec stream and tar reader, clipjob.data.shards;
+same caption checks). By default images are only parsed up to their header (format, size, decompression bombs);
 `verify=True` decodes every image as training would, which also finds truncated or corrupt pixel data.
 """
 

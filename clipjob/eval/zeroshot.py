@@ -7,6 +7,8 @@ Protocol (OpenAI / CoreNet): per class, L2-normalise each prompt embedding, aver
 - `imagenet:PATH`: an ImageFolder-layout ImageNet validation set (the 1000 wnid folders, sorted, give the labels;
   OpenAI class names and 80 templates), or its webdataset shards (`{key}.jpg` + `{key}.cls`, the label index
   in sorted-wnid order) as a directory with manifest.json or *.tar, a brace pattern or a glob, at any URL.
+Shards are read as training reads them (clipjob.data.shards.read_tar_samples): bad samples and unreadable shards
+are skipped and counted by reason (`bad_samples_by_reason` in the result); accuracy is over the good images.
 """
 
 from __future__ import annotations
@@ -16,15 +18,17 @@ import json
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from clipjob import fs
 from clipjob.data.decode import BadSample, decode_image
 from clipjob.data.pipeline import lower_priority
+from clipjob.data.shards import read_tar_samples
 from clipjob.data.transforms import eval_transform, to_unit_float
 from clipjob.errors import ClipjobError
 from clipjob.hostmem import restore_malloc
@@ -64,22 +68,52 @@ class FolderImages(Dataset):
         return self.transform(img), label
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """What a shard eval set yields instead of a bad sample or an unreadable shard: counted, not evaluated."""
+
+    reason: str  # BadSample / shard reasons, as in training (corrupt_image, truncated_shard, ...)
+    count: int = 1
+
+
 class ShardImages(IterableDataset):
-    """Samples of webdataset shards labelled by a JSON field (emoji) or by a `cls` field."""
+    """Samples of webdataset shards labelled by a JSON field (emoji) or by a `cls` field, read through the
+    training reader; yields (image tensor, label), or `Skipped(reason)` for each bad sample or shard."""
 
     def __init__(self, urls: list[str], label_of: Callable[[dict], int], transform: Callable, size: int):
         self.urls, self.label_of, self.transform, self.size = urls, label_of, transform, size
 
     def __iter__(self) -> Iterator:
-        import webdataset as wds
-
-        from clipjob.data.shards import register_gopen_handlers
-
-        register_gopen_handlers()
         info = torch.utils.data.get_worker_info()
         urls = self.urls[info.id::info.num_workers] if info else self.urls
-        for sample in wds.tarfile_to_samples()(iter({"url": u} for u in urls)):
-            yield self.transform(decode_image(sample, self.size)), self.label_of(sample)
+        bad: Counter = Counter()  # read_tar_samples counts duplicate keys and broken shards here
+        for url in urls:
+            for sample in read_tar_samples(url, bad, setting=None):
+                yield from _drain(bad)
+                try:
+                    image = decode_image(sample, self.size)
+                except BadSample as e:
+                    yield Skipped(e.reason)
+                    continue
+                yield self.transform(image), self.label_of(sample)
+            yield from _drain(bad)
+
+
+def _drain(bad: Counter) -> Iterator[Skipped]:
+    yield from (Skipped(reason, n) for reason, n in bad.items())
+    bad.clear()
+
+
+def collate_eval(items: list) -> tuple[torch.Tensor | None, torch.Tensor | None, Counter]:
+    """A batch of (image, label) items and `Skipped`s -> (images, labels, skipped by reason); images and
+    labels are None when every item was skipped."""
+    skipped: Counter = Counter()
+    for x in items:
+        if isinstance(x, Skipped):
+            skipped[x.reason] += x.count
+    good = [x for x in items if not isinstance(x, Skipped)]
+    images, labels = default_collate(good) if good else (None, None)
+    return images, labels, skipped
 
 
 def _folder_files(root: str) -> tuple[list[str], list[tuple[str, int]]]:
@@ -230,7 +264,7 @@ def evaluate(model, tokenizer, es: EvalSet, device: torch.device, batch_size: in
     with amp:
         W = text_classifier(model, tokenizer, es.classnames, es.templates, device, trim=trim_text,
                             check_stop=check_stop)
-    loader = DataLoader(es.dataset, batch_size=batch_size, num_workers=workers, shuffle=False,
+    loader = DataLoader(es.dataset, batch_size=batch_size, num_workers=workers, shuffle=False, collate_fn=collate_eval,
                         worker_init_fn=functools.partial(eval_worker_init, worker_nice) if workers else None)
     bar, lines = None, None
     if progress and os.isatty(2):
@@ -240,10 +274,13 @@ def evaluate(model, tokenizer, es: EvalSet, device: torch.device, batch_size: in
     elif progress and es.size:
         lines = Progress(es.size)
         lines.eta_s(0)  # the rate counts from here
-    hits, n, last_line = {1: 0, 5: 0}, 0, time.monotonic()
-    for images, labels in loader:
+    hits, n, last_line, bad = {1: 0, 5: 0}, 0, time.monotonic(), Counter()
+    for images, labels, skipped in loader:
         if check_stop:
             check_stop()
+        bad.update(skipped)
+        if images is None:
+            continue
         with amp:
             f = model.encode_image(to_unit_float(images.to(device))).float()
         acc = accuracy(100.0 * f @ W, labels.to(device), ks=(1, min(5, len(es.classnames))))
@@ -258,16 +295,23 @@ def evaluate(model, tokenizer, es: EvalSet, device: torch.device, batch_size: in
     if bar:
         bar.close()
     if n == 0:
-        raise ClipjobError(f"{es.name}: no images found")
+        raise ClipjobError(f"{es.name}: no images found" + (f" ({_skipped_text(bad)} skipped)" if bad else ""))
     c = len(es.classnames)
     return {"data": es.name, "top1": 100.0 * hits[1] / n, "top5": 100.0 * hits[5] / n, "images": n, "classes": c,
             "chance_top1": 100.0 / c, "chance_top5": 100.0 * min(5, c) / c, "templates": len(es.templates),
-            "seconds": time.time() - t0, "images_per_s": n / max(1e-9, time.time() - t0)}
+            "seconds": time.time() - t0, "images_per_s": n / max(1e-9, time.time() - t0),
+            "bad_samples": sum(bad.values()), "bad_samples_by_reason": dict(sorted(bad.items()))}
+
+
+def _skipped_text(bad: dict) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(bad.items()))
 
 
 def format_result(r: dict) -> str:
+    bad = r.get("bad_samples_by_reason") or {}
+    skipped = f"; skipped: {_skipped_text(bad)}" if bad else ""  # bad samples / shards, by reason
     return (f"{r['data']}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  over {r['classes']} classes, "
-            f"{r['images']} images (chance {r['chance_top1']:.2f}% / {r['chance_top5']:.2f}%)\n"
+            f"{r['images']} images (chance {r['chance_top1']:.2f}% / {r['chance_top5']:.2f}%){skipped}\n"
             f"top1={{'zero_shot_image_logits': {round(r['top1'], 3)}}}\n"
             f"top5={{'zero_shot_image_logits': {round(r['top5'], 3)}}}")
 

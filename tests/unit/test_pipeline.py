@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 from collections import Counter
 
 import pytest
@@ -79,6 +80,32 @@ def test_should_mix_sources_by_weight(tmp_path):
                    for t in batch.tokens[:, 0])
     share_a = tags[ord("a")] / (tags[ord("a")] + tags[ord("b")])
     assert 0.7 < share_a < 0.9, share_a
+
+
+def _keys(n: int):
+    return iter([{"__key__": f"k{i:02d}"} for i in range(n)])
+
+
+def test_should_shuffle_in_the_order_webdatasets_shuffle_gave_when_the_seed_is_fixed():
+    """The expected orders were computed once with webdataset 1.0.2's filters._shuffle, which the pipeline used
+    before shuffle_samples (same rng calls): the README's demo numbers depend on this order."""
+    def order(n: int, size: int, initial: int, seed: int) -> list[str]:
+        return [s["__key__"] for s in pipeline.shuffle_samples(_keys(n), size, initial, random.Random(seed))]
+
+    assert order(20, 6, 6, 0) == ["k03", "k05", "k00", "k02", "k04", "k06", "k10", "k08", "k11", "k12", "k09", "k01",
+                                  "k15", "k16", "k14", "k18", "k07", "k19", "k17", "k13"]
+    assert order(20, 8, 3, 7) == ["k02", "k01", "k04", "k08", "k00", "k05", "k12", "k09", "k11", "k07", "k15", "k13",
+                                  "k10", "k16", "k17", "k18", "k14", "k03", "k06", "k19"]
+    assert order(5, 8, 3, 1) == ["k01", "k00", "k03", "k04", "k02"]  # the stream ends before the buffer fills
+
+
+def test_should_batch_the_same_samples_as_before_when_the_seed_is_fixed(tmp_path):
+    """Caption numbers of the first batches, computed once with the loader on webdataset's shuffle."""
+    small = write_shards(str(tmp_path / "small"), 3, 5)
+    assert [b.tokens[:, 1].tolist() for b in take(loader(small), 3)] == [[1, 3, 4, 3], [1, 2, 0, 2], [4, 0, 4, 1]]
+    big = write_shards(str(tmp_path / "big"), 4, 50)
+    assert [b.tokens[:, 1].tolist() for b in take(loader(big, batch=6, shuffle_buffer=150), 3)] == [
+        [88, 59, 87, 65, 87, 71], [85, 59, 54, 53, 72, 52], [63, 94, 90, 78, 74, 84]]
 
 
 class Schedule:

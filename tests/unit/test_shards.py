@@ -1,11 +1,13 @@
-"""shards.py: the source syntax, expansion, reading one shard through the gopen handler (file, memory://,
-http://)."""
+"""shards.py: the source syntax, expansion, reading one shard through fsspec (file, memory://, http://), with no
+webdataset import on the read path."""
 
 from __future__ import annotations
 
 import functools
 import http.server
 import io
+import subprocess
+import sys
 import tarfile
 import threading
 from collections import Counter
@@ -83,7 +85,7 @@ def test_should_keep_an_at_sign_that_is_not_a_weight():
     assert split_weight("s3://b/{000..009}.tar@0.5") == ("s3://b/{000..009}.tar", 0.5)
 
 
-def test_should_read_samples_from_memory_urls_through_the_gopen_handler():
+def test_should_read_samples_through_fsspec_when_the_url_is_memory():
     d = write_shards("memory://shards-test/ds", 2)
     bad: Counter = Counter()
     samples = [s for u in expand_shard_urls(d) for s in read_tar_samples(u, bad)]
@@ -91,7 +93,7 @@ def test_should_read_samples_from_memory_urls_through_the_gopen_handler():
     assert samples[0]["__key__"] == "000000" and samples[0]["__url__"] == f"{d}/shard-000000.tar"
 
 
-def test_should_read_samples_over_http_through_the_gopen_handler(tmp_path):
+def test_should_read_samples_through_fsspec_when_the_url_is_http(tmp_path):
     d = write_shards(str(tmp_path / "ds"), 1)
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=d)
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -103,6 +105,15 @@ def test_should_read_samples_over_http_through_the_gopen_handler(tmp_path):
         assert list(read_tar_samples(f"{base}/nope.tar", bad)) == [] and bad == {"missing_shard": 1}
     finally:
         httpd.shutdown()
+
+
+def test_should_not_import_webdataset_or_the_authoring_package_when_reading_shards(tmp_path):
+    d = write_shards(str(tmp_path / "ds"), 1)
+    code = ("import sys, collections; from clipjob.data import pipeline, shards; "
+            f"n = len(list(shards.read_tar_samples({d + '/shard-000000.tar'!r}, collections.Counter()))); "
+            "print(n, sorted(m for m in sys.modules if m.split('.')[0] == 'webdataset' or m.startswith('clipjob.datasets')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["2", "[]"]
 
 
 def test_should_derive_distinct_stable_seeds_per_rank_and_worker():

@@ -1,12 +1,21 @@
-"""eval/zeroshot.py: progress lines in a pod's log (no terminal) while evaluating."""
+"""eval/zeroshot.py: progress lines in a pod's log (no terminal) while evaluating; shards read through the
+training reader, bad samples and broken shards skipped and counted."""
 
 from __future__ import annotations
 
+import io
+import random
+from pathlib import Path
+
+import pytest
 import torch
+from PIL import Image
 from torch.utils.data import TensorDataset
 
 from clipjob.config import build_config
-from clipjob.eval.zeroshot import EvalSet, evaluate
+from clipjob.data.transforms import eval_transform
+from clipjob.datasets.writer import ShardWriter
+from clipjob.eval.zeroshot import EvalSet, ShardImages, _cls_label, evaluate, format_result
 from clipjob.model import build_model, build_tokenizer
 
 TINY = ["model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2", "model.vision.image_size=16",
@@ -26,3 +35,45 @@ def test_should_print_progress_lines_with_an_eta_when_no_terminal_is_attached(ca
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("zero-shot tiny:")]
     assert lines[0].startswith("zero-shot tiny: 4/12 (33.3%), eta ") and lines[-1].startswith("zero-shot tiny: 12/12 (100.0%)")
     assert len(lines) == 3 and r["images"] == 12
+
+
+def _png(rng: random.Random) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), tuple(rng.randrange(256) for _ in range(3))).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _eval_shards(out: Path, samples: list[tuple[str, bytes, int]]) -> list[str]:
+    with ShardWriter(str(out), prefix="val", max_samples=len(samples)) as w:
+        for key, png, label in samples:
+            w.write(key, {"png": png, "cls": str(label)})
+    return [str(out / "val-000000.tar")]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_should_skip_and_count_bad_samples_and_score_the_good_ones_when_eval_shards_are_damaged(tmp_path, workers):
+    """One corrupt image in one shard, another shard cut off in its second sample: both are counted by reason
+    (as in training), and top-1/top-5 are those of the good images alone."""
+    rng = random.Random(0)
+    good = [(f"g{i}", _png(rng), i % 6) for i in range(6)]
+    damaged = _eval_shards(tmp_path / "a", [*good[:4], ("bad", b"\x89PNG not an image", 1)])
+    cut = _eval_shards(tmp_path / "b", good[4:])
+    data = Path(cut[0]).read_bytes()
+    Path(cut[0]).write_bytes(data[:data.index(b"g5.cls") + 600])  # in the second sample's last member
+    clean = _eval_shards(tmp_path / "clean", good[:5])  # what survives: the cut shard keeps its first sample
+
+    cfg = build_config("tiny-cpu-scratch", None, TINY)
+    torch.manual_seed(0)
+    model, tok = build_model(cfg.model), build_tokenizer(cfg.model)
+    names = ["red", "green", "blue", "cyan", "pink", "gray", "black", "white", "olive", "navy", "teal", "plum"]
+
+    def run(urls: list[str]) -> dict:
+        images = ShardImages(urls, _cls_label, eval_transform(16, cfg.model.vision.family), 16)
+        return evaluate(model, tok, EvalSet("shards", names, ["a {} square."], images), torch.device("cpu"),
+                        batch_size=2, workers=workers, progress=False)
+
+    r, want = run(damaged + cut), run(clean)
+    assert r["bad_samples_by_reason"] == {"corrupt_image": 1, "truncated_shard": 1} and r["bad_samples"] == 2
+    assert (r["images"], r["top1"], r["top5"]) == (want["images"], want["top1"], want["top5"]) and r["images"] == 5
+    assert want["bad_samples"] == 0 and "skipped" not in format_result(want)
+    assert format_result(r).splitlines()[0].endswith("; skipped: corrupt_image 1, truncated_shard 1")
