@@ -5,6 +5,7 @@ helm comes from scripts/install_tools.sh (.tools/bin/helm); without it the chart
 
 from __future__ import annotations
 
+import copy
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,13 @@ CHART = REPO / "charts" / "train"
 VALUES_DIR = Path(__file__).resolve().parent / "values"
 HELM = REPO / ".tools" / "bin" / "helm"
 EVAL_JOB = REPO / "k8s" / "eval-job.yaml"
-# The Training Operator's CRD lives in the steering repo's shared/ folder, beside this checkout.
+# The Training Operator's and Kubeflow Trainer's CRDs live in the steering repo's shared/ folder, beside this
+# checkout; Volcano's PodGroup CRD is not there: tests/k8s/schemas/ holds a hand-written schema of its fields.
 PYTORCHJOB_CRD = REPO.parent / "shared" / "reference" / "kubeflow" / "kubeflow.org_pytorchjobs.yaml"
+TRAINER_CRDS = REPO.parent / "shared" / "reference" / "kubeflow-trainer"
+TRAINJOB_CRD = TRAINER_CRDS / "trainer.kubeflow.org_trainjobs.yaml"
+TRAININGRUNTIME_CRD = TRAINER_CRDS / "trainer.kubeflow.org_trainingruntimes.yaml"
+PODGROUP_SCHEMA = Path(__file__).resolve().parent / "schemas" / "volcano-podgroup-v1beta1.json"
 RELEASE = "clip-train"
 # Validate against the oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and a current one.
 KUBE_VERSIONS = ("1.27", "1.34")
@@ -41,14 +47,33 @@ class Rendered:
         assert len(found) == 1, f"expected one {kind}, got {self.kinds()}"
         return found[0]
 
+    def job(self) -> dict:
+        """The job object: PyTorchJob, TrainJob or batch Job."""
+        (job,) = [d for d in self.docs if d["kind"] in ("PyTorchJob", "TrainJob", "Job")]
+        return job
+
     def pod_template(self) -> dict:
         """The pod template of the training workload, whichever kind renders it."""
         if self.all("PyTorchJob"):
             return self.one("PyTorchJob")["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]
+        if self.all("TrainingRuntime"):
+            (node,) = self.one("TrainingRuntime")["spec"]["template"]["spec"]["replicatedJobs"]
+            return node["template"]["spec"]["template"]
+        if self.all("TrainJob"):  # on an existing ClusterTrainingRuntime: the chart's part of the pod
+            spec = self.one("TrainJob")["spec"]
+            (patch,) = spec["runtimePatches"]
+            (node,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+            pod = copy.deepcopy(node["template"]["spec"]["template"])
+            trainer = spec["trainer"]
+            (c,) = pod["spec"]["containers"]
+            c.update(image=trainer["image"], args=trainer["args"], env=trainer["env"],
+                     resources=trainer["resourcesPerNode"])
+            return pod
         return self.one("Job")["spec"]["template"]
 
     def container(self) -> dict:
-        (c,) = [c for c in self.pod_template()["spec"]["containers"] if c["name"] == "pytorch"]
+        """The training container: `pytorch` (PyTorchJob, Job) or `node` (the Trainer's name for it)."""
+        (c,) = [c for c in self.pod_template()["spec"]["containers"] if c["name"] in ("pytorch", "node")]
         return c
 
     def env(self) -> dict[str, dict]:

@@ -36,6 +36,8 @@ def test_should_build_a_valid_clipjob_config_when_the_chart_renders_values(rende
 def test_should_offer_only_known_presets_when_values_files_name_one():
     files = [CHART / "values.yaml", *(VALUES_DIR / v for v in values_files())]
     for name in (yaml.safe_load(f.read_text()).get("preset") for f in files):
+        if name is None:  # an overlay (queue-kueue.yaml, gang-volcano.yaml) keeps the preset it is laid over
+            continue
         assert name in presets_mod.PRESETS, f"preset {name!r} is not one of {sorted(presets_mod.PRESETS)}"
 
 

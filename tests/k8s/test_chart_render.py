@@ -235,6 +235,7 @@ def test_should_omit_s3_credentials_when_no_secret_is_named(render):
 def test_should_add_the_kueue_queue_label_when_kueue_queue_is_set(render):
     job = render("kueue.yaml").one("PyTorchJob")
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-vision"
+    assert job["spec"]["runPolicy"]["suspend"] is True  # Kueue unsuspends it on admission
     assert "schedulingPolicy" not in job["spec"]["runPolicy"]
 
 
@@ -274,6 +275,7 @@ def test_should_render_an_indexed_job_and_headless_service_when_workload_is_inde
     assert pod["subdomain"] == svc["metadata"]["name"]
     assert pod["restartPolicy"] == "OnFailure"
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-vision"
+    assert job["spec"]["suspend"] is True
 
 
 def test_should_point_the_rendezvous_at_pod_index_0_when_workload_is_indexed_job(render):
@@ -319,6 +321,7 @@ def test_should_print_commands_to_watch_the_pytorchjob_when_installed(helm, tmp_
     assert "kubectl -n clip get pytorchjob clip-train -w" in notes
     assert "kubectl -n clip logs -f clip-train-worker-0 -c pytorch" in notes
     assert "s3://my-bucket/runs/clip-vit-b16" in notes
+    assert "clipjob status s3://my-bucket/runs/clip-vit-b16 --job clip-train -n clip" in notes
 
 
 def test_should_print_commands_to_watch_the_indexed_job_and_kueue_when_installed_without_operator(helm, tmp_path):
@@ -326,3 +329,12 @@ def test_should_print_commands_to_watch_the_indexed_job_and_kueue_when_installed
     assert "kubectl -n clip get job clip-train -w" in notes
     assert "batch.kubernetes.io/job-completion-index=0" in notes
     assert "kubectl -n clip get workloads" in notes
+
+
+def test_should_print_commands_to_watch_the_trainjob_and_its_volcano_gang_when_installed(helm, tmp_path):
+    notes = render_notes(helm, tmp_path, "-f", str(VALUES_DIR / "trainjob-4x8.yaml"),
+                         "-f", str(VALUES_DIR / "gang-volcano.yaml"))
+    assert "kubectl -n clip get trainjob clip-train -w" in notes
+    assert "-l jobset.sigs.k8s.io/jobset-name=clip-train,batch.kubernetes.io/job-completion-index=0 -c node" in notes
+    assert "kubectl -n clip get podgroups.scheduling.volcano.sh" in notes
+    assert "get workloads" not in notes

@@ -110,6 +110,11 @@ BAD_VALUES = [
     ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
     ("s3.existingSecret=Not_A_Name", "/s3/existingSecret"),
     ("scheduling.kueueQueue=Team A", "/scheduling/kueueQueue"),
+    ("workload=trainjob", "/workload"),
+    ("trainJob.runtime=torch-distributed", "additional properties 'runtime'"),
+    ("trainJob.clusterTrainingRuntime=Torch_Distributed", "/trainJob/clusterTrainingRuntime"),
+    ("scheduling.volcano.minResources.cpu=lots", "/scheduling/volcano/minResources/cpu"),
+    ("scheduling.volcano.minAvailabe=4", "additional properties 'minAvailabe'"),
 ]
 
 
@@ -129,7 +134,7 @@ def test_should_reject_inline_aws_credentials_when_given_as_env_values(render_er
     ({"nodes.count": "4", "nodes.min": "5", "nodes.max": "8"}, "min <= count <= max"),
     ({"nodes.count": "4", "nodes.min": "2", "nodes.max": "3"}, "min <= count <= max"),
     ({"nodes.count": "4", "nodes.min": "2", "workload": "indexedJob"}, "fixed size"),
-    ({"scheduling.volcano.enabled": "true", "workload": "indexedJob"}, "pytorchjob only"),
-], ids=["min-above-count", "max-below-count", "indexed-job-elastic", "indexed-job-volcano"])
+    ({"nodes.count": "4", "nodes.max": "8", "workload": "trainJob"}, "fixed size"),
+], ids=["min-above-count", "max-below-count", "indexed-job-elastic", "trainjob-elastic"])
 def test_should_reject_node_bounds_when_min_count_max_are_inconsistent(render_error, sets, message):
     assert message in render_error(sets=sets)

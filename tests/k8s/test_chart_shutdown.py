@@ -24,7 +24,7 @@ def test_should_end_the_agents_window_15_s_before_the_grace_period_when_a_values
     assert window == grace - MARGIN_S and window >= 15, (window, grace)
 
 
-@pytest.mark.parametrize("workload", ["pytorchjob", "indexedJob"])
+@pytest.mark.parametrize("workload", ["pytorchjob", "trainJob", "indexedJob"])
 def test_should_follow_the_grace_period_when_it_is_set(render, workload):
     r = render(sets={"terminationGracePeriodSeconds": "600", "workload": workload})
     assert window_and_grace(r) == (585, 600)

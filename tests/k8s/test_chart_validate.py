@@ -1,9 +1,12 @@
 """charts/train rendered objects validated offline, as an API server would:
 
 - built-in kinds with kubernetes-validate --strict (unknown fields and wrong types fail);
-- the PyTorchJob against the Training Operator v1.9 CRD's openAPIV3Schema (jsonschema, unknown fields
-  fail as they would under kubectl's strict field validation), through the Training SDK's model classes,
-  and its pod templates as v1 PodTemplates.
+- the PyTorchJob against the Training Operator v1.9 CRD's openAPIV3Schema, the TrainJob and TrainingRuntime
+  against Kubeflow Trainer v2's (jsonschema; unknown fields fail as they would under kubectl's strict field
+  validation), the PyTorchJob also through the Training SDK's model classes;
+- the Volcano PodGroup against a hand-written schema of its documented fields (tests/k8s/schemas/: the CRD
+  cannot be fetched here);
+- the pod templates inside the PyTorchJob and the TrainingRuntime as v1 PodTemplates.
 """
 
 from __future__ import annotations
@@ -15,11 +18,15 @@ import json
 import pytest
 import yaml
 
-from .conftest import KUBE_VERSIONS, PYTORCHJOB_CRD, values_files
+from .conftest import KUBE_VERSIONS, PODGROUP_SCHEMA, PYTORCHJOB_CRD, TRAININGRUNTIME_CRD, TRAINJOB_CRD, values_files
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
 
 CASES = [None, *values_files()]  # None = the chart's defaults
+# kind -> (the CRD file, its version) of the custom kinds the chart renders; PodGroup has its own schema file
+CRDS = {"PyTorchJob": (PYTORCHJOB_CRD, "v1"), "TrainJob": (TRAINJOB_CRD, "v1alpha1"),
+        "TrainingRuntime": (TRAININGRUNTIME_CRD, "v1alpha1")}
+CUSTOM_KINDS = {*CRDS, "PodGroup"}
 
 
 def rendered(render, values):
@@ -38,34 +45,46 @@ def as_pod_template(name: str, template: dict) -> dict:
     return {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": name}, "template": template}
 
 
+def pod_templates(obj: dict) -> list[tuple[str, dict]]:
+    """(name, pod template) inside a PyTorchJob's replicas or a TrainingRuntime's replicated jobs."""
+    name = obj["metadata"]["name"]
+    if obj["kind"] == "PyTorchJob":
+        return [(f"{name}-{r.lower()}", s["template"]) for r, s in obj["spec"]["pytorchReplicaSpecs"].items()]
+    if obj["kind"] == "TrainingRuntime":
+        return [(f"{name}-{j['name']}", j["template"]["spec"]["template"])
+                for j in obj["spec"]["template"]["spec"]["replicatedJobs"]]
+    return []
+
+
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
 @pytest.mark.parametrize("values", CASES, ids=lambda v: v or "defaults")
 def test_should_pass_kubernetes_validate_strict_when_built_in_kinds_are_rendered(render, values, version):
     for obj in rendered(render, values).docs:
-        if obj["apiVersion"].startswith("kubeflow.org/"):
-            continue
-        validate_builtin(obj, version)
+        if obj["kind"] not in CUSTOM_KINDS:
+            validate_builtin(obj, version)
 
 
 @pytest.mark.parametrize("version", KUBE_VERSIONS)
 @pytest.mark.parametrize("values", CASES, ids=lambda v: v or "defaults")
-def test_should_pass_kubernetes_validate_strict_when_pytorchjob_pod_templates_are_wrapped(render, values, version):
-    for job in rendered(render, values).all("PyTorchJob"):
-        for replica, spec in job["spec"]["pytorchReplicaSpecs"].items():
-            validate_builtin(as_pod_template(f"{job['metadata']['name']}-{replica.lower()}", spec["template"]),
-                             version)
+def test_should_pass_kubernetes_validate_strict_when_pod_templates_of_custom_kinds_are_wrapped(render, values, version):
+    for obj in rendered(render, values).docs:
+        for name, template in pod_templates(obj):
+            validate_builtin(as_pod_template(name, template), version)
 
 
-# ---- the Training Operator's CRD ------------------------------------------------------------------------
+# ---- the CRDs (and the PodGroup's hand-written schema) ---------------------------------------------------
 
 
-@functools.lru_cache(maxsize=1)
-def crd_validator():
+@functools.lru_cache(maxsize=None)
+def schema_validator(kind: str):
+    """A jsonschema validator for a custom kind; skips (saying why) when its CRD is not beside this checkout."""
     jsonschema = pytest.importorskip("jsonschema", reason="pip install jsonschema")
-    crd = yaml.safe_load(PYTORCHJOB_CRD.read_text())
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    schema = strict_structural(version["schema"]["openAPIV3Schema"])
-    return jsonschema.Draft7Validator(schema)
+    if kind == "PodGroup":
+        return jsonschema.Draft7Validator(json.loads(PODGROUP_SCHEMA.read_text()))
+    path, name = CRDS[kind]
+    crd = yaml.safe_load(path.read_text())
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == name]
+    return jsonschema.Draft7Validator(strict_structural(version["schema"]["openAPIV3Schema"]))
 
 
 def strict_structural(schema: dict) -> dict:
@@ -87,24 +106,30 @@ def strict_structural(schema: dict) -> dict:
     return schema
 
 
-def needs_crd():
-    if not PYTORCHJOB_CRD.exists():
-        pytest.skip(f"the PyTorchJob CRD is not beside this checkout ({PYTORCHJOB_CRD})")
+def needs_schema(kind: str) -> None:
+    if kind in CRDS and not CRDS[kind][0].exists():
+        pytest.skip(f"the {kind} CRD is not beside this checkout ({CRDS[kind][0]})")
+
+
+def schema_errors(obj: dict) -> list[str]:
+    """What the kind's schema says about `obj`, one line per error ([] = valid)."""
+    needs_schema(obj["kind"])
+    errors = sorted(schema_validator(obj["kind"]).iter_errors(obj), key=lambda e: list(e.path))
+    return [f"{obj['kind']} {'.'.join(map(str, e.path))}: {e.message}" for e in errors]
 
 
 @pytest.mark.parametrize("values", CASES, ids=lambda v: v or "defaults")
-def test_should_match_the_pytorchjob_crd_schema_when_the_pytorchjob_is_rendered(render, values):
-    needs_crd()
-    for job in rendered(render, values).all("PyTorchJob"):
-        errors = sorted(crd_validator().iter_errors(job), key=lambda e: list(e.path))
-        assert not errors, "\n".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors[:10])
+def test_should_match_their_crd_schemas_when_custom_kinds_are_rendered(render, values):
+    for obj in rendered(render, values).docs:
+        if obj["kind"] in CUSTOM_KINDS:
+            errors = schema_errors(obj)
+            assert not errors, "\n".join(errors[:10])
 
 
 def test_should_fail_the_crd_schema_when_a_pytorchjob_field_is_misspelled(render):
-    needs_crd()
     job = copy.deepcopy(render().one("PyTorchJob"))
     job["spec"]["elasticPolicy"]["rdzvBackEnd"] = job["spec"]["elasticPolicy"].pop("rdzvBackend")
-    assert list(crd_validator().iter_errors(job)), "a misspelled field must not pass"
+    assert schema_errors(job), "a misspelled field must not pass"
 
 
 # ---- the Training Operator's Python SDK -----------------------------------------------------------------

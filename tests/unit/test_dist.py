@@ -69,6 +69,25 @@ def test_should_rendezvous_at_the_master_pod_when_the_job_is_not_elastic(env):
     assert dist.launch_spec().rdzv_endpoint == "job-master-0:23456"
 
 
+def test_should_rendezvous_at_node_0_when_a_trainjob_node_pod_gives_the_trainers_env(env):
+    """The env Kubeflow Trainer v2's torch plugin gives node 2 of a 4-node TrainJob "clip-train" (no PET_RDZV_*:
+    node 0's address through the JobSet's headless Service, port 29500), with the flags the chart passes
+    (charts/train/templates/trainjob.yaml): every node's agent meets at node 0 for a 4-node c10d rendezvous."""
+    for k, v in {"PET_NNODES": "4", "PET_NPROC_PER_NODE": "8", "PET_NODE_RANK": "2",
+                 "PET_MASTER_ADDR": "clip-train-node-0-0.clip-train", "PET_MASTER_PORT": "29500"}.items():
+        env.setenv(k, v)
+    spec = dist.launch_spec(nproc_per_node="8", rdzv_id="clip-train", rdzv_backend="c10d", max_restarts=3,
+                            shutdown_timeout=165)
+    assert spec == dist.LaunchSpec("4", "8", "c10d", "clip-train-node-0-0.clip-train:29500", "clip-train", 3, 165)
+    from torch.distributed.run import parse_args
+
+    agent = parse_args(dist.elastic_launch_argv(spec, ["--preset", "tiny-cpu"])[2:])  # torchrun's view, env included
+    assert (agent.nnodes, agent.node_rank, agent.nproc_per_node) == ("4", 2, "8")
+    assert (agent.rdzv_backend, agent.rdzv_endpoint, agent.rdzv_id) == ("c10d", "clip-train-node-0-0.clip-train:29500",
+                                                                        "clip-train")
+    assert agent.max_restarts == 3
+
+
 def test_should_add_the_default_port_when_the_endpoint_has_none(env):
     assert dist.launch_spec(rdzv_endpoint="head").rdzv_endpoint == f"head:{dist.DEFAULT_RDZV_PORT}"
 

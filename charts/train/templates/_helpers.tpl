@@ -73,11 +73,46 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if or (gt $min $count) (lt $max $count) }}
 {{- fail (printf "nodes: need min <= count <= max, got min=%d count=%d max=%d" $min $count $max) }}
 {{- end }}
-{{- if and (eq .Values.workload "indexedJob") (or (ne $min $count) (ne $max $count)) }}
-{{- fail (printf "nodes: workload indexedJob has a fixed size; set nodes.min and nodes.max to nodes.count (%d) or null" $count) }}
+{{- if and (ne .Values.workload "pytorchjob") (or (ne $min $count) (ne $max $count)) }}
+{{- fail (printf "nodes: workload %s has a fixed size; set nodes.min and nodes.max to nodes.count (%d) or null" .Values.workload $count) }}
 {{- end }}
-{{- if and (eq .Values.workload "indexedJob") .Values.scheduling.volcano.enabled }}
-{{- fail "scheduling.volcano: gang scheduling is wired for workload pytorchjob only; use Kueue with indexedJob" }}
+{{- include "train.checkScheduling" . }}
+{{- end }}
+
+{{/*
+Values a workload cannot apply fail the render with one line, instead of being dropped: a fixed-size job
+gangs all its pods; the Trainer sizes a TrainJob's PodGroup itself; a ClusterTrainingRuntime's own pod
+template decides what runtimePatches cannot set; the Trainer rejects TrainJobs that set torchrun's variables.
+*/}}
+{{- define "train.checkScheduling" -}}
+{{- $v := .Values }}
+{{- $vol := $v.scheduling.volcano }}
+{{- $count := int $v.nodes.count }}
+{{- if and $vol.enabled (ne $v.workload "pytorchjob") (not (kindIs "invalid" $vol.minAvailable)) }}
+{{- if ne (int $vol.minAvailable) $count }}
+{{- fail (printf "scheduling.volcano.minAvailable: workload %s places all nodes.count (%d) pods together; leave it null" $v.workload $count) }}
+{{- end }}
+{{- end }}
+{{- if eq $v.workload "trainJob" }}
+{{- if $vol.minResources }}
+{{- fail "scheduling.volcano.minResources: the Trainer computes a TrainJob's PodGroup resources; leave it {}" }}
+{{- end }}
+{{- with $v.trainJob.clusterTrainingRuntime }}
+{{- $runtime := . }}
+{{- range $key := list "priorityClassName" "affinity" "topologySpreadConstraints" }}
+{{- if index $v.scheduling $key }}
+{{- fail (printf "scheduling.%s: the pod template of ClusterTrainingRuntime %q decides it; unset it, or leave trainJob.clusterTrainingRuntime empty" $key $runtime) }}
+{{- end }}
+{{- end }}
+{{- if $vol.enabled }}
+{{- fail (printf "scheduling.volcano: gang scheduling is the podGroupPolicy of ClusterTrainingRuntime %q; disable it here, or leave trainJob.clusterTrainingRuntime empty" $runtime) }}
+{{- end }}
+{{- end }}
+{{- range $v.env }}
+{{- if has .name (list "PET_NNODES" "PET_NPROC_PER_NODE" "PET_NODE_RANK" "PET_MASTER_ADDR" "PET_MASTER_PORT") }}
+{{- fail (printf "env: %s is set by the Kubeflow Trainer on TrainJob pods (reserved); remove it" .name) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 
@@ -185,9 +220,29 @@ flag is always passed) and the agent's shutdown window.
 {{- toYaml $res }}
 {{- end }}
 
+{{/* The training container's environment: HOME, the S3 settings, a workload's own, the user's. Call with
+(dict "root" $ "env" <list of extra env>). */}}
+{{- define "train.env" -}}
+- name: HOME
+  value: /tmp
+{{ include "train.s3Env" .root | trim }}
+{{- with .env }}
+{{ toYaml . }}
+{{- end }}
+{{- with .root.Values.env }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Whether the Volcano PodGroup of this job is the chart's (indexedJob): then its pods name it. */}}
+{{- define "train.volcanoGroup" -}}
+{{- if and .Values.scheduling.volcano.enabled (eq .Values.workload "indexedJob") }}{{ include "train.jobName" . }}{{ end }}
+{{- end }}
+
 {{/*
-Pod template shared by the PyTorchJob and the Indexed Job. Call with
-(dict "root" $ "args" <list of extra container args> "env" <list of extra env> "podSpec" <dict of extra pod spec fields>).
+Pod template shared by the PyTorchJob, the TrainingRuntime and the Indexed Job. Call with
+(dict "root" $ "container" <name, default pytorch> "args" <list of extra container args> "env" <list of extra
+env> "podSpec" <dict of extra pod spec fields> "noPort" <true: no rendezvous port, the controller adds its own>).
 */}}
 {{- define "train.podTemplate" -}}
 {{- $root := .root }}
@@ -201,6 +256,9 @@ metadata:
     {{- end }}
   annotations:
     checksum/config: {{ include (print $root.Template.BasePath "/configmap.yaml") $root | sha256sum }}
+    {{- with include "train.volcanoGroup" $root }}
+    scheduling.k8s.io/group-name: {{ . }}
+    {{- end }}
     {{- with $v.podAnnotations }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -243,28 +301,22 @@ spec:
     {{- toYaml . | nindent 4 }}
   {{- end }}
   containers:
-    - name: pytorch
-      image: "{{ $v.image.repository }}:{{ $v.image.tag | default $root.Chart.AppVersion }}"
+    - name: {{ .container | default "pytorch" }}
+      image: {{ include "train.image" $root | quote }}
       imagePullPolicy: {{ $v.image.pullPolicy }}
       args:
         {{- include "train.trainArgs" $root | nindent 8 }}
         {{- with .args }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
+      {{- if not .noPort }}
       ports:
         - name: pytorchjob-port
           containerPort: {{ $v.elastic.rdzvPort }}
           protocol: TCP
+      {{- end }}
       env:
-        - name: HOME
-          value: /tmp
-        {{- include "train.s3Env" $root | trim | nindent 8 }}
-        {{- with .env }}
-        {{- toYaml . | nindent 8 }}
-        {{- end }}
-        {{- with $v.env }}
-        {{- toYaml . | nindent 8 }}
-        {{- end }}
+        {{- include "train.env" (dict "root" $root "env" .env) | nindent 8 }}
       {{- with $v.envFrom }}
       envFrom:
         {{- toYaml . | nindent 8 }}
@@ -276,32 +328,45 @@ spec:
         {{- toYaml . | nindent 8 }}
       {{- end }}
       volumeMounts:
-        - name: config
-          mountPath: /etc/clipjob
-          readOnly: true
-        - name: tmp
-          mountPath: /tmp
-        {{- if $v.shm.enabled }}
-        - name: dshm
-          mountPath: /dev/shm
-        {{- end }}
-        {{- with $v.extraVolumeMounts }}
-        {{- toYaml . | nindent 8 }}
-        {{- end }}
+        {{- include "train.volumeMounts" $root | nindent 8 }}
   volumes:
-    - name: config
-      configMap:
-        name: {{ include "train.configMapName" $root }}
-    - name: tmp
-      emptyDir:
-        sizeLimit: {{ $v.tmpSizeLimit }}
-    {{- if $v.shm.enabled }}
-    - name: dshm
-      emptyDir:
-        medium: Memory
-        sizeLimit: {{ $v.shm.sizeLimit }}
-    {{- end }}
-    {{- with $v.extraVolumes }}
-    {{- toYaml . | nindent 4 }}
-    {{- end }}
+    {{- include "train.volumes" $root | nindent 4 }}
+{{- end }}
+
+{{- define "train.image" -}}
+{{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
+{{- end }}
+
+{{/* The training container's mounts: the config, a writable /tmp, /dev/shm, the user's. */}}
+{{- define "train.volumeMounts" -}}
+- name: config
+  mountPath: /etc/clipjob
+  readOnly: true
+- name: tmp
+  mountPath: /tmp
+{{- if .Values.shm.enabled }}
+- name: dshm
+  mountPath: /dev/shm
+{{- end }}
+{{- with .Values.extraVolumeMounts }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "train.volumes" -}}
+- name: config
+  configMap:
+    name: {{ include "train.configMapName" . }}
+- name: tmp
+  emptyDir:
+    sizeLimit: {{ .Values.tmpSizeLimit }}
+{{- if .Values.shm.enabled }}
+- name: dshm
+  emptyDir:
+    medium: Memory
+    sizeLimit: {{ .Values.shm.sizeLimit }}
+{{- end }}
+{{- with .Values.extraVolumes }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
