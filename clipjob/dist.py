@@ -1,12 +1,15 @@
 """The one place that reads torchrun / PyTorchJob environment variables.
 
 `clipjob train` as a pod's entrypoint: `launch_spec` + `elastic_launch_argv` turn flags, or the PET_* env a
-PyTorchJob injects, into a torch.distributed.run command line (elastic agent, c10d rendezvous) that the CLI
-exec()s, so the agent becomes the pod's main process, receives SIGTERM and forwards it to the workers.
+PyTorchJob or a Kubeflow Trainer TrainJob injects, into a torch.distributed.run command line (elastic agent,
+c10d rendezvous) that the CLI exec()s, so the agent becomes the pod's main process, receives SIGTERM and
+forwards it to the workers.
 Started by torchrun directly (LOCAL_RANK etc. set), the process is a worker: `init_distributed` joins the
 group (NCCL on GPU, gloo on CPU) with a timeout.
 
-Precedence: flags > PET_* > the master address a non-elastic PyTorchJob sets > single-process defaults.
+Precedence: flags > PET_* > the master address a non-elastic PyTorchJob or a TrainJob sets (the c10d
+rendezvous is hosted there) > single-process defaults. A TrainJob (Trainer v2, fixed size) gives PET_NNODES,
+PET_NPROC_PER_NODE, PET_NODE_RANK and PET_MASTER_ADDR/PET_MASTER_PORT (node 0, port 29500), no PET_RDZV_*.
 Variables clipjob does not translate (PET_RDZV_CONF, PET_STANDALONE, PET_SHUTDOWN_TIMEOUT, ...) are read by
 torchrun itself, which takes every option from PET_<OPTION> when the flag is absent.
 """
@@ -76,7 +79,8 @@ def _nproc(value: str) -> str:
 
 
 def _master_endpoint(env: os._Environ | dict) -> str:
-    """HOST:PORT of a non-elastic PyTorchJob's master pod (PET_MASTER_ADDR/MASTER_ADDR), '' if none."""
+    """HOST:PORT of node 0 when no rendezvous endpoint is given, '' if none: a non-elastic PyTorchJob's master
+    pod (MASTER_ADDR), a TrainJob's node 0 (PET_MASTER_ADDR: <trainjob>-node-0-0.<trainjob>)."""
     host = env.get("PET_MASTER_ADDR") or env.get("MASTER_ADDR")
     port = env.get("PET_MASTER_PORT") or env.get("MASTER_PORT") or str(DEFAULT_RDZV_PORT)
     return f"{host}:{port}" if host else ""
