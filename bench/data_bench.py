@@ -99,11 +99,13 @@ def upload(local: str, bucket_url: str) -> str:
 
 
 def clipjob_loader(spec: str, args: argparse.Namespace):
+    from clipjob.config import DataConfig
     from clipjob.data.pipeline import build_train_loader
     from clipjob.model.tokenizer import ClipTokenizer
 
-    return build_train_loader(spec, args.batch_size, args.image_size, ClipTokenizer(77), seed=0, rank=0, start_step=0,
-                              num_workers=args.workers, shuffle_buffer=args.shuffle, rrc_scale=(0.9, 1.0))
+    data = DataConfig(train=spec, num_workers=args.workers, shuffle_buffer=args.shuffle, rrc_scale=(0.9, 1.0))
+    return build_train_loader(data, batch_size=args.batch_size, image_size=args.image_size, tokenizer=ClipTokenizer(77),
+                              seed=0, rank=0, start_step=0)
 
 
 FSSPEC_SCHEMES = ("s3", "s3a", "gs", "gcs", "memory", "az", "abfs", "hf", "http", "https")

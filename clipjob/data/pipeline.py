@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipjob import fs
+from clipjob.config import DataConfig
 from clipjob.data.decode import BadSample, decode_caption, decode_image
 from clipjob.data.shards import Source, derive_seed, parse_sources, read_tar_samples
 from clipjob.data.transforms import train_transform
@@ -236,21 +237,22 @@ def next_batch(batches: Iterator[Batch], stop_requested: Callable[[], bool], sta
                                  f"error (data.stall_timeout_s={stall_s:g}); exiting as retryable")
 
 
-def build_train_loader(spec: str, batch_size: int, image_size: int, tokenizer: Callable, *, seed: int, rank: int,
-                       start_step: int, num_workers: int, shuffle_buffer: int,
-                       rrc_scale: tuple[float, float], caption_key: str = "txt",
-                       batch_schedule: BatchSchedule | None = None, prefetch_factor: int = 4,
-                       worker_nice: int = 0, stall_s: float | None = None) -> DataLoader:
-    """The training loader of one rank: endless, in step order, batches built inside `num_workers` workers.
-    `batch_schedule(step) -> (image_size, batch_size)` varies the batch shape per step (multi-scale)."""
-    stream = ShardStream(parse_sources(spec), batch_size, image_size, tokenizer, seed=seed, rank=rank,
-                         start_step=start_step, shuffle_buffer=shuffle_buffer, rrc_scale=rrc_scale,
-                         caption_key=caption_key, batch_schedule=batch_schedule, stall_s=stall_s)
-    return TrainLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-                       timeout=POLL_S if num_workers > 0 else 0,
-                       persistent_workers=num_workers > 0,
-                       prefetch_factor=prefetch_factor if num_workers > 0 else None, collate_fn=_identity,
-                       worker_init_fn=worker_init(worker_nice))
+def build_train_loader(data: DataConfig, *, batch_size: int, image_size: int, tokenizer: Callable, seed: int,
+                       rank: int, start_step: int, batch_schedule: BatchSchedule | None = None,
+                       prefetch_factor: int = 4) -> DataLoader:
+    """The training loader of one rank: endless, in step order, batches built inside `data.num_workers` workers.
+    `data` gives the shards and how to read them; the keywords are facts of the run (train.batch_size, the
+    model's image size, train.seed, this rank, the step it starts at). `batch_schedule(step) -> (image_size,
+    batch_size)` varies the batch shape per step (multi-scale)."""
+    stream = ShardStream(parse_sources(data.train), batch_size, image_size, tokenizer, seed=seed, rank=rank,
+                         start_step=start_step, shuffle_buffer=data.shuffle_buffer, rrc_scale=data.rrc_scale,
+                         caption_key=data.caption_key, batch_schedule=batch_schedule, stall_s=data.stall_timeout_s)
+    workers = data.num_workers
+    return TrainLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                       timeout=POLL_S if workers > 0 else 0,
+                       persistent_workers=workers > 0,
+                       prefetch_factor=prefetch_factor if workers > 0 else None, collate_fn=_identity,
+                       worker_init_fn=worker_init(data.worker_nice))
 
 
 def _identity(x):  # module-level so it pickles for spawn-started workers

@@ -121,12 +121,9 @@ def build_loader(cfg: Config, d: dist.DistInfo, start_step: int):
     if cfg.data.multiscale:
         schedule = build_schedule(cfg.data.multiscale_sizes, cfg.model.vision.image_size, cfg.train.batch_size,
                                   cfg.train.seed, min_batch=cfg.train.accum_steps)
-    return build_train_loader(cfg.data.train, cfg.train.batch_size, cfg.model.vision.image_size,
-                              build_tokenizer(cfg.model), seed=cfg.train.seed, rank=d.rank, start_step=start_step,
-                              num_workers=cfg.data.num_workers, shuffle_buffer=cfg.data.shuffle_buffer,
-                              rrc_scale=cfg.data.rrc_scale, caption_key=cfg.data.caption_key,
-                              batch_schedule=schedule, worker_nice=cfg.data.worker_nice,
-                              stall_s=cfg.data.stall_timeout_s)
+    return build_train_loader(cfg.data, batch_size=cfg.train.batch_size, image_size=cfg.model.vision.image_size,
+                              tokenizer=build_tokenizer(cfg.model), seed=cfg.train.seed, rank=d.rank,
+                              start_step=start_step, batch_schedule=schedule)
 
 
 # ---------------------------------------------------------------------------------------------------------

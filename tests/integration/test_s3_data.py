@@ -16,9 +16,10 @@ import torch
 from PIL import Image
 
 from clipjob import fs
+from clipjob.config import DataConfig
+from clipjob.data.pipeline import build_train_loader
 from clipjob.datasets.build import BuildOptions, build_shards
 from clipjob.datasets.inspect import inspect_shards
-from clipjob.data.pipeline import build_train_loader
 from clipjob.datasets.writer import ShardWriter
 from clipjob.errors import ClipjobError
 
@@ -81,8 +82,8 @@ def test_should_build_from_a_csv_into_a_bucket_and_train_from_it_with_the_cli(s3
 def test_should_mix_s3_and_local_sources_by_weight_in_workers(s3_bucket, tmp_path):
     remote = write(f"{s3_bucket}/a", 32, "a")
     local = write(str(tmp_path / "b"), 32, "b")
-    it = iter(build_train_loader(f"{remote}@0.5::{local}@0.5", 8, 16, tokenize, seed=1, rank=0, start_step=0,
-                                 num_workers=2, shuffle_buffer=16, rrc_scale=(0.9, 1.0)))
+    data = DataConfig(train=f"{remote}@0.5::{local}@0.5", num_workers=2, shuffle_buffer=16, rrc_scale=(0.9, 1.0))
+    it = iter(build_train_loader(data, batch_size=8, image_size=16, tokenizer=tokenize, seed=1, rank=0, start_step=0))
     tags: Counter = Counter()
     for _ in range(16):
         b = next(it)
@@ -103,11 +104,11 @@ def test_should_count_a_missing_object_and_keep_reading_the_others(s3_bucket):
 
 def test_should_fail_with_one_line_naming_the_url_when_the_bucket_does_not_exist(s3_server, csv_dataset):
     with pytest.raises(ClipjobError) as e:
-        build_train_loader("s3://no-such-bucket-q9/ds", 8, 16, tokenize, seed=0, rank=0, start_step=0,
-                           num_workers=0, shuffle_buffer=0, rrc_scale=(0.9, 1.0))
+        build_train_loader(DataConfig(train="s3://no-such-bucket-q9/ds", num_workers=0, shuffle_buffer=0),
+                           batch_size=8, image_size=16, tokenizer=tokenize, seed=0, rank=0, start_step=0)
     assert str(e.value) == "s3://no-such-bucket-q9/ds: bucket does not exist (check the URL and AWS_ENDPOINT_URL_S3)"
     with pytest.raises(ClipjobError, match="^s3://no-such-bucket-q9/{0..3}.tar: bucket does not exist"):
-        build_train_loader("s3://no-such-bucket-q9/{0..3}.tar", 8, 16, tokenize, seed=0, rank=0, start_step=0,
-                           num_workers=0, shuffle_buffer=0, rrc_scale=(0.9, 1.0))
+        build_train_loader(DataConfig(train="s3://no-such-bucket-q9/{0..3}.tar", num_workers=0, shuffle_buffer=0),
+                           batch_size=8, image_size=16, tokenizer=tokenize, seed=0, rank=0, start_step=0)
     with pytest.raises(ClipjobError, match="bucket does not exist"):
         build_shards(str(csv_dataset), BuildOptions(out="s3://no-such-bucket-q9/out", progress=False))

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from clipjob.config import DataConfig
 from clipjob.data.pipeline import build_train_loader
 from clipjob.datasets.writer import ShardWriter
 
@@ -50,8 +51,8 @@ def write(out: Path, samples: list[dict], per_shard: int = 1000) -> str:
 def bad_counts(spec: str, batches: int = 6) -> Counter:
     """Run the real loader (in-process) for a few batches: they must come, with full shapes."""
     tok = lambda caps: torch.zeros(len(caps), 4, dtype=torch.long)  # noqa: E731
-    it = iter(build_train_loader(spec, 4, 16, tok, seed=0, rank=0, start_step=0, num_workers=0, shuffle_buffer=4,
-                                 rrc_scale=(0.9, 1.0)))
+    data = DataConfig(train=spec, num_workers=0, shuffle_buffer=4, rrc_scale=(0.9, 1.0))
+    it = iter(build_train_loader(data, batch_size=4, image_size=16, tokenizer=tok, seed=0, rank=0, start_step=0))
     total: Counter = Counter()
     for _ in range(batches):
         b = next(it)
@@ -182,8 +183,8 @@ def test_should_train_one_copy_of_a_duplicate_key_and_count_the_others(tmp_path)
         captions.update(caps)
         return torch.zeros(len(caps), 4, dtype=torch.long)
 
-    it = iter(build_train_loader(str(tmp_path / "ds"), 3, 16, tok, seed=0, rank=0, start_step=0, num_workers=0,
-                                 shuffle_buffer=0, rrc_scale=(0.9, 1.0)))
+    data = DataConfig(train=str(tmp_path / "ds"), num_workers=0, shuffle_buffer=0, rrc_scale=(0.9, 1.0))
+    it = iter(build_train_loader(data, batch_size=3, image_size=16, tokenizer=tok, seed=0, rank=0, start_step=0))
     bad: Counter = Counter()
     for _ in range(4):  # one batch per draw of the shard
         bad.update(next(it).bad)

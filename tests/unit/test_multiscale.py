@@ -49,6 +49,7 @@ def _tokens(captions: list[str]) -> torch.Tensor:
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_should_yield_each_steps_shape_in_order_when_the_loader_uses_the_schedule(tmp_path, workers):
+    from clipjob.config import DataConfig
     from clipjob.data.pipeline import build_train_loader
     from clipjob.datasets.writer import ShardWriter
 
@@ -59,9 +60,9 @@ def test_should_yield_each_steps_shape_in_order_when_the_loader_uses_the_schedul
             w.write(f"k{i:04d}", {"png": buf.getvalue(), "txt": f"sample {i}"})
     schedule = MultiScaleSchedule((16, 24, 32), 24, 6, seed=3)
     start = 7
-    loader = build_train_loader(str(tmp_path), 6, 24, _tokens, seed=0, rank=0, start_step=start,
-                                num_workers=workers, shuffle_buffer=10, rrc_scale=(0.8, 1.0),
-                                batch_schedule=schedule, prefetch_factor=2)
+    data = DataConfig(train=str(tmp_path), num_workers=workers, shuffle_buffer=10, rrc_scale=(0.8, 1.0))
+    loader = build_train_loader(data, batch_size=6, image_size=24, tokenizer=_tokens, seed=0, rank=0,
+                                start_step=start, batch_schedule=schedule, prefetch_factor=2)
     got = []
     for i, batch in zip(range(8), loader):
         got.append((batch.images.shape[-1], batch.images.shape[0]))

@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from clipjob.config import DataConfig
 from clipjob.data import pipeline
 from clipjob.data.pipeline import Batch, build_train_loader
 from clipjob.data.transforms import to_unit_float
@@ -38,8 +39,9 @@ def tokenize(captions: list[str]) -> torch.Tensor:
 
 
 def loader(spec: str, batch: int = 4, size: int = 16, workers: int = 0, rank: int = 0, seed: int = 0, **kw):
-    return build_train_loader(spec, batch, size, tokenize, seed=seed, rank=rank, start_step=0, num_workers=workers,
-                              shuffle_buffer=kw.pop("shuffle_buffer", 8), rrc_scale=(0.9, 1.0), **kw)
+    data = DataConfig(train=spec, num_workers=workers, shuffle_buffer=kw.pop("shuffle_buffer", 8), rrc_scale=(0.9, 1.0))
+    return build_train_loader(data, batch_size=batch, image_size=size, tokenizer=tokenize, seed=seed, rank=rank,
+                              start_step=0, **kw)
 
 
 def take(dl, n: int) -> list[Batch]:
