@@ -18,7 +18,14 @@ import json
 import pytest
 import yaml
 
-from .conftest import KUBE_VERSIONS, PODGROUP_SCHEMA, PYTORCHJOB_CRD, TRAININGRUNTIME_CRD, TRAINJOB_CRD, values_files
+from .conftest import (
+    KUBE_VERSIONS,
+    PODGROUP_SCHEMA,
+    PYTORCHJOB_CRD,
+    TRAININGRUNTIME_CRD,
+    TRAINJOB_CRD,
+    values_files,
+)
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
 
@@ -75,7 +82,7 @@ def test_should_pass_kubernetes_validate_strict_when_pod_templates_of_custom_kin
 # ---- the CRDs (and the PodGroup's hand-written schema) ---------------------------------------------------
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def schema_validator(kind: str):
     """A jsonschema validator for a custom kind; skips (saying why) when its CRD is not beside this checkout."""
     jsonschema = pytest.importorskip("jsonschema", reason="pip install jsonschema")
