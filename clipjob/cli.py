@@ -172,7 +172,7 @@ def eval_zeroshot(
     watch: Annotated[Optional[str], typer.Option(help="Run dir: evaluate each newly committed checkpoint once, until the run's final step (train.steps) is evaluated")] = None,
     preset: Preset = None, config: ConfigFile = None, set_: Sets = None,
     resolution: Annotated[int, typer.Option(help="Eval resolution (0 = the model's)")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Images per batch")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Images per batch (0 = the checkpoint config's eval.batch_size)")] = 0,
     workers: Annotated[int, typer.Option(help="Decoding worker processes")] = 2,
     precision: Annotated[str, typer.Option(help="fp32 or bf16")] = "fp32",
     classnames: Annotated[Optional[str], typer.Option(help="JSON list (or folder->name dict) of class names")] = None,

@@ -1,16 +1,20 @@
 """The typed config tree: model, data, train, eval, storage.
 
-Every field carries a one-line doc (`clipjob config show --docs` prints them). A config is built from a
-preset or YAML file plus repeated `--set a.b=v` overrides, validated as a whole, and frozen: nothing mutates
-it after `build_config` returns. Errors name the offending key.
+Every field carries a one-line doc (`clipjob config show --docs` prints them). A config is built by `resolve`,
+the one resolver (training, eval and `ckpt` all use it): a preset, a stored config or the defaults, plus a YAML
+file and repeated `--set a.b=v` overrides; the defaults that depend on other keys are filled in (so config.yaml
+says what ran), then `validate` checks every field and every cross-field rule. Frozen afterwards; errors name
+the offending key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -266,18 +270,37 @@ def load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
-def build_config(preset: str | None = None, config_file: str | None = None, overrides: list[str] = ()) -> Config:
-    """Preset (or defaults) <- YAML file <- `--set` overrides, then validated."""
-    from clipjob.presets import preset_dict
+SIGLIP_LOGIT_SCALE_INIT = math.log(10.0)  # SigLIP paper / OpenCLIP: t' = ln 10 (and logit bias -10)
 
-    data: dict[str, Any] = preset_dict(preset) if preset else {}
+
+def resolve(base: dict[str, Any] | None = None, config_file: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """The one config resolver: `base` (a preset's or a stored config's dict; None = the defaults) <- YAML
+    file <- `--set` overrides, then the defaults that depend on other keys, then `validate`."""
+    data: dict[str, Any] = dict(base or {})
     if config_file:
         data = merge(data, load_yaml(config_file))
     for item in overrides:
         data = merge(data, parse_override(item))
     cfg = from_dict(Config, data)
+    if cfg.train.loss == "siglip" and cfg.model.logit_scale_init == ModelConfig.logit_scale_init:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, logit_scale_init=SIGLIP_LOGIT_SCALE_INIT))
     validate(cfg)
     return cfg
+
+
+def build_config(preset: str | None = None, config_file: str | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Preset (or defaults) <- YAML file <- `--set` overrides, resolved and validated."""
+    from clipjob.presets import preset_dict
+
+    return resolve(preset_dict(preset) if preset else None, config_file, overrides)
+
+
+def overrides_dict(overrides: Sequence[str]) -> dict[str, Any]:
+    """`--set` items as one nested dict (e.g. to read a value before resolving)."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        out = merge(out, parse_override(item))
+    return out
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -327,6 +350,11 @@ def validate(cfg: Config) -> None:
     _check(cfg.storage.stop_wait_s >= 0, f"storage.stop_wait_s: must be >= 0 (0: from the shutdown window), got {cfg.storage.stop_wait_s}")
     _check(not d.multiscale or all(s > 0 and s % stride == 0 for s in d.multiscale_sizes),  # only when used
            f"data.multiscale_sizes: each must be a positive multiple of the patch size {stride}, got {d.multiscale_sizes}")
+    if d.multiscale:  # the least batch a step gets (the largest size, area-scaled) must hold accum_steps micro-batches
+        largest = max([*d.multiscale_sizes, v.image_size])
+        smallest = max(1, v.image_size * v.image_size * tr.batch_size // (largest * largest))
+        _check(smallest >= tr.accum_steps, f"data.multiscale_sizes: at {largest} px a step gets {smallest} samples per "
+               f"rank, fewer than train.accum_steps={tr.accum_steps}; raise train.batch_size or drop large sizes")
     _check(cfg.eval.resolution >= 0, f"eval.resolution: must be >= 0, got {cfg.eval.resolution}")
 
 

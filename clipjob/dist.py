@@ -244,11 +244,6 @@ def any_flags(flags: list[bool], device: torch.device) -> list[bool]:
     return [bool(v > 0) for v in t.tolist()]
 
 
-def broadcast_flag(flag: bool, device: torch.device) -> bool:
-    """True on every rank if any rank set the flag."""
-    return any_flags([flag], device)[0]
-
-
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     if not _active():
         return list(values)

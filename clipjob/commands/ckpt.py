@@ -25,30 +25,24 @@ def _model_config(sd, resolved: str, layout: str, quick_gelu: bool, overrides: l
     """The full Config of converted weights: the stored one (clipjob), else inferred from the shapes with the
     head counts (which shapes cannot tell) from `--set model.*.heads=N` or the CoreNet YAML; then `--set`."""
     from clipjob import checkpoint as ckpt
-    from clipjob.config import Config, from_dict, merge, parse_override, to_dict, validate
+    from clipjob.config import resolve, to_dict
     from clipjob.model.convert import infer_model_config
 
     stored = ckpt.stored_config_yaml(resolved) if layout == "clipjob" else None
     if stored:
-        data = to_dict(from_dict(Config, yaml.safe_load(stored)))
-    else:
-        heads = _given_heads(overrides, corenet_config)
-        try:
-            model = infer_model_config(sd, "quick_gelu" if quick_gelu else "gelu", heads["vision"], heads["text"])
-        except ClipjobError as e:
-            raise ClipjobError(f"{resolved}: {e}") from None
-        data = {"model": to_dict(model)}
-    for o in overrides:
-        data = merge(data, parse_override(o))
-    cfg = from_dict(Config, data)
-    validate(cfg)
-    return cfg
+        return resolve(yaml.safe_load(stored), None, overrides)
+    heads = _given_heads(overrides, corenet_config)
+    try:
+        model = infer_model_config(sd, "quick_gelu" if quick_gelu else "gelu", heads["vision"], heads["text"])
+    except ClipjobError as e:
+        raise ClipjobError(f"{resolved}: {e}") from None
+    return resolve({"model": to_dict(model)}, None, overrides)
 
 
 def _given_heads(overrides: list[str], corenet_config: str | None) -> dict[str, int | None]:
     """Head counts given by `--set model.{vision,text}.heads=N`, else by a CoreNet YAML (its ViT mode and
     text n_heads_per_layer), else None."""
-    from clipjob.config import merge, parse_override
+    from clipjob.config import overrides_dict
 
     heads: dict[str, int | None] = {"vision": None, "text": None}
     if corenet_config:
@@ -62,9 +56,7 @@ def _given_heads(overrides: list[str], corenet_config: str | None) -> dict[str, 
             raise ClipjobError(f"{corenet_config}: model.classification.vit.mode {mode!r} is not one of {', '.join(VIT_MODES)}")
         heads = {"vision": VIT_MODES[mode][2] if mode else None,
                  "text": flat.get("model.text.transformer.n_heads_per_layer")}
-    given: dict = {}
-    for o in overrides:
-        given = merge(given, parse_override(o))
+    given = overrides_dict(overrides)
     for tower in heads:
         value = given.get("model", {}).get(tower, {}).get("heads")
         if value is not None:

@@ -15,15 +15,8 @@ import random
 from dataclasses import dataclass
 
 from clipjob.data.shards import derive_seed
-from clipjob.errors import ClipjobError
 
 _STREAM = 0x5CA1E  # separates this RNG stream from other users of derive_seed(seed, ...)
-
-
-def corenet_sizes(low: int = 160, high: int = 320, n: int = 5, base: int = 224, divisor: int = 32) -> list[int]:
-    """CoreNet's resolutions: n evenly spaced sizes from low to high plus the base, made divisible."""
-    sizes = {int(round((low + (high - low) * i / (n - 1)) / divisor) * divisor) for i in range(n)} | {base}
-    return sorted(sizes)
 
 
 @dataclass(frozen=True)
@@ -40,17 +33,9 @@ class MultiScaleSchedule:
         size = self.sizes[random.Random(derive_seed(self.seed, _STREAM, step)).randrange(len(self.sizes))]
         return size, self.batch_for(size)
 
-    def max_batch(self) -> int:
-        return self.batch_for(min(self.sizes))
 
-
-def build_schedule(sizes: list[int], base_size: int, base_batch: int, seed: int,
-                   min_batch: int = 1) -> MultiScaleSchedule:
+def build_schedule(sizes: list[int], base_size: int, base_batch: int, seed: int) -> MultiScaleSchedule:
     """The schedule for `data.multiscale_sizes` around the model's base resolution and `train.batch_size`.
-    The base size always takes part. `min_batch` (e.g. train.accum_steps) is the least batch a step may get."""
-    s = MultiScaleSchedule(tuple(sorted(set(sizes) | {base_size})), base_size, base_batch, seed)
-    smallest = s.batch_for(max(s.sizes))
-    if smallest < min_batch:
-        raise ClipjobError(f"data.multiscale_sizes: at {max(s.sizes)} px a step gets {smallest} samples per rank, "
-                           f"fewer than train.accum_steps={min_batch}; raise train.batch_size or drop large sizes")
-    return s
+    The base size always takes part. (config.validate checks that the largest size's batch still holds
+    train.accum_steps micro-batches.)"""
+    return MultiScaleSchedule(tuple(sorted(set(sizes) | {base_size})), base_size, base_batch, seed)

@@ -24,7 +24,7 @@ import yaml
 
 from clipjob import checkpoint as ckpt
 from clipjob import fs
-from clipjob.config import Config, build_config, from_dict, validate
+from clipjob.config import Config, build_config, resolve
 from clipjob.errors import ClipjobError, RetryableError
 from clipjob.eval.zeroshot import build_eval_set, evaluate, format_result
 from clipjob.model import build_model, build_tokenizer
@@ -41,18 +41,9 @@ class EvalStopped(Exception):
 def config_for_checkpoint(step_or_file: str, preset: str | None, config_file: str | None,
                           overrides: list[str]) -> Config:
     """The config stored with a clipjob checkpoint, else the one the user names (needed for foreign files)."""
-    stored = None if step_or_file.endswith((".pt", ".pth", ".safetensors", ".bin")) else ckpt.load_config_yaml(step_or_file)
+    stored = ckpt.stored_config_yaml(step_or_file)
     if stored and not (preset or config_file):
-        cfg = from_dict(Config, yaml.safe_load(stored))
-        if overrides:
-            from clipjob.config import merge, parse_override, to_dict
-
-            data = to_dict(cfg)
-            for o in overrides:
-                data = merge(data, parse_override(o))
-            cfg = from_dict(Config, data)
-        validate(cfg)
-        return cfg
+        return resolve(yaml.safe_load(stored), None, overrides)
     if not (preset or config_file):
         raise ClipjobError(f"{step_or_file}: no config stored with this checkpoint; pass --preset or --config")
     return build_config(preset, config_file, overrides)
@@ -88,7 +79,7 @@ def _stop_point(stop: Any, where: str) -> None:
         raise EvalStopped(stop.signum, where)
 
 
-def evaluate_model(model, cfg: Config, url: str, data: list[str], *, resolution: int = 0, batch_size: int = 256,
+def evaluate_model(model, cfg: Config, url: str, data: list[str], *, resolution: int = 0, batch_size: int = 0,
                    workers: int = 2, precision: str = "fp32", classnames: str | None = None,
                    templates: str | None = None, ema: bool = False, stop: Any = None) -> list[dict]:
     """One result per --data spec for a loaded checkpoint (printed as it comes)."""
@@ -100,7 +91,7 @@ def evaluate_model(model, cfg: Config, url: str, data: list[str], *, resolution:
     results = []
     for spec in data:
         es = build_eval_set(spec, size, cfg.model.vision.family, classnames, templates)
-        r = evaluate(model, tokenizer, es, device, batch_size, workers, precision,
+        r = evaluate(model, tokenizer, es, device, batch_size or cfg.eval.batch_size, workers, precision,
                      trim_text=cfg.model.text.trim_padding, worker_nice=cfg.eval.worker_nice,
                      check_stop=lambda: _stop_point(stop, where))
         r.update(checkpoint=url, step=step, resolution=size, time=time.time(), ema=ema)

@@ -90,6 +90,3 @@ def build_tokenizer(cfg: ModelConfig):
 
     return ClipTokenizer(cfg.text.context_length)
 
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -42,7 +42,3 @@ class EMA:
                            f"unexpected {sorted(unexpected)[:5]}")
         for k, v in state.items():
             self.shadow[k].copy_(v)
-
-    def copy_to(self, model: nn.Module) -> None:
-        """Load the averaged weights into a model (for evaluation)."""
-        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})

@@ -13,15 +13,12 @@ test_distributed.py checks both). Without the local-loss labels, gathering with 
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-SIGLIP_LOGIT_SCALE_INIT = math.log(10.0)  # SigLIP paper / OpenCLIP: t' = ln 10, b = -10
-SIGLIP_LOGIT_BIAS_INIT = -10.0
+SIGLIP_LOGIT_BIAS_INIT = -10.0  # SigLIP paper / OpenCLIP (the logit scale starts at ln 10: config.resolve)
 
 
 def at_least_fp32(x: torch.Tensor) -> torch.Tensor:

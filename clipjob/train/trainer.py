@@ -14,7 +14,7 @@ import os
 import signal
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from clipjob import checkpoint as ckpt
 from clipjob import dist, fs
-from clipjob.config import Config, ModelConfig, to_yaml
+from clipjob.config import Config, to_yaml
 from clipjob.data.multiscale import build_schedule
 from clipjob.data.pipeline import build_train_loader, next_batch
 from clipjob.data.shards import derive_seed, parse_sources
@@ -31,8 +31,9 @@ from clipjob.errors import ClipjobError, RetryableError
 from clipjob.model import build_model, build_tokenizer
 from clipjob.model.tokenizer import trim_padding
 from clipjob.train.ema import EMA
-from clipjob.train.loss import SIGLIP_LOGIT_SCALE_INIT, ContrastiveLoss, build_loss
-from clipjob.train.metrics import MetricsLogger, Throughput, flops_per_sample, peak_flops
+from clipjob.train.loss import ContrastiveLoss, build_loss
+from clipjob.train.flops import flops_per_sample, peak_flops
+from clipjob.train.metrics import MetricsLogger, Throughput
 from clipjob.train.optim import build_optimizer, lr_at, set_lr
 from clipjob.train.step import StepResult, forward_backward, optimizer_step
 
@@ -98,9 +99,6 @@ class StopFlag:
 def build_parts(cfg: Config, d: dist.DistInfo) -> Parts:
     torch.manual_seed(cfg.train.seed)  # same init on every rank (DDP broadcasts rank 0's anyway)
     model = build_model(cfg.model).to(d.device)
-    if cfg.train.loss == "siglip" and cfg.model.logit_scale_init == ModelConfig.logit_scale_init:
-        with torch.no_grad():
-            model.logit_scale.fill_(SIGLIP_LOGIT_SCALE_INIT)
     loss_fn = build_loss(cfg.train.loss).to(d.device)
     opt = build_optimizer(model, cfg.train, loss_fn)
     scaler = torch.amp.GradScaler(d.device.type) if cfg.train.precision == "fp16" else None
@@ -120,7 +118,7 @@ def build_loader(cfg: Config, d: dist.DistInfo, start_step: int):
     schedule = None
     if cfg.data.multiscale:
         schedule = build_schedule(cfg.data.multiscale_sizes, cfg.model.vision.image_size, cfg.train.batch_size,
-                                  cfg.train.seed, min_batch=cfg.train.accum_steps)
+                                  cfg.train.seed)
     return build_train_loader(cfg.data, batch_size=cfg.train.batch_size, image_size=cfg.model.vision.image_size,
                               tokenizer=build_tokenizer(cfg.model), seed=cfg.train.seed, rank=d.rank,
                               start_step=start_step, batch_schedule=schedule)
@@ -138,8 +136,7 @@ def save(cfg: Config, parts: Parts, state: TrainState, d: dist.DistInfo) -> None
         train_state = {"optimizer": parts.opt.state_dict(), "loss": parts.loss_fn.state_dict(),
                        "scaler": parts.scaler.state_dict() if parts.scaler else {},
                        "step": state.step, "samples_seen": state.samples_seen, "bad_samples": state.bad_samples,
-                       "good_samples": state.good_samples,
-                       "data_rng": {"seed": cfg.train.seed, "start_step": state.step, "world_size": d.world_size}}
+                       "good_samples": state.good_samples}
         meta = {"samples_seen": state.samples_seen, "world_size": d.world_size, "ema": parts.ema is not None,
                 "params": sum(p.numel() for p in parts.model.parameters())}
         extra = {ckpt.EMA_FILE: parts.ema.state_dict()} if parts.ema else None
@@ -252,12 +249,12 @@ def save_due(cfg: Config, step: int) -> bool:
 
 
 def agree_due(cfg: Config, step: int, device: torch.device, world_size: int) -> bool:
-    """Whether the ranks compare their stop / clock flags after `step`. The comparison is an all-reduce whose
-    value the host reads, so on a GPU it waits for the whole step and the next step's kernels cannot queue
-    behind it: every `train.agree_every` steps there (default 10; SIGTERM is honoured within that many steps),
-    every step on the CPU and for a single process, where it costs nothing. Always at the last step."""
+    """Whether the ranks compare their stop / clock flags before the step after `step`. The comparison is an
+    all-reduce whose value the host reads, so on a GPU it waits for the previous step and the next step's
+    kernels cannot queue behind it: every `train.agree_every` steps there (default 10; SIGTERM is honoured
+    within that many steps), every step on the CPU and for a single process, where it costs nothing."""
     every = cfg.train.agree_every or (10 if device.type == "cuda" else 1)
-    return world_size == 1 or step % every == 0 or step == cfg.train.steps
+    return world_size == 1 or step % every == 0
 
 
 STOP_MARGIN_S = 5.0  # of the shutdown window, left for the exit after the stop step's save
@@ -276,19 +273,27 @@ def bound_storage_waits(cfg: Config, stop: StopFlag) -> None:
     fs.on_stop(lambda: stop.set, stop_grace_s(cfg))
 
 
-def wait_for_batch(batches, stop: StopFlag, cfg: Config, d: dist.DistInfo, step: int):
-    """The next batch, or None when a stop request came while waiting for it: the run then stops at `step`,
-    the last completed one. Ranks stop only at steps where they all agree (agree_due); at those, every rank
-    joins one all-reduce of "stop here" after its wait, before the forward pass, so none is left in a
-    collective the others skipped. Waits are bounded by data.stall_timeout_s (pipeline.next_batch)."""
+class Next(NamedTuple):
+    batch: Any  # None: the run stops at the last completed step
+    clock_due: bool  # a save is due by the clock after this step
+    stop_note: str = ""  # " while waiting for data" when this rank was still waiting for its batch
+
+
+def wait_for_batch(batches, stop: StopFlag, cfg: Config, d: dist.DistInfo, step: int, last_save: float) -> Next:
+    """The next batch, or None when a stop request came (before or while waiting for the batch): the run then
+    stops at `step`, the last completed one. Ranks stop
+    only at steps where they all agree (agree_due); at those, every rank joins one all-reduce of its stop and
+    clock flags after its wait and before the forward pass, so none is left in a collective the others skipped.
+    Waits are bounded by data.stall_timeout_s (pipeline.next_batch)."""
     can_stop = agree_due(cfg, step, d.device, d.world_size)
     batch = next_batch(batches, lambda: can_stop and stop.set, cfg.data.stall_timeout_s)
     if batch is None and not can_stop:  # a read in this process gave up at a step the ranks cannot stop at
         raise RetryableError(f"stopped while waiting for data at step {step}, between the steps where the ranks "
                              f"agree (train.agree_every); exiting as retryable without a checkpoint")
-    if d.world_size > 1 and can_stop and dist.broadcast_flag(batch is None, d.device):
-        return None
-    return batch
+    if not can_stop:
+        return Next(batch, False)
+    stopping, clock_due = dist.any_flags([batch is None or stop.set, minutes_due(cfg, last_save)], d.device)
+    return Next(None, False, " while waiting for data" if batch is None else "") if stopping else Next(batch, clock_due)
 
 
 def minutes_due(cfg: Config, last_save: float) -> bool:
@@ -327,15 +332,15 @@ def run(cfg: Config, stop: StopFlag) -> TrainState:
     while state.step < cfg.train.steps:
         # data: the time blocked here is the data-wait fraction
         t0 = time.monotonic()
-        batch = wait_for_batch(batches, stop, cfg, d, state.step)
-        if batch is None:  # asked to stop while waiting for data: commit the last completed step, as below
+        batch, clock_due, waited = wait_for_batch(batches, stop, cfg, d, state.step, last_save)
+        if batch is None:  # asked to stop: commit the last completed step (every rank agreed to stop here)
             if state.step != saved:
                 metrics.flush()
                 save(cfg, parts, state, d)
             state.stopped_by = int(stop.signum or signal.SIGTERM)
             if d.is_main:
-                print(f"stop requested while waiting for data: saved step {state.step}, exiting" if state.step
-                      else "stop requested while waiting for data: nothing to save at step 0, exiting", flush=True)
+                print(f"stop requested{waited}: saved step {state.step}, exiting" if state.step
+                      else f"stop requested{waited}: nothing to save at step 0, exiting", flush=True)
             break
         images = to_unit_float(batch.images.to(d.device, non_blocking=True))  # uint8 over the wire, float here
         tokens = trim_padding(batch.tokens) if cfg.model.text.trim_padding else batch.tokens
@@ -360,18 +365,10 @@ def run(cfg: Config, stop: StopFlag) -> TrainState:
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
             log_step(metrics, speed, state, out, lr, grad_norm, parts, images, d)
             check_bad_fraction(cfg, state)
-        # checkpoint: every N steps, every T minutes, at the end, or when any rank was asked to stop
-        stopping, clock_due = False, False
-        if agree_due(cfg, state.step, d.device, d.world_size):
-            stopping, clock_due = dist.any_flags([stop.set, minutes_due(cfg, last_save)], d.device)
-        if stopping or clock_due or save_due(cfg, state.step):
+        # checkpoint: every N steps, every T minutes (agreed before the step), at the end
+        if clock_due or save_due(cfg, state.step):
             metrics.flush()  # metrics are durable up to the checkpoint a restart resumes from
             save(cfg, parts, state, d)
             last_save, saved = time.monotonic(), state.step
-        if stopping:
-            state.stopped_by = int(stop.signum or signal.SIGTERM)
-            if d.is_main:
-                print(f"stop requested: saved step {state.step}, exiting", flush=True)
-            break
     metrics.close()
     return state

@@ -79,3 +79,13 @@ def test_should_report_a_missing_config_file_by_name(tmp_path):
     with pytest.raises(Exception) as e:
         build_config(None, str(tmp_path / "missing.yaml"))
     assert "missing.yaml" in str(e.value)
+
+
+def test_should_refuse_multiscale_batches_smaller_than_accum_steps_when_the_config_is_built():
+    """A cross-field rule of validate: it fails at `clipjob train` start (exit 2), before any process group."""
+    base = ["model.vision.image_size=32", "model.vision.patch_size=16", "train.batch_size=8", "train.accum_steps=2"]
+    with pytest.raises(ConfigError, match=r"^data.multiscale_sizes: at 128 px a step gets 1 samples per rank, fewer "
+                                          r"than train.accum_steps=2"):  # 8 * 32² // 128² = 0 -> at least 1
+        build_config("tiny-cpu", None, base + ["data.multiscale=true", "data.multiscale_sizes=[32,128]"])
+    assert build_config("tiny-cpu", None, base + ["data.multiscale=true", "data.multiscale_sizes=[32,64]"])  # 2 >= 2
+    assert build_config("tiny-cpu", None, base + ["data.multiscale_sizes=[32,128]"])  # multi-scale off: not used

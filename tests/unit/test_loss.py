@@ -71,6 +71,8 @@ def test_should_start_the_logit_scale_at_ln10_when_siglip_and_the_default_init(t
     custom = build_parts(tiny_cfg("train.loss=siglip", "model.logit_scale_init=1.5"), d)
     assert custom.model.logit_scale.item() == pytest.approx(1.5)
     assert build_parts(tiny_cfg(), d).model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
+    # resolved in the config, so the run's config.yaml says what ran
+    assert tiny_cfg("train.loss=siglip").model.logit_scale_init == pytest.approx(math.log(10))
 
 
 @pytest.fixture

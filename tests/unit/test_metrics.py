@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from clipjob.config import build_config
-from clipjob.train.metrics import MetricsLogger, Throughput, flops_per_sample, peak_flops, read_jsonl
+from clipjob.train.flops import flops_per_sample, peak_flops
+from clipjob.train.metrics import MetricsLogger, Throughput, read_jsonl
 
 
 def test_should_match_openclips_gflops_when_vit_b16_at_224():

@@ -64,9 +64,10 @@ def test_should_save_every_n_steps_at_the_end_and_by_the_clock(monkeypatch):
 def test_should_agree_on_flags_every_step_on_the_cpu_and_every_tenth_on_gpus():
     cfg = build_config("tiny-cpu", None, ["train.steps=25"])
     cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)  # only the device type is read: no GPU needed
-    assert all(trainer.agree_due(cfg, s, cpu, 4) for s in range(1, 26))
-    assert [s for s in range(1, 26) if trainer.agree_due(cfg, s, gpu, 4)] == [10, 20, 25]  # and the last step
-    assert all(trainer.agree_due(cfg, s, gpu, 1) for s in range(1, 26))  # one process: nothing to wait for
+    # (checked before the step after s: the end of the run needs no agreement, its save is due anyway)
+    assert all(trainer.agree_due(cfg, s, cpu, 4) for s in range(0, 25))
+    assert [s for s in range(0, 25) if trainer.agree_due(cfg, s, gpu, 4)] == [0, 10, 20]
+    assert all(trainer.agree_due(cfg, s, gpu, 1) for s in range(0, 25))  # one process: nothing to wait for
     every3 = build_config("tiny-cpu", None, ["train.steps=25", "train.agree_every=3"])
     assert [s for s in range(1, 10) if trainer.agree_due(every3, s, cpu, 2)] == [3, 6, 9]
 
@@ -86,3 +87,31 @@ def test_should_give_the_stop_steps_save_the_shutdown_window_minus_a_margin(monk
     monkeypatch.setenv("CLIPJOB_SHUTDOWN_WINDOW_S", "165")  # what `clipjob train --shutdown-timeout 165` hands down
     assert stop_grace_s(cfg) == 160
     assert stop_grace_s(build_config("tiny-cpu-scratch", None, ["storage.stop_wait_s=7"])) == 7
+
+
+class _Stop:
+    set, signum = False, 0
+
+
+def test_should_join_one_all_reduce_per_agreed_step_when_waiting_for_a_batch(monkeypatch):
+    """The stop and clock flags of a step travel in one all-reduce, after the batch wait and before the
+    forward pass; between agreed steps (every 10th on GPUs) there is none."""
+    cfg = build_config("tiny-cpu", None, TINY + ["train.ckpt_every_minutes=1"])
+    calls = []
+
+    def any_flags(flags, device):
+        calls.append(list(flags))
+        return [f or len(calls) == 3 for f in flags]  # the 3rd exchange: another rank saw a stop request
+
+    monkeypatch.setattr(trainer.dist, "any_flags", any_flags)
+    two_ranks = dist.DistInfo(0, 0, 2, torch.device("cpu"))
+    stop, batches = _Stop(), iter(["b0", "b1", "b2", "b3"])
+    assert trainer.wait_for_batch(batches, stop, cfg, two_ranks, 0, last_save=1e18) == ("b0", False, "")
+    assert calls == [[False, False]]  # one exchange: [stop here, save by the clock]
+    got = trainer.wait_for_batch(batches, stop, cfg, two_ranks, 1, last_save=0.0)
+    assert got == ("b1", True, "") and calls[-1] == [False, True]
+    got = trainer.wait_for_batch(batches, stop, cfg, two_ranks, 2, last_save=1e18)
+    assert got.batch is None and got.stop_note == "" and len(calls) == 3  # every rank stops at step 2
+    on_gpus = dist.DistInfo(0, 0, 2, torch.device("cuda", 0))  # only the device type is read: no GPU needed
+    assert trainer.wait_for_batch(batches, stop, cfg, on_gpus, 7, last_save=0.0) == ("b3", False, "")
+    assert len(calls) == 3  # step 7 is not an agreed step on GPUs: no collective at all

@@ -1,0 +1,72 @@
+"""The FLOP model behind MFU: model FLOPs per sample from the config (forward ~ 2 * params * tokens + attention,
+x3 for forward + backward; recomputation for grad checkpointing or cached accumulation features is not counted),
+and the device's peak FLOP/s (`train.peak_flops`, else a table of GPUs, else a matmul timed at startup).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from clipjob.config import ModelConfig
+
+# dense bf16/fp16 tensor-core peaks (FLOP/s) by device-name fragment, most specific first
+GPU_PEAK_FLOPS = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
+                  ("A10", 125e12), ("V100", 125e12)]
+MINILM_DIMS = (384, 6, 4.0)  # width, layers, mlp ratio of the all-MiniLM-L6-v2 text tower
+
+
+
+def transformer_flops(width: int, layers: int, mlp_ratio: float, tokens: int) -> float:
+    """Forward FLOPs of one sequence: 2 FLOPs per weight per token (qkv, out-proj, MLP) + attention's
+    QK^T and AV (2 * 2 * tokens^2 * width per layer)."""
+    weights = layers * (4 + 2 * mlp_ratio) * width * width
+    return 2 * weights * tokens + layers * 4 * tokens * tokens * width
+
+
+def flops_per_sample(cfg: ModelConfig, image_size: int) -> float:
+    """Training FLOPs (forward + backward = 3x forward) of one image-caption pair at a resolution;
+    a frozen text tower costs its forward only, and a frozen MiniLM (cached features) nothing."""
+    v, t, e = cfg.vision, cfg.text, cfg.embed_dim
+    if v.family == "corenet":
+        mid, g = max(32, v.width // 4), image_size // 16
+        stem = 2 * (3 * 16 * mid * (4 * g) ** 2 + mid * 4 * mid * (2 * g) ** 2 + mid * 4 * v.width * g * g)
+    else:
+        g = image_size // v.patch_size
+        stem = 2 * 3 * v.patch_size**2 * v.width * g * g
+    vision = stem + transformer_flops(v.width, v.layers, v.mlp_ratio, g * g + 1) + 2 * v.width * e
+    tw, tl, tm = MINILM_DIMS if t.kind == "minilm" else (t.width, t.layers, t.mlp_ratio)
+    text = transformer_flops(tw, tl, tm, t.context_length) + 2 * tw * e
+    if t.freeze and t.kind == "minilm":
+        text = 0  # frozen MiniLM features are cached per caption: after the first epoch they cost nothing
+    return 3 * vision + (1 if t.freeze else 3) * text
+
+
+def peak_flops(device: torch.device, precision: str, configured: float = 0.0) -> float:
+    """Peak FLOP/s of one device: the configured value, a known GPU's dense bf16/fp16 peak, or measured."""
+    if configured > 0:
+        return configured
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if device.type == "cuda" and precision != "fp32":
+        name = torch.cuda.get_device_name(device)
+        for fragment, value in GPU_PEAK_FLOPS:
+            if fragment in name:
+                return value
+    return measure_matmul_flops(device, dtype)
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
+    """FLOP/s of a square matmul in this dtype on this device (a stand-in peak for CPUs and unknown GPUs)."""
+    n = 4096 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b  # warm-up
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end:  # the fastest of repeated runs: a busy neighbour only slows some
+        t0 = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
