@@ -27,9 +27,9 @@ import sys
 import threading
 from typing import Any
 
+from clipjob.dist import RUN_DIR_ENV
 from clipjob.errors import EXIT_PERMANENT, EXIT_RETRYABLE
 
-RUN_DIR_ENV = "CLIPJOB_RUN_DIR"  # the run dir whose commits the agent reports (set by `clipjob train`)
 READ_TIMEOUT_S = 10.0  # reading the run dir must not eat the pod's grace period (storage may be down)
 
 
@@ -79,16 +79,18 @@ def worker_failure(failures: dict[int, Any], max_restarts: Any) -> tuple[int, st
     global rank -> torch's ProcessFailure (exitcode < 0: killed by that signal).
 
     A permanent error anywhere wins (a retry would meet it again). Workers that all stopped on a signal after
-    committing (128 + S) pass that code on. Otherwise the cause decides: a worker killed by a signal (OOM
+    committing (128 + S; those the agent SIGTERMed while they were still exiting count with them) pass that
+    code on. Otherwise the cause decides: a worker killed by a signal (OOM
     killer, segfault) or exiting 203 -> retryable; an uncaught exception (exit 1) -> 1. The cause is the most
     telling failure, not the first one: the survivors of a crash exit 203 with "lost contact" (often before
     the agent notices the crash) or are SIGTERMed by the agent, and neither is why the group failed."""
     for rank, f in failures.items():
         if f.exitcode == EXIT_PERMANENT:
             return EXIT_PERMANENT, _worker_message(f) or f"rank {rank} exited {EXIT_PERMANENT} (its error is above)"
-    if all(128 < f.exitcode <= 128 + signal.NSIG for f in failures.values()):
-        code = next(iter(failures.values())).exitcode
-        return code, f"the workers stopped on signal {code - 128}"
+    stopped = [f.exitcode for f in failures.values() if 128 < f.exitcode <= 128 + signal.NSIG]
+    if stopped and all(f.exitcode in stopped or f.exitcode == -signal.SIGTERM for f in failures.values()):
+        # (-SIGTERM: a worker still exiting when the agent saw the first one stop, and stopped it itself)
+        return stopped[0], f"the workers stopped on signal {stopped[0] - 128}"
     rank, root = min(failures.items(), key=lambda item: (_cause_order(item[1].exitcode), item[1].timestamp))
     code = root.exitcode
     spent = f"and no restart is left (--max-restarts {max_restarts})"

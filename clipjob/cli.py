@@ -8,7 +8,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from clipjob.agent import RUN_DIR_ENV
 from clipjob.commands.ckpt import ckpt_app
 from clipjob.commands.data import data_app
 from clipjob.errors import ClipjobError, RetryableError
@@ -78,32 +77,22 @@ def train(
         parse_sources(cfg.data.train, check_shards=True)  # a bad data spec: one line, exit 2, before any set-up
         spec = dist.launch_spec(nnodes, nproc_per_node, rdzv_endpoint, rdzv_id, rdzv_backend, max_restarts,
                                  shutdown_timeout)
-        # the workers (or this process) size the stop step's storage waits to the window (storage.stop_wait_s)
-        os.environ[dist.WINDOW_ENV] = str(spec.shutdown_timeout or dist.DEFAULT_SHUTDOWN_WINDOW_S)
-        if not spec.single_process:
-            worker_args = [a for p in ([("--preset", preset)] if preset else []) + ([("--config", config)] if config else [])
-                           for a in p] + [a for s in sets for a in ("--set", s)]
-            argv = [sys.executable, *dist.elastic_launch_argv(spec, worker_args)]
-            print(f"starting elastic agent: nnodes={spec.nnodes} nproc_per_node={spec.nproc_per_node} "
-                  f"rdzv={spec.rdzv_backend}://{spec.rdzv_endpoint or '127.0.0.1:29400'} id={spec.rdzv_id}", flush=True)
-            os.environ[RUN_DIR_ENV] = cfg.storage.run_dir  # the agent reports the commits it finds there
-            os.execv(sys.executable, argv)
-    from clipjob.train.trainer import train as run_training
+        config_args = ["--preset", preset] if preset else []
+        config_args += ["--config", config] if config else []
+        config_args += [a for s in sets for a in ("--set", s)]
+        dist.launch(spec, config_args, cfg.storage.run_dir)  # execs the elastic agent unless training alone
+    from clipjob.train.trainer import outcome, train as run_training
 
     state = run_training(cfg)
-    if cfg.eval.data and state.step >= cfg.train.steps and int(os.environ.get("RANK", 0)) == 0:  # not when stopped
+    code, line = outcome(cfg, state)
+    if cfg.eval.data and not code and dist.is_global_main():
         from clipjob.eval.runner import run_zeroshot
 
         run_zeroshot(cfg.storage.run_dir, [d for d in cfg.eval.data.split(",") if d],
                      batch_size=cfg.eval.batch_size, out=None)
-    if state.stopped_by:
-        # Not done: exit 128 + signal, as a process killed by it would, so that Kubernetes restart policies
-        # (PyTorchJob ExitCode: 128+ is retryable) and torchrun treat the run as interrupted, not as finished;
-        # the next start resumes from the checkpoint just committed.
-        print(f"stopped by signal {state.stopped_by} at step {state.step} of {cfg.train.steps} (checkpoint "
-              f"committed; a restart resumes from it); exit {128 + state.stopped_by}", flush=True)
-        raise typer.Exit(128 + state.stopped_by)
-    print(f"done: step {state.step}, {state.samples_seen} samples; run dir {cfg.storage.run_dir}", flush=True)
+    print(line, flush=True)
+    if code:
+        raise typer.Exit(code)
 
 
 @config_app.command("show")

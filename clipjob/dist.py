@@ -2,8 +2,8 @@
 
 `clipjob train` as a pod's entrypoint: `launch_spec` + `elastic_launch_argv` turn flags, or the PET_* env a
 PyTorchJob or a Kubeflow Trainer TrainJob injects, into a torch.distributed.run command line (elastic agent,
-c10d rendezvous) that the CLI exec()s, so the agent becomes the pod's main process, receives SIGTERM and
-forwards it to the workers.
+c10d rendezvous) that `launch` exec()s, so the agent becomes the pod's main process, receives SIGTERM and
+forwards it to the workers, which rerun `clipjob train` with the same config arguments.
 Started by torchrun directly (LOCAL_RANK etc. set), the process is a worker: `init_distributed` joins the
 group (NCCL on GPU, gloo on CPU) with a timeout.
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ from clipjob.errors import ClipjobError
 DEFAULT_RDZV_PORT = 29400
 DEFAULT_SHUTDOWN_WINDOW_S = 30  # torchrun's own, when --shutdown-timeout is not given
 WINDOW_ENV = "CLIPJOB_SHUTDOWN_WINDOW_S"  # the window, handed by `clipjob train` to itself or its workers
+RUN_DIR_ENV = "CLIPJOB_RUN_DIR"  # the run dir whose commits the agent reports (set by `launch`)
 
 
 @dataclass(frozen=True)
@@ -123,14 +125,36 @@ def _int_setting(flag: int | None, env_name: str, flag_name: str, default: int |
 
 
 def shutdown_window_s() -> float:
-    """Seconds between SIGTERM and SIGKILL for this process: the agent's shutdown window as `clipjob train`
-    handed it down (its --shutdown-timeout / PET_SHUTDOWN_TIMEOUT, else torchrun's 30 s). The stop step's save
-    must end inside it (storage.stop_wait_s derives from it)."""
-    value = os.environ.get(WINDOW_ENV) or os.environ.get("PET_SHUTDOWN_TIMEOUT") or DEFAULT_SHUTDOWN_WINDOW_S
+    """Seconds between SIGTERM and SIGKILL for this process: the agent's shutdown window as `launch` handed it
+    down (its --shutdown-timeout / PET_SHUTDOWN_TIMEOUT, else torchrun's 30 s). The stop step's save must end
+    inside it (storage.stop_wait_s derives from it)."""
+    handed = os.environ.get(WINDOW_ENV)
+    if not handed:
+        return float(_int_setting(None, "PET_SHUTDOWN_TIMEOUT", "--shutdown-timeout", DEFAULT_SHUTDOWN_WINDOW_S))
     try:
-        return float(value)
+        return float(handed)
     except ValueError:
-        raise ClipjobError(f"{WINDOW_ENV}: expected seconds, got {value!r}") from None
+        raise ClipjobError(f"{WINDOW_ENV}: expected seconds, got {handed!r}") from None
+
+
+def launch(spec: LaunchSpec, config_args: list[str], run_dir: str) -> None:
+    """In the process a user or a pod started: hand the shutdown window down (the stop step's storage waits
+    are sized to it), and when the spec asks for more than one worker, replace this process with the elastic
+    agent, whose workers rerun `clipjob train` with `config_args` (--preset/--config/--set). Returns only when
+    this process trains alone."""
+    os.environ[WINDOW_ENV] = str(spec.shutdown_timeout or DEFAULT_SHUTDOWN_WINDOW_S)
+    if spec.single_process:
+        return
+    argv = [sys.executable, *elastic_launch_argv(spec, config_args)]
+    print(f"starting elastic agent: nnodes={spec.nnodes} nproc_per_node={spec.nproc_per_node} "
+          f"rdzv={spec.rdzv_backend}://{spec.rdzv_endpoint or '127.0.0.1:29400'} id={spec.rdzv_id}", flush=True)
+    os.environ[RUN_DIR_ENV] = run_dir  # the agent reports the commits it finds there
+    os.execv(sys.executable, argv)
+
+
+def is_global_main() -> bool:
+    """Rank 0 of the whole job (or a lone process), also outside an initialised process group."""
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 def elastic_launch_argv(spec: LaunchSpec, worker_args: list[str]) -> list[str]:

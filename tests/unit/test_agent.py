@@ -39,6 +39,9 @@ def test_should_exit_2_with_the_workers_line_when_any_worker_failed_permanently(
 def test_should_pass_128_plus_signal_on_when_every_worker_stopped_on_a_signal(failure):
     code, line = agent.worker_failure({0: failure(0, 143), 1: failure(1, 143)}, 0)
     assert (code, line) == (143, "the workers stopped on signal 15")
+    # rank 0 still exiting when the agent saw rank 1 stop: the agent SIGTERMed it; still a stop, not a failure
+    assert agent.worker_failure({1: failure(1, 143), 0: failure(0, -15)}, 0) == (143, "the workers stopped on signal 15")
+    assert agent.worker_failure({0: failure(0, -15), 1: failure(1, -15)}, 0)[0] == 203  # no worker stopped itself
 
 
 def test_should_exit_203_naming_the_killed_rank_and_not_the_survivor_the_agent_stopped(failure):

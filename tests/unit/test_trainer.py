@@ -115,3 +115,11 @@ def test_should_join_one_all_reduce_per_agreed_step_when_waiting_for_a_batch(mon
     on_gpus = dist.DistInfo(0, 0, 2, torch.device("cuda", 0))  # only the device type is read: no GPU needed
     assert trainer.wait_for_batch(batches, stop, cfg, on_gpus, 7, last_save=0.0) == ("b3", False, "")
     assert len(calls) == 3  # step 7 is not an agreed step on GPUs: no collective at all
+
+
+def test_should_exit_128_plus_the_signal_when_stopped_and_0_when_done():
+    cfg = build_config("tiny-cpu", None, TINY + ["storage.run_dir=/runs/a"])
+    code, line = trainer.outcome(cfg, trainer.TrainState(step=40, stopped_by=signal.SIGTERM))
+    assert code == 143 and line.startswith("stopped by signal 15 at step 40 of 100") and line.endswith("exit 143")
+    assert trainer.outcome(cfg, trainer.TrainState(step=100, samples_seen=800)) == \
+        (0, "done: step 100, 800 samples; run dir /runs/a")
