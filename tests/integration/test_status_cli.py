@@ -1,5 +1,6 @@
 """`clipjob status` on real run dirs: a tiny `clipjob train` on local disk (watched live) and on the loopback
-S3 server, read through the CLI as an operator would."""
+S3 server, read through the CLI as an operator would; and a job name with no Kubernetes to ask (no kubeconfig,
+an API address nothing listens on)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 
 import pytest
 from PIL import Image
-from trainrun import Run, make_shards, train_argv
+from trainrun import Run, free_port, make_shards, train_argv
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +104,33 @@ def test_should_fail_in_one_line_for_a_run_dir_that_does_not_exist(tmp_path, s3_
     assert r.returncode == 2
     assert r.stderr.startswith("error: s3://no-such-bucket-b2/runs/x: bucket does not exist")
     assert len(r.stderr.splitlines()) == 1
+
+
+def status_outside_a_cluster(tmp_path, kubeconfig: str, *args: str) -> subprocess.CompletedProcess:
+    """`clipjob status` with this kubeconfig, an empty HOME and no KUBERNETES_* env (not "in a cluster")."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}
+    return subprocess.run([sys.executable, "-m", "clipjob", "status", *args], capture_output=True, text=True,
+                          env={**env, "KUBECONFIG": kubeconfig, "HOME": str(tmp_path)}, timeout=60)
+
+
+def test_should_fail_in_one_line_without_a_kubeconfig(tmp_path):
+    r = status_outside_a_cluster(tmp_path, str(tmp_path / "none"), "clip-train")
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: clip-train: no run dir at that path, and as a job name: no Kubernetes config")
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_should_fail_in_one_line_when_the_api_server_is_unreachable(tmp_path):
+    port = free_port()  # nothing listens on it
+    cfg = tmp_path / "kubeconfig"
+    cfg.write_text(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: c, cluster: {{server: "http://127.0.0.1:{port}"}}}}]
+users: [{{name: u, user: {{token: t}}}}]
+contexts: [{{name: ctx, context: {{cluster: c, user: u, namespace: clip}}}}]
+current-context: ctx
+""")
+    r = status_outside_a_cluster(tmp_path, str(cfg), "--job", "clip-train")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == (f"error: Kubernetes API http://127.0.0.1:{port} unreachable (MaxRetryError): "
+                                f"check the kubeconfig context or the network")

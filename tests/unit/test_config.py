@@ -1,10 +1,10 @@
-import subprocess
-import sys
+import dataclasses
+import re
 
 import pytest
 
 from clipjob.config import Config, build_config, field_docs, from_dict, parse_override, to_dict, to_yaml
-from clipjob.errors import ConfigError
+from clipjob.errors import ClipjobError, ConfigError
 from clipjob.presets import PRESETS
 
 
@@ -61,24 +61,15 @@ def test_should_document_every_field():
 
 def test_should_be_immutable_after_build():
     cfg = build_config("tiny-cpu")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'lr'"):
         cfg.train.lr = 1.0  # type: ignore[misc]
     assert from_dict(Config, to_dict(cfg)) == cfg
 
 
-def test_should_exit_2_with_one_line_and_write_nothing_when_the_cli_gets_a_bad_key(tmp_path):
-    run = tmp_path / "run"
-    p = subprocess.run([sys.executable, "-m", "clipjob", "train", "--preset", "tiny-cpu", "--run-dir", str(run),
-                        "--set", "data.train=x", "--set", "train.nope=1"], capture_output=True, text=True)
-    assert p.returncode == 2
-    assert p.stderr.strip().splitlines() == ["error: train.nope: unknown key (known: " + p.stderr.split("known: ")[1].strip()]
-    assert not run.exists()
-
-
 def test_should_report_a_missing_config_file_by_name(tmp_path):
-    with pytest.raises(Exception) as e:
-        build_config(None, str(tmp_path / "missing.yaml"))
-    assert "missing.yaml" in str(e.value)
+    path = str(tmp_path / "missing.yaml")
+    with pytest.raises(ClipjobError, match=rf"^{re.escape(path)}: not found"):
+        build_config(None, path)
 
 
 def test_should_refuse_multiscale_batches_smaller_than_accum_steps_when_the_config_is_built():

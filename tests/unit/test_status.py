@@ -5,16 +5,13 @@ machines): tests/k8s/recorded/*.json hold PyTorchJob / TrainJob / batch Job obje
 the JSON shape the API returns (apiVersion/kind/metadata/status), and the pod logs, for one situation each.
 `RecordedApi` stands in for `KubeApi` (the one object that calls the API): it answers get/list calls from
 those files and applies the label and field selectors as the API server would, so pod selection is tested.
-The client's own config loading and error paths are tested for real (a missing kubeconfig, an API address
-nothing listens on).
+The client's own config loading and error paths run through the CLI in tests/integration/test_status_cli.py (a
+missing kubeconfig, an API address nothing listens on).
 """
 
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -202,45 +199,6 @@ def test_should_print_a_run_in_aligned_lines():
         "bad samples 12 (decode 10, missing_text 2)",
         "checkpoint  step 50, saved 2m10s ago  s3://b/runs/r1/checkpoints/step-00000050",
         "eval        step 50 imagenet: top-1 12.35  top-5 30.10  (EMA)"]
-
-
-# ---- the client's config and connection errors, for real ----------------------------------------------
-
-def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "clipjob", "status", *args], capture_output=True, text=True,
-                          env=env, timeout=60)
-
-
-def _env(tmp_path: Path, kubeconfig: str) -> dict[str, str]:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KUBERNETES_")}  # not "in a cluster"
-    return {**env, "KUBECONFIG": kubeconfig, "HOME": str(tmp_path)}
-
-
-def test_should_fail_in_one_line_without_a_kubeconfig(tmp_path):
-    r = _cli("clip-train", env=_env(tmp_path, str(tmp_path / "none")))
-    assert r.returncode == 2
-    assert r.stderr.startswith("error: clip-train: no run dir at that path, and as a job name: no Kubernetes config")
-    assert len(r.stderr.strip().splitlines()) == 1
-
-
-def test_should_fail_in_one_line_when_the_api_server_is_unreachable(tmp_path):
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = tmp_path / "kubeconfig"
-    cfg.write_text(f"""apiVersion: v1
-kind: Config
-clusters: [{{name: c, cluster: {{server: "http://127.0.0.1:{port}"}}}}]
-users: [{{name: u, user: {{token: t}}}}]
-contexts: [{{name: ctx, context: {{cluster: c, user: u, namespace: clip}}}}]
-current-context: ctx
-""")
-    r = _cli("--job", "clip-train", env=_env(tmp_path, str(cfg)))
-    assert r.returncode == 2, r.stderr
-    assert r.stderr.strip() == (f"error: Kubernetes API http://127.0.0.1:{port} unreachable (MaxRetryError): "
-                                f"check the kubeconfig context or the network")
 
 
 # ---- KubeApi through the real client, against the recordings served on loopback --------------------------
