@@ -9,15 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from conftest import TINY_MODEL
 from shard_samples import bomb_png, good, png, raw_tar, write
-from trainrun import free_port
+from trainrun import free_port, sets
 
-TINY = ["--preset", "tiny-cpu-scratch", "--set", "model.vision.width=32", "--set", "model.vision.layers=1",
-        "--set", "model.vision.heads=2", "--set", "model.vision.image_size=16", "--set", "model.text.width=32",
-        "--set", "model.text.layers=1", "--set", "model.text.heads=2", "--set", "model.text.context_length=8",
-        "--set", "model.embed_dim=16", "--set", "train.batch_size=8", "--set", "train.log_every=1",
-        "--set", "train.warmup_steps=1", "--set", "data.num_workers=1", "--set", "data.shuffle_buffer=20",
-        "--set", "train.precision=fp32", "--set", "train.ckpt_every_steps=0"]
+TINY = ["--preset", "tiny-cpu-scratch", *sets(*TINY_MODEL, "train.batch_size=8", "train.log_every=1",
+                                              "train.warmup_steps=1", "data.num_workers=1", "data.shuffle_buffer=20",
+                                              "train.precision=fp32", "train.ckpt_every_steps=0")]
 
 
 def clipjob_train(data: str, run: Path, steps: int, *extra: str) -> subprocess.CompletedProcess:

@@ -10,12 +10,10 @@ import time
 from pathlib import Path
 
 import pytest
+from trainrun import RUN_MODEL, sets
 
-TINY = ["--set", "model.vision.width=64", "--set", "model.vision.layers=2", "--set", "model.vision.heads=2",
-        "--set", "model.vision.image_size=32", "--set", "model.text.width=64", "--set", "model.text.layers=2",
-        "--set", "model.text.heads=2", "--set", "model.text.context_length=16", "--set", "model.embed_dim=32",
-        "--set", "train.batch_size=16", "--set", "train.log_every=1", "--set", "train.warmup_steps=2",
-        "--set", "data.num_workers=1", "--set", "data.shuffle_buffer=50", "--set", "train.precision=fp32"]
+TINY = sets(*RUN_MODEL, "train.batch_size=16", "train.log_every=1", "train.warmup_steps=2", "data.num_workers=1",
+            "data.shuffle_buffer=50", "train.precision=fp32")
 
 
 def clipjob(*args: str, **kw) -> subprocess.CompletedProcess:

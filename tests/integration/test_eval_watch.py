@@ -17,14 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from clipjob.config import build_config, to_yaml
+from clipjob.config import to_yaml
 from clipjob.model import build_model
 from clipjob import checkpoint as ckpt
+from conftest import tiny_config
 from trainrun import Run
-
-TINY = ["model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2", "model.vision.image_size=16",
-        "model.text.width=32", "model.text.layers=1", "model.text.heads=2", "model.text.context_length=8",
-        "model.embed_dim=16", "train.steps=4"]
 
 
 def clipjob(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
@@ -32,7 +29,7 @@ def clipjob(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
 
 
 def save_step(run: str, step: int) -> str:
-    cfg = build_config("tiny-cpu-scratch", None, TINY + [f"storage.run_dir={run}"])
+    cfg = tiny_config("train.steps=4", f"storage.run_dir={run}")
     torch.manual_seed(step)
     model = build_model(cfg.model, pretrained_text=False)
     return ckpt.save_checkpoint(run, step, model.state_dict(), {"step": step}, to_yaml(cfg), {})

@@ -22,6 +22,8 @@ from clipjob.datasets.build import BuildOptions, build_shards
 from clipjob.datasets.inspect import inspect_shards
 from clipjob.datasets.writer import ShardWriter
 from clipjob.errors import ClipjobError
+from conftest import TINY_MODEL
+from trainrun import sets
 
 
 def png(seed: int, size: int = 40) -> bytes:
@@ -67,12 +69,10 @@ def test_should_build_from_a_csv_into_a_bucket_and_train_from_it_with_the_cli(s3
     assert inspect_shards(out, verify=True)["good"] == 40
 
     run = f"{s3_bucket}/runs/r1"
-    tiny = [f"model.vision.{k}" for k in ("width=32", "layers=1", "heads=2", "image_size=16")] + \
-        [f"model.text.{k}" for k in ("width=32", "layers=1", "heads=2", "context_length=8")] + \
-        ["model.embed_dim=16", "train.batch_size=8", "train.log_every=1", "data.num_workers=1", "train.steps=3",
-         "train.precision=fp32", f"data.train={out}"]
+    tiny = [*TINY_MODEL, "train.batch_size=8", "train.log_every=1", "data.num_workers=1", "train.steps=3",
+            "train.precision=fp32", f"data.train={out}"]
     p = subprocess.run([sys.executable, "-m", "clipjob", "train", "--preset", "tiny-cpu-scratch", "--run-dir", run,
-                        *[a for kv in tiny for a in ("--set", kv)]],
+                        *sets(*tiny)],
                        capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stdout + p.stderr
     steps = [json.loads(line)["step"] for line in fs.read_text(f"{run}/metrics.jsonl").splitlines()]

@@ -14,19 +14,21 @@ import threading
 import time
 from pathlib import Path
 
+from conftest import TINY_MODEL
 from PIL import Image, ImageDraw
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (240, 220, 40),
           "purple": (140, 40, 170), "orange": (250, 140, 20), "black": (10, 10, 10), "white": (250, 250, 250)}
 SHAPES = ("square", "circle", "triangle")
 
-# preset tiny-cpu-scratch shrunk to seconds: vision width 64 x 2 layers at 32 px / patch 8, text width 64 x 2
-# layers with 16 tokens, 8 samples per rank, fp32, no DataLoader worker processes, no peak-FLOP/s timing
-TINY = ["model.vision.width=64", "model.vision.layers=2", "model.vision.heads=2", "model.vision.image_size=32",
-        "model.vision.patch_size=8", "model.text.width=64", "model.text.layers=2", "model.text.heads=2",
-        "model.text.context_length=16", "model.embed_dim=32", "train.batch_size=8", "train.log_every=1",
-        "train.warmup_steps=2", "train.lr=2e-3", "data.num_workers=0", "data.shuffle_buffer=64",
-        "train.precision=fp32", "train.threads=1", "train.peak_flops=2e11"]
+# The model of the integration runs: the tests' tiny model (tests/conftest.py) at width 64 with two layers per
+# tower, 32 px images (patch 8), 16 text tokens and 32-d embeddings.
+RUN_MODEL = [*TINY_MODEL, "model.vision.width=64", "model.vision.layers=2", "model.vision.image_size=32",
+             "model.text.width=64", "model.text.layers=2", "model.text.context_length=16", "model.embed_dim=32"]
+# RUN_MODEL trained in seconds: 8 samples per rank, fp32, no DataLoader worker processes, no peak-FLOP/s timing
+TINY = [*RUN_MODEL, "train.batch_size=8", "train.log_every=1", "train.warmup_steps=2", "train.lr=2e-3",
+        "data.num_workers=0", "data.shuffle_buffer=64", "train.precision=fp32", "train.threads=1",
+        "train.peak_flops=2e11"]
 
 
 def _png(color: tuple[int, int, int], shape: str, rng: random.Random) -> bytes:

@@ -99,22 +99,18 @@ def test_should_fail_at_once_on_exit_2_and_not_count_sigterm_when_the_eval_job_e
                                             for c in r.get("onPodConditions", [])]
 
 
-TINY = ["model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2", "model.vision.image_size=16",
-        "model.text.width=32", "model.text.layers=1", "model.text.heads=2", "model.text.context_length=8",
-        "model.embed_dim=16", "train.steps=4"]
-
-
 def _tiny_run(tmp_path, ema_momentum: float, run_config: bool = True) -> str:
     """A tiny local run (train.steps=4, steps 2 and 4 committed, EMA weights saved when ema_momentum > 0, the
     run dir's config.yaml as training writes it when it starts) with an image folder of two classes beside it."""
     from PIL import Image
 
-    from clipjob.config import build_config, to_yaml
+    from clipjob.config import to_yaml
     from clipjob.model import build_model
     from clipjob import checkpoint as ckpt
+    from conftest import tiny_config
 
     run = str(tmp_path / "run")
-    cfg = build_config("tiny-cpu-scratch", None, [*TINY, f"train.ema_momentum={ema_momentum}", f"storage.run_dir={run}"])
+    cfg = tiny_config("train.steps=4", f"train.ema_momentum={ema_momentum}", f"storage.run_dir={run}")
     for step in (2, 4):
         weights = build_model(cfg.model, pretrained_text=False).state_dict()
         ckpt.save_checkpoint(run, step, weights, {}, to_yaml(cfg), {},

@@ -73,13 +73,3 @@ def test_should_start_the_logit_scale_at_ln10_when_siglip_and_the_default_init(t
     assert build_parts(tiny_cfg(), d).model.logit_scale.item() == pytest.approx(math.log(1 / 0.07))
     # resolved in the config, so the run's config.yaml says what ran
     assert tiny_cfg("train.loss=siglip").model.logit_scale_init == pytest.approx(math.log(10))
-
-
-@pytest.fixture
-def tiny_cfg():
-    from clipjob.config import build_config
-
-    base = ["model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2", "model.vision.image_size=16",
-            "model.text.width=32", "model.text.layers=1", "model.text.heads=2", "model.text.context_length=8",
-            "model.embed_dim=16"]
-    return lambda *extra: build_config("tiny-cpu-scratch", None, base + list(extra))

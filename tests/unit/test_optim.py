@@ -5,19 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clipjob.config import TrainConfig, build_config
+from clipjob.config import TrainConfig
 from clipjob.model import build_model
 from clipjob.train.loss import build_loss
 from clipjob.train.optim import build_optimizer, lr_at, param_groups, set_lr
+from conftest import tiny_config
 
 
 def _model(*extra: str):
-    cfg = build_config("tiny-cpu-scratch", None, ["model.vision.width=32", "model.vision.layers=1",
-                                                  "model.vision.heads=2", "model.vision.image_size=16",
-                                                  "model.text.width=32", "model.text.layers=1", "model.text.heads=2",
-                                                  "model.text.context_length=8", "model.embed_dim=16",
-                                                  "model.text.vocab_size=64", *extra])
-    return build_model(cfg.model)
+    return build_model(tiny_config("model.text.vocab_size=64", *extra).model)
 
 
 def test_should_not_decay_scalars_norms_biases_and_embeddings_when_grouping():

@@ -4,17 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipjob.config import build_config
 from clipjob.model import build_model
 from clipjob.model.range_augment import ALPHA, RangeAugment, psnr_to_mse, target_mse
 
 CORENET_KEYS = {f"{op}.{end}" for op in ("brightness", "contrast", "noise") for end in ("_low", "_high")}
 
 
-def tiny_cfg(**sets):
-    base = ["model.vision.width=64", "model.vision.layers=1", "model.vision.heads=2", "model.text.width=32",
-            "model.text.layers=1", "model.text.heads=2", "model.text.context_length=8", "model.embed_dim=16"]
-    return build_config("tiny-cpu-scratch", None, base + [f"{k}={v}" for k, v in sets.items()])
+# the tiny model (tests/conftest.py) with a wider vision tower at the preset's 48 px
+WIDER_VISION = ["model.vision.width=64", "model.vision.image_size=48"]
 
 
 def test_should_name_parameters_like_corenet_neural_augmentor():
@@ -130,9 +127,9 @@ def test_should_send_gradients_to_every_range_end():
     assert all(g is not None and torch.isfinite(g) and g != 0 for g in grads.values()), grads
 
 
-def test_should_run_the_augmentor_inside_clip_in_training_only():
+def test_should_run_the_augmentor_inside_clip_in_training_only(tiny_cfg):
     torch.manual_seed(0)
-    m = build_model(tiny_cfg(**{"model.range_augment": "true"}).model).to("cpu")  # Module._apply still works
+    m = build_model(tiny_cfg(*WIDER_VISION, "model.range_augment=true").model).to("cpu")  # Module._apply still works
     assert isinstance(m.image_augmentor, RangeAugment)
     assert {k for k in m.state_dict() if k.startswith("image_augmentor.")} == {f"image_augmentor.{k}" for k in CORENET_KEYS}
     images, tokens = torch.rand(4, 3, 64, 64), torch.randint(1, 100, (4, 8))
@@ -140,4 +137,4 @@ def test_should_run_the_augmentor_inside_clip_in_training_only():
     out = m.eval()(images, tokens)
     assert out.aux_loss is None
     torch.testing.assert_close(out.image_features, m.encode_image(images))
-    assert build_model(tiny_cfg().model).image_augmentor is None
+    assert build_model(tiny_cfg(*WIDER_VISION).model).image_augmentor is None

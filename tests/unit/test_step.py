@@ -6,14 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clipjob.config import build_config
 from clipjob.model import build_model
 from clipjob.train.loss import build_loss
 from clipjob.train.step import forward_backward, optimizer_step
+from conftest import tiny_config
 
-BASE = ["model.vision.width=32", "model.vision.layers=2", "model.vision.heads=2", "model.vision.image_size=16",
-        "model.text.width=32", "model.text.layers=2", "model.text.heads=2", "model.text.context_length=8",
-        "model.embed_dim=16", "model.text.vocab_size=64"]
+# the tiny model (tests/conftest.py) with two layers per tower and a 64-token vocabulary
+TWO_LAYERS = ["model.vision.layers=2", "model.text.layers=2", "model.text.vocab_size=64"]
 
 
 # Equalities that hold in exact arithmetic (accumulation = full batch, checkpointing = no checkpointing) are
@@ -24,7 +23,7 @@ F64_RTOL, F64_ATOL = 1e-9, 1e-12
 
 
 def _model(*extra: str, dtype: torch.dtype = torch.float32):
-    cfg = build_config("tiny-cpu-scratch", None, BASE + list(extra))
+    cfg = tiny_config(*TWO_LAYERS, *extra)
     torch.manual_seed(0)
     return build_model(cfg.model).to(dtype)
 

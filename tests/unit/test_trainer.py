@@ -12,14 +12,12 @@ from clipjob import dist
 from clipjob.config import build_config
 from clipjob.train import trainer
 
-TINY = ["model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2", "model.vision.image_size=16",
-        "model.text.width=32", "model.text.layers=1", "model.text.heads=2", "model.text.context_length=8",
-        "model.embed_dim=16", "model.text.vocab_size=64", "train.steps=100", "train.warmup_steps=10"]
+RUN = ["model.text.vocab_size=64", "train.steps=100", "train.warmup_steps=10"]  # with the tiny model (tiny_cfg)
 CPU = dist.DistInfo(0, 0, 1, torch.device("cpu"))
 
 
-def test_should_set_lr_rng_and_curriculum_from_the_step_when_a_step_begins():
-    cfg = build_config("tiny-cpu-scratch", None, TINY + ["model.range_augment=true"])
+def test_should_set_lr_rng_and_curriculum_from_the_step_when_a_step_begins(tiny_cfg):
+    cfg = tiny_cfg(*RUN, "model.range_augment=true")
     parts = trainer.build_parts(cfg, CPU)
     lr = trainer.begin_step(cfg, parts, 25, rank=1)
     assert all(g["lr"] == lr for g in parts.opt.param_groups) and 0 < lr <= cfg.train.lr
@@ -51,12 +49,12 @@ def test_should_stop_at_the_first_sigterm_and_die_at_the_second():
         signal.signal(signal.SIGUSR1, signal.SIG_DFL)
 
 
-def test_should_save_every_n_steps_at_the_end_and_by_the_clock(monkeypatch):
-    cfg = build_config("tiny-cpu-scratch", None, TINY + ["train.ckpt_every_steps=30", "train.ckpt_every_minutes=2"])
+def test_should_save_every_n_steps_at_the_end_and_by_the_clock(monkeypatch, tiny_cfg):
+    cfg = tiny_cfg(*RUN, "train.ckpt_every_steps=30", "train.ckpt_every_minutes=2")
     assert [s for s in range(1, 101) if trainer.save_due(cfg, s)] == [30, 60, 90, 100]
     monkeypatch.setattr(trainer.time, "monotonic", lambda: 1000.0)
     assert trainer.minutes_due(cfg, last_save=1000.0 - 121) and not trainer.minutes_due(cfg, last_save=1000.0 - 60)
-    never = build_config("tiny-cpu-scratch", None, TINY + ["train.ckpt_every_steps=0"])
+    never = tiny_cfg(*RUN, "train.ckpt_every_steps=0")
     assert [s for s in range(1, 101) if trainer.save_due(never, s)] == [100]
     assert not trainer.minutes_due(never, last_save=0.0)
 
@@ -93,10 +91,10 @@ class _Stop:
     set, signum = False, 0
 
 
-def test_should_join_one_all_reduce_per_agreed_step_when_waiting_for_a_batch(monkeypatch):
+def test_should_join_one_all_reduce_per_agreed_step_when_waiting_for_a_batch(monkeypatch, tiny_cfg):
     """The stop and clock flags of a step travel in one all-reduce, after the batch wait and before the
     forward pass; between agreed steps (every 10th on GPUs) there is none."""
-    cfg = build_config("tiny-cpu", None, TINY + ["train.ckpt_every_minutes=1"])
+    cfg = tiny_cfg(*RUN, "train.ckpt_every_minutes=1", preset="tiny-cpu")
     calls = []
 
     def any_flags(flags, device):
@@ -117,8 +115,8 @@ def test_should_join_one_all_reduce_per_agreed_step_when_waiting_for_a_batch(mon
     assert len(calls) == 3  # step 7 is not an agreed step on GPUs: no collective at all
 
 
-def test_should_exit_128_plus_the_signal_when_stopped_and_0_when_done():
-    cfg = build_config("tiny-cpu", None, TINY + ["storage.run_dir=/runs/a"])
+def test_should_exit_128_plus_the_signal_when_stopped_and_0_when_done(tiny_cfg):
+    cfg = tiny_cfg(*RUN, "storage.run_dir=/runs/a", preset="tiny-cpu")
     code, line = trainer.outcome(cfg, trainer.TrainState(step=40, stopped_by=signal.SIGTERM))
     assert code == 143 and line.startswith("stopped by signal 15 at step 40 of 100") and line.endswith("exit 143")
     assert trainer.outcome(cfg, trainer.TrainState(step=100, samples_seen=800)) == \

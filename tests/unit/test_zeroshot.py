@@ -12,19 +12,13 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from clipjob.config import build_config
 from clipjob.data.transforms import eval_transform
 from clipjob.datasets.writer import ShardWriter
 from clipjob.eval.zeroshot import EvalSet, ShardImages, _cls_label, evaluate, format_result
 from clipjob.model import build_model, build_tokenizer
 
-TINY = ["model.vision.width=32", "model.vision.layers=1", "model.vision.heads=2", "model.vision.image_size=16",
-        "model.vision.patch_size=8", "model.text.width=32", "model.text.layers=1", "model.text.heads=2",
-        "model.text.context_length=16", "model.embed_dim=16"]
-
-
-def test_should_print_progress_lines_with_an_eta_when_no_terminal_is_attached(capsys):
-    cfg = build_config("tiny-cpu-scratch", None, TINY)
+def test_should_print_progress_lines_with_an_eta_when_no_terminal_is_attached(capsys, tiny_cfg):
+    cfg = tiny_cfg("model.text.context_length=16")
     torch.manual_seed(0)
     model = build_model(cfg.model)
     images = torch.randint(0, 256, (12, 3, 16, 16), dtype=torch.uint8)
@@ -51,7 +45,8 @@ def _eval_shards(out: Path, samples: list[tuple[str, bytes, int]]) -> list[str]:
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_should_skip_and_count_bad_samples_and_score_the_good_ones_when_eval_shards_are_damaged(tmp_path, workers):
+def test_should_skip_and_count_bad_samples_and_score_the_good_ones_when_eval_shards_are_damaged(tmp_path, workers,
+                                                                                                 tiny_cfg):
     """One corrupt image in one shard, another shard cut off in its second sample: both are counted by reason
     (as in training), and top-1/top-5 are those of the good images alone."""
     rng = random.Random(0)
@@ -62,7 +57,7 @@ def test_should_skip_and_count_bad_samples_and_score_the_good_ones_when_eval_sha
     Path(cut[0]).write_bytes(data[:data.index(b"g5.cls") + 600])  # in the second sample's last member
     clean = _eval_shards(tmp_path / "clean", good[:5])  # what survives: the cut shard keeps its first sample
 
-    cfg = build_config("tiny-cpu-scratch", None, TINY)
+    cfg = tiny_cfg("model.text.context_length=16")
     torch.manual_seed(0)
     model, tok = build_model(cfg.model), build_tokenizer(cfg.model)
     names = ["red", "green", "blue", "cyan", "pink", "gray", "black", "white", "olive", "navy", "teal", "plum"]
