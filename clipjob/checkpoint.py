@@ -25,6 +25,7 @@ TorchScript archive) is refused with a one-line error. `write_step_folder` is th
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import pickle
@@ -99,17 +100,18 @@ def _clear_step(url: str) -> None:
     fs.rm(url)
 
 
-_last_saved: dict[str, int] = {}  # run dir -> the step this process committed last (prune's default bound)
-
-
-def write_step_folder(url: str, files: dict[str, bytes], meta: dict[str, Any], marker: str) -> None:
+def write_step_folder(url: str, files: dict[str, bytes | Callable[[], bytes]], meta: dict[str, Any],
+                      marker: str) -> None:
     """The one writer of step folders: clear the folder, write `files` in order, record their sizes and CRC-32s
-    in meta.json, check they are all listed, then write the commit marker (holding `marker`)."""
+    in meta.json, check they are all listed, then write the commit marker (holding `marker`). A file given as
+    a function is serialised just before it is written, so only one file's bytes are in memory at a time."""
     _clear_step(url)
     written: dict[str, dict[str, Any]] = {}
     for name, data in files.items():
+        data = data() if callable(data) else data
         fs.write_bytes(fs.join(url, name), data)
         written[name] = file_record(data)
+        del data
     fs.write_text(fs.join(url, "meta.json"), json.dumps({**meta, "files": written}, indent=1))
     missing = sorted({*written, "meta.json"} - set(fs.ls(url)))
     if missing:  # e.g. the object store lost data mid-save: never commit an incomplete checkpoint
@@ -125,11 +127,13 @@ def save_checkpoint(run_dir: str, step: int, model_state: dict[str, torch.Tensor
                     config_yaml: str, meta: dict[str, Any],
                     extra_weights: dict[str, dict[str, torch.Tensor]] | None = None) -> str:
     """Write and commit step N of a run: model.safetensors, `extra_weights` (file name -> state dict, e.g.
-    ema.safetensors), train_state.pt, config.yaml. Returns the step URL."""
+    ema.safetensors), train_state.pt, config.yaml, each serialised just before it is written. Returns the step
+    URL. Runs on the training thread or on the background writer's (train/saver.py): file I/O only."""
     url = step_url(run_dir, step)
-    files = {"model.safetensors": _safetensors_bytes(model_state, step)}
-    files.update({name: _safetensors_bytes(state, step) for name, state in (extra_weights or {}).items()})
-    files["train_state.pt"] = _tensor_bytes(train_state)
+    weights = {"model.safetensors": model_state, **(extra_weights or {})}
+    files: dict[str, bytes | Callable[[], bytes]] = {
+        name: functools.partial(_safetensors_bytes, state, step) for name, state in weights.items()}
+    files["train_state.pt"] = functools.partial(_tensor_bytes, train_state)
     files["config.yaml"] = config_yaml.encode("utf-8")
     write_step_folder(url, files, {**meta, "step": step, "saved_at": time.time()}, f"{step}\n")
     _last_saved[run_dir] = step

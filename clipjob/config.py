@@ -101,6 +101,7 @@ class TrainConfig:
     ckpt_every_steps: int = F(500, "Save a checkpoint every N steps (0 = only at the end and on SIGTERM)")
     ckpt_every_minutes: float = F(0.0, "Also save when this many minutes passed since the last save (0 = off)")
     keep_last: int = F(3, "Keep the newest K committed checkpoints")
+    ckpt_async: bool = F(True, "Write checkpoints in the background: rank 0 copies the state to host memory (all the step waits for), a thread writes and commits it while training goes on; the stop step and the last step are committed before exiting. false = every rank waits for each commit")
     threads: int = F(0, "torch intra-op threads (0 = torch default)")
     init_from: str = F("", "Initial weights (checkpoint dir/file, clipjob/CoreNet/OpenCLIP); ignored when resuming")
     ema_momentum: float = F(0.0, "EMA of the weights: ema = (1 - m) * ema + m * w each step (0 = off; CoreNet 0.0005)")

@@ -35,6 +35,7 @@ from clipjob.train.loss import ContrastiveLoss, build_loss
 from clipjob.train.flops import flops_per_sample, peak_flops
 from clipjob.train.metrics import MetricsLogger, Throughput
 from clipjob.train.optim import build_optimizer, lr_at, set_lr
+from clipjob.train.saver import CheckpointSaver
 from clipjob.train.step import StepResult, forward_backward, optimizer_step
 
 @dataclass
@@ -44,6 +45,7 @@ class TrainState:
     bad_samples: dict[str, int] = field(default_factory=dict)
     good_samples: int = 0
     stopped_by: int = 0  # the signal that stopped training before train.steps (SIGTERM when another rank got it)
+    ckpt_stall_s: float = 0.0  # seconds rank 0's training thread spent in saves since the last metrics record
 
 
 @dataclass
@@ -128,22 +130,36 @@ def build_loader(cfg: Config, d: dist.DistInfo, start_step: int):
 # checkpoints
 
 
-def save(cfg: Config, parts: Parts, state: TrainState, d: dist.DistInfo) -> None:
-    """Rank 0 writes step N (weights, EMA, full train state, config, marker last) and prunes old steps;
-    the others wait, so nobody runs ahead of a checkpoint being written."""
+def save(cfg: Config, parts: Parts, state: TrainState, d: dist.DistInfo, saver: CheckpointSaver | None = None,
+         background: bool = False) -> None:
+    """Rank 0 writes step N (weights, EMA, full train state, config, marker last) and prunes old steps, after
+    the save still in flight. In the background (`background` and train.ckpt_async: train/saver.py) rank 0
+    only snapshots the state to host memory and the other ranks go on at once; otherwise (the stop step, the
+    last step) every rank waits until the step is committed."""
+    background = background and saver is not None and saver.background
     if d.is_main:
-        t0 = time.monotonic()
-        train_state = {"optimizer": parts.opt.state_dict(), "loss": parts.loss_fn.state_dict(),
-                       "scaler": parts.scaler.state_dict() if parts.scaler else {},
-                       "step": state.step, "samples_seen": state.samples_seen, "bad_samples": state.bad_samples,
-                       "good_samples": state.good_samples}
+        tree = {"model": parts.model.state_dict(), "ema": parts.ema.state_dict() if parts.ema else None,
+                "train_state": {"optimizer": parts.opt.state_dict(), "loss": parts.loss_fn.state_dict(),
+                                "scaler": parts.scaler.state_dict() if parts.scaler else {}, "step": state.step,
+                                "samples_seen": state.samples_seen, "bad_samples": state.bad_samples,
+                                "good_samples": state.good_samples}}
         meta = {"samples_seen": state.samples_seen, "world_size": d.world_size, "ema": parts.ema is not None,
                 "params": sum(p.numel() for p in parts.model.parameters())}
-        extra = {ckpt.EMA_FILE: parts.ema.state_dict()} if parts.ema else None
-        ckpt.save_checkpoint(cfg.storage.run_dir, state.step, parts.model.state_dict(), train_state,
-                             to_yaml(cfg), meta, extra)
-        ckpt.prune_checkpoints(cfg.storage.run_dir, cfg.train.keep_last)
-        print(f"checkpoint: step {state.step} committed in {time.monotonic() - t0:.1f}s", flush=True)
+        run_dir, step, config_yaml = cfg.storage.run_dir, state.step, to_yaml(cfg)
+
+        def write(t: dict) -> None:  # on the writer thread when in the background: file I/O only
+            extra = {ckpt.EMA_FILE: t["ema"]} if t["ema"] is not None else None
+            ckpt.save_checkpoint(run_dir, step, t["model"], t["train_state"], config_yaml, meta, extra)
+            ckpt.prune_checkpoints(run_dir, cfg.train.keep_last)
+
+        state.ckpt_stall_s += (saver or CheckpointSaver(background=False)).save(step, write, tree, background)
+    if not background:
+        dist.barrier()
+
+
+def settle(saver: CheckpointSaver, d: dist.DistInfo) -> None:
+    """Every rank waits until rank 0's save in flight is committed (its error is raised on rank 0)."""
+    saver.wait()
     dist.barrier()
 
 
@@ -241,6 +257,8 @@ def log_step(metrics: MetricsLogger, speed: Throughput, state: TrainState, out: 
         record["logit_bias"] = float(parts.loss_fn.logit_bias)
     if grad_norm is not None:
         record["grad_norm"] = float(grad_norm)
+    if state.ckpt_stall_s:
+        record["ckpt_stall_s"], state.ckpt_stall_s = round(state.ckpt_stall_s, 3), 0.0
     metrics.log(record)
 
 
@@ -306,8 +324,9 @@ def minutes_due(cfg: Config, last_save: float) -> bool:
 
 def train(cfg: Config) -> TrainState:
     """Train until train.steps, or until a stop signal (then state.step < train.steps)."""
-    with StopFlag() as stop:  # first: a SIGTERM during set-up must not end the process before it can save
-        state = run(cfg, stop)
+    # the stop flag first: a SIGTERM during set-up must not end the process before it can save
+    with StopFlag() as stop, CheckpointSaver(cfg.train.ckpt_async) as saver:
+        state = run(cfg, stop, saver)
     dist.cleanup()
     return state
 
@@ -324,7 +343,7 @@ def outcome(cfg: Config, state: TrainState) -> tuple[int, str]:
     return 0, f"done: step {state.step}, {state.samples_seen} samples; run dir {cfg.storage.run_dir}"
 
 
-def run(cfg: Config, stop: StopFlag) -> TrainState:
+def run(cfg: Config, stop: StopFlag, saver: CheckpointSaver) -> TrainState:
     d = dist.init_distributed(cfg.train.dist_timeout_s)
     bound_storage_waits(cfg, stop)
     if cfg.train.threads:
@@ -342,13 +361,16 @@ def run(cfg: Config, stop: StopFlag) -> TrainState:
     last_save, saved = time.monotonic(), state.step  # (the step resumed from is committed; step 0 has nothing)
     parts.model.train()
     while state.step < cfg.train.steps:
+        saver.raise_failure()  # a background save that failed ends the run here, with its own error
         # data: the time blocked here is the data-wait fraction
         t0 = time.monotonic()
         batch, clock_due, waited = wait_for_batch(batches, stop, cfg, d, state.step, last_save)
         if batch is None:  # asked to stop: commit the last completed step (every rank agreed to stop here)
             if state.step != saved:
                 metrics.flush()
-                save(cfg, parts, state, d)
+                save(cfg, parts, state, d, saver)  # after the save in flight, and every rank waits for it
+            else:
+                settle(saver, d)
             state.stopped_by = int(stop.signum or signal.SIGTERM)
             if d.is_main:
                 print(f"stop requested{waited}: saved step {state.step}, exiting" if state.step
@@ -377,10 +399,11 @@ def run(cfg: Config, stop: StopFlag) -> TrainState:
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
             log_step(metrics, speed, state, out, lr, grad_norm, parts, images, d)
             check_bad_fraction(cfg, state)
-        # checkpoint: every N steps, every T minutes (agreed before the step), at the end
+        # checkpoint: every N steps, every T minutes (agreed before the step), at the end (that one committed
+        # before returning); in the background but the last
         if clock_due or save_due(cfg, state.step):
             metrics.flush()  # metrics are durable up to the checkpoint a restart resumes from
-            save(cfg, parts, state, d)
+            save(cfg, parts, state, d, saver, background=state.step < cfg.train.steps)
             last_save, saved = time.monotonic(), state.step
     metrics.close()
     return state

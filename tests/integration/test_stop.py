@@ -103,3 +103,25 @@ def test_should_commit_a_save_slower_than_torchruns_30_s_inside_the_configured_w
     assert save and float(save[1]) >= 35, r.output  # the stretched save is the one that was committed
     assert "forcefully exiting" not in r.output, r.output  # torchrun never had to SIGKILL a worker
     assert_clean(r.output)
+
+
+def test_should_train_on_during_a_background_save_and_commit_the_stop_step_after_it_when_sigterm_comes(
+        shards, s3_bucket):
+    """train.ckpt_async (the default): rank 0's save of step 2 takes 4 s in the background while both ranks go
+    on; SIGTERM then comes with it in flight: the stop waits for it, then commits the stop step, exit 143."""
+    run = f"{s3_bucket}/run"
+    r = agent(shards, run, "data.num_workers=1", "train.ckpt_every_steps=2", env={"CLIPJOB_TEST_SAVE_DELAY_S": "4"})
+    try:
+        r.wait_for(r"^step 3: loss")
+        assert "checkpoint: step 2 committed" not in r.output, r.output  # the ranks did not wait for the write
+        r.proc.send_signal(signal.SIGTERM)
+        rc = r.wait(120)
+    finally:
+        r.kill_all()
+    k = stopped_step(r)
+    assert rc == 143 and k > 2 and committed(run) == [2, k], r.output
+    assert re.search(r"^checkpoint: step 2 committed in \d+\.\ds in the background; training waited", r.output, re.M)
+    assert r.output.index("checkpoint: step 2 committed") < r.output.index(f"checkpoint: step {k} committed")
+    assert f"stop requested: saved step {k}, exiting" in r.output, r.output
+    assert_clean(r.output)
+    assert_all_load(run)

@@ -4,9 +4,11 @@ a crash mid-save, incomplete folders never committed, S3, EMA weights for eval, 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 import torch
@@ -343,3 +345,107 @@ def test_should_not_resume_from_an_older_step_when_storage_fails_while_restoring
     monkeypatch.setattr(ckpt, "load_weights", outage_at_step_2)
     with pytest.raises(RetryableError):  # resuming from step 1 would redo work and prune around a good step 2
         restore(cfg, build_parts(cfg, CPU), CPU)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# background saves (train.ckpt_async, issue 16 item 2): the trainer's save flow; the saver itself: test_saver.py
+
+
+def _slowed_saves(monkeypatch, seconds: float) -> list[tuple[int, float, float]]:
+    """Every save_checkpoint first sleeps `seconds`; returns the (step, began, committed) of each save."""
+    real, spans = ckpt.save_checkpoint, []
+
+    def slow(run_dir, step, *args, **kwargs):
+        began = time.monotonic()
+        time.sleep(seconds)
+        url = real(run_dir, step, *args, **kwargs)
+        spans.append((step, began, time.monotonic()))
+        return url
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", slow)
+    return spans
+
+
+def test_should_commit_the_snapshot_when_training_changes_the_state_during_a_background_save(tmp_path, monkeypatch,
+                                                                                            capsys):
+    from clipjob.train.saver import CheckpointSaver
+    from clipjob.train.trainer import build_parts, restore, save
+
+    cfg = build_config("tiny-cpu-scratch", None, TINY + [f"storage.run_dir={tmp_path / 'run'}",
+                                                         "train.ema_momentum=0.5"])
+    parts, state = _parts_after_one_step(cfg)
+    weights = {k: v.clone() for k, v in parts.model.state_dict().items()}
+    moments = {i: s["exp_avg"].clone() for i, s in parts.opt.state_dict()["state"].items()}
+    _slowed_saves(monkeypatch, 0.5)
+    saver = CheckpointSaver(background=True)
+    save(cfg, parts, state, CPU, saver, background=True)
+    assert saver.in_flight and state.ckpt_stall_s < 0.5  # back before the save is written
+    with torch.no_grad():  # the next steps, while the save is in flight
+        for p in parts.model.parameters():
+            p.add_(1.0)
+        for s in parts.opt.state.values():
+            s["exp_avg"].zero_()
+    state.step, state.samples_seen = 2, 8
+    saver.wait()
+    assert "checkpoint: step 1 committed in" in capsys.readouterr().out
+    fresh = build_parts(cfg, CPU)
+    got = restore(cfg, fresh, CPU)
+    assert (got.step, got.samples_seen) == (1, 4)
+    for k, v in fresh.model.state_dict().items():
+        torch.testing.assert_close(v, weights[k])
+    for i, s in fresh.opt.state_dict()["state"].items():
+        torch.testing.assert_close(s["exp_avg"], moments[i])
+
+
+def test_should_wait_for_the_save_in_flight_and_commit_the_stop_step_when_stopping(tmp_path, monkeypatch):
+    from clipjob.train.saver import CheckpointSaver
+    from clipjob.train.trainer import save, settle
+
+    cfg = build_config("tiny-cpu-scratch", None, TINY + [f"storage.run_dir={tmp_path / 'run'}",
+                                                         "train.ema_momentum=0.5"])
+    run = cfg.storage.run_dir
+    parts, state = _parts_after_one_step(cfg)
+    spans = _slowed_saves(monkeypatch, 0.4)
+    saver = CheckpointSaver(background=True)
+    save(cfg, parts, state, CPU, saver, background=True)  # step 1 in the background
+    state.step = 2
+    save(cfg, parts, state, CPU, saver)  # the stop step: after step 1, committed on return
+    assert ckpt.committed_steps(run) == [1, 2] and not saver.in_flight
+    (s1, _, committed1), (s2, began2, _) = spans
+    assert (s1, s2) == (1, 2) and committed1 <= began2
+    state.step = 3
+    save(cfg, parts, state, CPU, saver, background=True)
+    assert ckpt.committed_steps(run) == [1, 2]
+    settle(saver, CPU)  # a stop at the step whose save is in flight: wait for its commit
+    assert ckpt.committed_steps(run) == [1, 2, 3]
+    assert ckpt.load_train_state(ckpt.step_url(run, 3))["step"] == 3
+
+
+@pytest.mark.parametrize("outage", [False, True])
+def test_should_raise_a_failed_background_save_with_its_exit_code_when_training_saves_next(tmp_path, monkeypatch,
+                                                                                          outage):
+    from clipjob.errors import RetryableError
+    from clipjob.train.saver import CheckpointSaver
+    from clipjob.train.trainer import save
+
+    cfg = build_config("tiny-cpu-scratch", None, TINY + [f"storage.run_dir={tmp_path / 'run'}",
+                                                         "train.ema_momentum=0.5"])
+    parts, state = _parts_after_one_step(cfg)
+    real = fs.write_bytes
+
+    def broken(url, data):
+        if url.endswith("train_state.pt"):
+            if outage:
+                raise RetryableError(f"{url}: storage did not answer for 6 s")
+            return None  # lost: the listing check refuses to commit
+        return real(url, data)
+
+    monkeypatch.setattr(fs, "write_bytes", broken)
+    saver = CheckpointSaver(background=True)
+    save(cfg, parts, state, CPU, saver, background=True)  # returns: the failure comes later
+    state.step = 2
+    with pytest.raises(ClipjobError) as raised:
+        save(cfg, parts, state, CPU, saver)
+    assert raised.value.exit_code == (203 if outage else 2)
+    assert re.search(r"step-00000001(/|: )train_state.pt", str(raised.value)), raised.value
+    assert ckpt.committed_steps(cfg.storage.run_dir) == []  # step 2 was not written after step 1 failed
