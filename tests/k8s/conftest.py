@@ -132,3 +132,9 @@ def render_error(helm):
 def values_files() -> list[str]:
     return sorted(p.name for p in VALUES_DIR.glob("*.yaml"))
 
+
+def chart_values() -> dict:
+    """charts/train/values.yaml: the defaults that a rendered object carries over (compare with these, not with
+    the literals written there)."""
+    return yaml.safe_load((CHART / "values.yaml").read_text())
+

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
 import pytest
 import yaml
 
-from .conftest import CHART, VALUES_DIR, values_files
+from .conftest import CHART, VALUES_DIR, chart_values, values_files
 
 GPU = "nvidia.com/gpu"
 
@@ -30,89 +31,159 @@ def test_should_name_the_training_container_pytorch_when_values_are_defaults(ren
     assert [c["name"] for c in containers] == ["pytorch"]
 
 
-def test_should_run_clipjob_train_with_config_preset_and_run_dir_when_values_are_defaults(render):
+def test_should_run_clipjob_train_with_the_mounted_config_when_values_are_defaults(render):
     c = render().container()
     assert "command" not in c, "the image's ENTRYPOINT (clipjob) must run"
-    args = c["args"]
-    assert args[0] == "train"
-    assert arg_after(args, "--config") == "/etc/clipjob/config.yaml"
-    assert arg_after(args, "--preset") == "corenet-vit-b16"
-    assert arg_after(args, "--run-dir") == "s3://my-bucket/runs/clip-vit-b16"
-    assert arg_after(args, "--nproc-per-node") == "8"
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "config"]
+    assert c["args"][0] == "train"
+    assert arg_after(c["args"], "--config") == f"{mount['mountPath']}/config.yaml"
+
+
+def test_should_pass_the_preset_the_run_dir_and_one_process_per_gpu_when_they_are_set(render):
+    r = render(sets={"preset": "tiny-cpu", "runDir": "s3://other-bucket/runs/r2", "gpu.perNode": "4"})
+    args = r.container()["args"]
+    assert arg_after(args, "--preset") == "tiny-cpu"
+    assert arg_after(args, "--run-dir") == "s3://other-bucket/runs/r2"
+    # nprocPerNode "" = one training process per GPU, for the agent and the Training Operator alike
+    assert arg_after(args, "--nproc-per-node") == r.one("PyTorchJob")["spec"]["nprocPerNode"] == "4"
 
 
 def test_should_mount_the_configmap_rendered_from_values_config_when_values_are_defaults(render):
     r = render()
     cm = r.one("ConfigMap")
-    assert yaml.safe_load(cm["data"]["config.yaml"]) == yaml.safe_load((CHART / "values.yaml").read_text())["config"]
+    assert yaml.safe_load(cm["data"]["config.yaml"]) == chart_values()["config"]
     pod = r.pod_template()["spec"]
     (vol,) = [v for v in pod["volumes"] if v["name"] == "config"]
     assert vol["configMap"]["name"] == cm["metadata"]["name"]
     (mount,) = [m for m in r.container()["volumeMounts"] if m["name"] == "config"]
-    assert mount["mountPath"] == "/etc/clipjob" and mount["readOnly"] is True
+    assert mount["readOnly"] is True
 
 
-def test_should_configure_elastic_policy_with_c10d_and_rdzv_id_when_values_are_defaults(render):
-    job = render().one("PyTorchJob")
-    policy = job["spec"]["elasticPolicy"]
-    assert policy == {"minReplicas": 1, "maxReplicas": 1, "maxRestarts": 3, "rdzvBackend": "c10d",
-                      "rdzvId": job["metadata"]["name"], "rdzvPort": 29400}
-    assert job["spec"]["nprocPerNode"] == "8"
-    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 1
-    assert "Master" not in job["spec"]["pytorchReplicaSpecs"]
-
-
-def test_should_expose_the_rendezvous_port_as_pytorchjob_port_when_values_are_defaults(render):
-    (port,) = render().container()["ports"]
-    assert port == {"name": "pytorchjob-port", "containerPort": 29400, "protocol": "TCP"}
-
-
-def test_should_request_and_limit_eight_gpus_when_values_are_defaults(render):
-    res = render().container()["resources"]
-    assert res["limits"][GPU] == "8" and res["requests"][GPU] == "8"
-    assert res["requests"]["cpu"] == "32" and res["limits"]["memory"] == "256Gi"
-
-
-def test_should_mount_a_memory_backed_dev_shm_with_size_limit_when_values_are_defaults(render):
+def test_should_rendezvous_on_the_operators_port_under_the_job_name_when_values_are_defaults(render):
+    """nodes.min/max and elastic.rdzvId are left empty: a fixed-size job (min = max = the workers) whose
+    rendezvous id is the job name; the Training Operator takes the rendezvous port from the container port named
+    pytorchjob-port, so the two must agree. Workers only: no Master replica."""
     r = render()
+    job = r.one("PyTorchJob")
+    policy, replicas = job["spec"]["elasticPolicy"], job["spec"]["pytorchReplicaSpecs"]
+    assert policy["minReplicas"] == policy["maxReplicas"] == replicas["Worker"]["replicas"]
+    assert policy["rdzvId"] == job["metadata"]["name"]
+    (port,) = r.container()["ports"]
+    assert port == {"name": "pytorchjob-port", "containerPort": policy["rdzvPort"], "protocol": "TCP"}
+    assert list(replicas) == ["Worker"]
+
+
+def test_should_add_gpu_per_node_to_the_requests_and_limits_of_resources_when_gpu_per_node_is_set(render):
+    res = render(sets={"gpu.perNode": "4"}).container()["resources"]
+    assert res["limits"][GPU] == res["requests"][GPU] == "4"
+    values = chart_values()["resources"]
+    for part in ("requests", "limits"):
+        assert {k: v for k, v in res[part].items() if k != GPU} == values[part], part
+
+
+def test_should_mount_a_memory_backed_dev_shm_of_the_size_limit_only_when_shm_is_enabled(render):
+    r = render(sets={"shm.sizeLimit": "8Gi"})
     (vol,) = [v for v in r.pod_template()["spec"]["volumes"] if v["name"] == "dshm"]
-    assert vol["emptyDir"] == {"medium": "Memory", "sizeLimit": "64Gi"}
+    assert vol["emptyDir"] == {"medium": "Memory", "sizeLimit": "8Gi"}
     assert {"name": "dshm", "mountPath": "/dev/shm"} in r.container()["volumeMounts"]
+    off = render(sets={"shm.enabled": "false"})
+    assert "dshm" not in [v["name"] for v in off.pod_template()["spec"]["volumes"]]
+    assert "/dev/shm" not in [m["mountPath"] for m in off.container()["volumeMounts"]]
 
 
-def test_should_take_s3_credentials_only_from_the_existing_secret_when_values_are_defaults(render):
-    env = render().env()
-    for name, key, optional in [("AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID", None),
-                                ("AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY", None),
-                                ("AWS_SESSION_TOKEN", "AWS_SESSION_TOKEN", True),
-                                ("AWS_DEFAULT_REGION", "AWS_DEFAULT_REGION", True),
-                                ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_S3", True)]:
-        assert "value" not in env[name], f"{name} is inlined"
-        ref = env[name]["valueFrom"]["secretKeyRef"]
-        assert ref["name"] == "clipjob-s3" and ref["key"] == key and ref.get("optional") == optional
+def resolved_env(container: dict, secrets: dict[str, dict[str, str]]) -> dict[str, str]:
+    """The container's environment as the kubelet builds it: plain values, and secretKeyRefs looked up in
+    `secrets` (a missing optional key leaves the variable unset; a missing required one stops the pod)."""
+    env = {}
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+            continue
+        ref = e["valueFrom"]["secretKeyRef"]
+        value = secrets.get(ref["name"], {}).get(ref["key"])
+        assert value is not None or ref.get("optional"), f"CreateContainerConfigError: {ref} not found"
+        if value is not None:
+            env[e["name"]] = value
+    return env
 
 
-def test_should_apply_the_restricted_security_context_when_values_are_defaults(render):
-    pod = render().pod_template()["spec"]
-    assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    sc = render().container()["securityContext"]
-    assert sc["allowPrivilegeEscalation"] is False
-    assert sc["capabilities"] == {"drop": ["ALL"]}
-    assert sc["runAsNonRoot"] is True and sc["readOnlyRootFilesystem"] is True
-    assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+@pytest.mark.parametrize("keys", ["default", "renamed"])
+def test_should_hand_the_secrets_s3_keys_to_clipjobs_s3_client_when_a_secret_is_named(render, monkeypatch, keys):
+    """The S3 client (clipjob.fs: the endpoint and credentials from the environment, the region through its
+    aiobotocore session) gets what the Secret holds under the keys s3.secretKeys names; nothing is inlined, and
+    the optional keys may be missing from the Secret."""
+    from clipjob import fs
+
+    names = {"accessKeyId": "ak", "secretAccessKey": "sk", "sessionToken": "st", "region": "rg", "endpoint": "ep"}
+    sets = {"s3.existingSecret": "store-creds"}
+    if keys == "renamed":
+        sets.update({f"s3.secretKeys.{field}": key for field, key in names.items()})
+    else:
+        names = chart_values()["s3"]["secretKeys"]
+    c = render(sets=sets).container()
+    assert not [e["name"] for e in c["env"] if e["name"].startswith("AWS_") and "value" in e], "inlined"
+    secret = {names["accessKeyId"]: "AKIDEXAMPLE", names["secretAccessKey"]: "wJalr/EXAMPLEKEY",
+              names["region"]: "eu-west-3", names["endpoint"]: "http://minio.minio.svc:9000"}  # no session token
+    env = resolved_env(c, {"store-creds": secret})
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    opts = fs.storage_options("s3://bucket/run")
+    assert (opts["key"], opts["secret"], "token" in opts) == ("AKIDEXAMPLE", "wJalr/EXAMPLEKEY", False)
+    assert opts["client_kwargs"] == {"endpoint_url": "http://minio.minio.svc:9000"}
+    assert opts["session"].get_config_variable("region") == "eu-west-3"
+    with pytest.raises(AssertionError, match="CreateContainerConfigError"):
+        resolved_env(c, {"store-creds": {k: v for k, v in secret.items() if k != names["secretAccessKey"]}})
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What the restricted Pod Security Standard (kubernetes.io/docs/concepts/security/pod-security-standards)
+    refuses in a pod spec, for the fields the chart renders."""
+    found = []
+    psc = pod.get("securityContext", {})
+    allowed_volumes = {"name", "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                       "projected", "secret"}
+    found += [f"volume {v['name']}: {sorted(set(v) - allowed_volumes)}" for v in pod.get("volumes", [])
+              if set(v) - allowed_volumes]
+    found += [f"host namespace {k}" for k in ("hostNetwork", "hostPID", "hostIPC") if pod.get(k)]
+    for c in pod["containers"] + pod.get("initContainers", []):
+        sc = {**{k: psc[k] for k in ("runAsNonRoot", "runAsUser", "seccompProfile") if k in psc},
+              **c.get("securityContext", {})}
+        if sc.get("runAsNonRoot") is not True:
+            found.append(f"{c['name']}: runAsNonRoot is not true")
+        if sc.get("runAsUser") == 0:
+            found.append(f"{c['name']}: runAsUser 0")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            found.append(f"{c['name']}: allowPrivilegeEscalation is not false")
+        if sc.get("privileged"):
+            found.append(f"{c['name']}: privileged")
+        caps = sc.get("capabilities", {})
+        if "ALL" not in caps.get("drop", []) or set(caps.get("add", [])) - {"NET_BIND_SERVICE"}:
+            found.append(f"{c['name']}: capabilities {caps}")
+        if sc.get("seccompProfile", {}).get("type") not in ("RuntimeDefault", "Localhost"):
+            found.append(f"{c['name']}: seccompProfile {sc.get('seccompProfile')}")
+    return found
+
+
+@pytest.mark.parametrize("workload", ["pytorchjob", "trainJob", "indexedJob"])
+def test_should_meet_the_restricted_pod_security_standard_when_values_are_defaults(render, workload):
+    r = render(sets={"workload": workload})
+    assert restricted_violations(r.pod_template()["spec"]) == []
+    escalating = render(sets={"workload": workload, "securityContext.allowPrivilegeEscalation": "true"})
+    assert restricted_violations(escalating.pod_template()["spec"]) == \
+        [f"{r.container()['name']}: allowPrivilegeEscalation is not false"]
 
 
 def test_should_give_a_writable_tmp_as_home_when_the_root_filesystem_is_read_only(render):
-    r = render()
-    assert r.env()["HOME"] == {"name": "HOME", "value": "/tmp"}
-    (vol,) = [v for v in r.pod_template()["spec"]["volumes"] if v["name"] == "tmp"]
-    assert vol["emptyDir"] == {"sizeLimit": "20Gi"}
-    assert {"name": "tmp", "mountPath": "/tmp"} in r.container()["volumeMounts"]
-
-
-def test_should_leave_time_to_checkpoint_on_sigterm_when_values_are_defaults(render):
-    assert render().pod_template()["spec"]["terminationGracePeriodSeconds"] == 180
+    r = render(sets={"tmpSizeLimit": "5Gi"})
+    c = r.container()
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    home = r.env()["HOME"]["value"]
+    (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == home]
+    assert not mount.get("readOnly")
+    (vol,) = [v for v in r.pod_template()["spec"]["volumes"] if v["name"] == mount["name"]]
+    assert vol["emptyDir"] == {"sizeLimit": "5Gi"}
 
 
 def test_should_disable_the_istio_sidecar_when_values_are_defaults(render):
@@ -127,19 +198,20 @@ def test_should_use_a_created_serviceaccount_without_api_token_when_values_are_d
     assert pod["automountServiceAccountToken"] is False and sa["automountServiceAccountToken"] is False
 
 
-def test_should_set_run_policy_with_ttl_backoff_and_clean_pod_policy_when_values_are_defaults(render):
+def test_should_carry_the_run_policy_over_leaving_out_the_null_limits_when_values_are_defaults(render):
     policy = render().one("PyTorchJob")["spec"]["runPolicy"]
-    assert policy == {"cleanPodPolicy": "None", "backoffLimit": 20, "ttlSecondsAfterFinished": 604800}
+    assert policy == {k: v for k, v in chart_values()["runPolicy"].items() if v is not None}  # null: no limit
 
 
 def test_should_label_every_object_with_app_kubernetes_io_labels_when_values_are_defaults(render):
-    for obj in render().docs:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    for obj in render(release="run-7").docs:
         labels = obj["metadata"]["labels"]
-        assert labels["app.kubernetes.io/name"] == "train"
-        assert labels["app.kubernetes.io/instance"] == "clip-train"
+        assert labels["app.kubernetes.io/name"] == chart["name"]
+        assert labels["app.kubernetes.io/instance"] == "run-7"
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
         assert labels["app.kubernetes.io/part-of"] == "clipjob"
-        assert labels["helm.sh/chart"] == "train-0.1.0"
+        assert labels["helm.sh/chart"] == f"{chart['name']}-{chart['version']}"
 
 
 def test_should_not_pass_elastic_env_itself_when_the_training_operator_injects_it(render):
@@ -184,30 +256,37 @@ def test_should_render_a_pytorch_container_with_shm_and_grace_period_when_values
     assert r.pod_template()["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
 
 
-def test_should_express_the_corenet_vit_b16_recipe_when_32_nodes_of_8_gpus_are_used(render):
+def test_should_train_corenets_recipe_at_its_global_batch_when_32_nodes_of_8_gpus_are_used(render, tmp_path):
+    """The config clipjob resolves from the rendered ConfigMap, preset and overrides trains the corenet-vit-b16
+    preset's schedule, on 32 pods x 8 processes x its batch: CoreNet's global batch of 65,536."""
+    from clipjob.config import build_config
+
     r = render("corenet-vit-b16-32x8.yaml")
-    job = r.one("PyTorchJob")
-    assert job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] == 32
-    assert job["spec"]["elasticPolicy"]["minReplicas"] == 32 and job["spec"]["elasticPolicy"]["maxReplicas"] == 32
-    assert job["spec"]["nprocPerNode"] == "8"
-    config = yaml.safe_load(r.one("ConfigMap")["data"]["config.yaml"])
-    train = config["train"]
-    assert (train["steps"], train["batch_size"], train["warmup_steps"]) == (200_000, 256, 10_000)
-    assert (train["lr"], train["weight_decay"], train["ema_momentum"]) == (1e-3, 0.2, 5e-4)
-    assert (train["precision"], train["ckpt_every_steps"]) == ("bf16", 5000)
-    assert 32 * 8 * train["batch_size"] == 65_536  # CoreNet's global batch
-    c = r.container()
-    assert c["image"] == "registry.example.com/ml/clipjob:0.1.0"
-    assert c["resources"]["limits"][GPU] == "8"
-    assert r.env()["AWS_DEFAULT_REGION"] == {"name": "AWS_DEFAULT_REGION", "value": "us-east-1"}
-    assert r.env()["NCCL_DEBUG"]["value"] == "WARN"
-    pod = r.pod_template()["spec"]
-    assert pod["priorityClassName"] == "training-high"
-    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
-    assert pod["tolerations"][0]["key"] == GPU
-    assert "podAntiAffinity" in pod["affinity"]
-    assert pod["terminationGracePeriodSeconds"] == 240
-    assert job["spec"]["runPolicy"]["activeDeadlineSeconds"] == 1_814_400
+    job, args = r.one("PyTorchJob"), r.container()["args"]
+    (tmp_path / "config.yaml").write_text(r.one("ConfigMap")["data"]["config.yaml"])
+    overrides = [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    cfg = build_config(arg_after(args, "--preset"), str(tmp_path / "config.yaml"), overrides)
+    recipe = build_config("corenet-vit-b16").train
+    for key in ("steps", "batch_size", "warmup_steps", "lr", "weight_decay", "ema_momentum", "precision"):
+        assert getattr(cfg.train, key) == getattr(recipe, key), key
+    pods = job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"]
+    assert job["spec"]["elasticPolicy"]["minReplicas"] == pods  # the global batch needs every pod
+    assert pods * int(job["spec"]["nprocPerNode"]) * cfg.train.batch_size == 65_536
+
+
+def test_should_carry_the_image_env_placement_and_limits_over_when_a_values_file_sets_them(render):
+    values = yaml.safe_load((VALUES_DIR / "corenet-vit-b16-32x8.yaml").read_text())
+    r = render("corenet-vit-b16-32x8.yaml")
+    c, pod = r.container(), r.pod_template()["spec"]
+    assert c["image"] == f"{values['image']['repository']}:{values['image']['tag']}"
+    assert c["resources"]["limits"][GPU] == str(values["gpu"]["perNode"])
+    assert r.env()["AWS_DEFAULT_REGION"] == {"name": "AWS_DEFAULT_REGION", "value": values["s3"]["region"]}
+    assert all(e in c["env"] for e in values["env"])
+    for key in ("priorityClassName", "nodeSelector", "tolerations", "affinity"):
+        assert pod[key] == values["scheduling"][key], key
+    assert pod["terminationGracePeriodSeconds"] == values["terminationGracePeriodSeconds"]
+    run_policy = r.one("PyTorchJob")["spec"]["runPolicy"]
+    assert run_policy["activeDeadlineSeconds"] == values["runPolicy"]["activeDeadlineSeconds"]
 
 
 def test_should_request_no_gpu_and_run_two_processes_when_cpu_only(render):
@@ -282,19 +361,22 @@ def test_should_point_the_rendezvous_at_pod_index_0_when_workload_is_indexed_job
     r = render("indexed-job.yaml")
     name = r.one("Job")["metadata"]["name"]
     args = r.container()["args"]
-    assert arg_after(args, "--rdzv-endpoint") == f"{name}-0.{name}:29400"
+    elastic = chart_values()["elastic"]
+    assert arg_after(args, "--rdzv-endpoint") == f"{name}-0.{name}:{elastic['rdzvPort']}"
     assert arg_after(args, "--nnodes") == "4"
     assert arg_after(args, "--nproc-per-node") == "8"
     assert arg_after(args, "--rdzv-backend") == "c10d"
     assert arg_after(args, "--rdzv-id") == name
-    assert arg_after(args, "--max-restarts") == "3"
+    assert arg_after(args, "--max-restarts") == str(elastic["maxRestarts"])
     rank = r.env()["PET_NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert rank == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
 
 def test_should_carry_run_policy_over_to_the_job_when_workload_is_indexed_job(render):
     spec = render("indexed-job.yaml").one("Job")["spec"]
-    assert spec["backoffLimit"] == 20 and spec["ttlSecondsAfterFinished"] == 604800
+    policy = chart_values()["runPolicy"]
+    assert (spec["backoffLimit"], spec["ttlSecondsAfterFinished"]) == (policy["backoffLimit"],
+                                                                       policy["ttlSecondsAfterFinished"])
 
 
 # ---- NOTES.txt -----------------------------------------------------------------------------------------

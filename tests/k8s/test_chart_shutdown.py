@@ -34,6 +34,6 @@ def test_should_leave_the_agent_time_to_report_before_the_kubelets_sigkill_when_
     assert MARGIN_S > agent.READ_TIMEOUT_S + 2  # its read of the run dir is bounded; a second or two to exit
 
 
-def test_should_tell_the_stop_budget_when_installed(helm, tmp_path):
-    notes = render_notes(helm, tmp_path)
-    assert "commit their step on SIGTERM within 165s of the 180s grace period" in notes
+def test_should_tell_the_stop_budget_that_was_rendered_when_installed(helm, render, tmp_path):
+    window, grace = window_and_grace(render())
+    assert f"commit their step on SIGTERM within {window}s of the {grace}s grace period" in render_notes(helm, tmp_path)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
-from .conftest import CHART, EVAL_JOB, KUBE_VERSIONS
+from .conftest import EVAL_JOB, KUBE_VERSIONS
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
 
@@ -47,8 +49,27 @@ def test_should_read_imagenet_from_a_read_only_pvc_when_the_data_is_a_path(job, 
     assert vol["persistentVolumeClaim"]["readOnly"] is True
 
 
-def test_should_show_the_object_storage_alternative_when_reading_the_eval_job():
-    assert "# - imagenet:s3://" in EVAL_JOB.read_text()
+def test_should_read_imagenet_shards_from_object_storage_when_the_alternative_data_line_is_used(s3_bucket):
+    """The commented-out alternative to the PVC (`# - imagenet:s3://...`), pointed at a bucket that holds ImageNet
+    validation samples as webdataset shards ({key}.jpg + {key}.cls), is a --data that `eval zeroshot` reads:
+    OpenAI's 1000 class names and the samples' labels."""
+    import io
+
+    from PIL import Image
+
+    from clipjob.datasets.writer import ShardWriter
+    from clipjob.eval.zeroshot import build_eval_set
+
+    (alternative,) = re.findall(r"^\s*# - (imagenet:s3://\S+)", EVAL_JOB.read_text(), re.M)
+    root = f"{s3_bucket}/{alternative.removeprefix('imagenet:s3://').split('/', 1)[1]}"  # same path, test bucket
+    jpeg = io.BytesIO()
+    Image.new("RGB", (20, 20), (200, 20, 20)).save(jpeg, "JPEG")
+    with ShardWriter(root, prefix="val", max_samples=2) as w:
+        for i, label in enumerate((0, 999)):
+            w.write(f"ILSVRC2012_val_{i:08d}", {"jpg": jpeg.getvalue(), "cls": str(label)})
+    es = build_eval_set(f"imagenet:{root}", 16, "openai")
+    assert es.name == f"imagenet:{root}" and len(es.classnames) == 1000
+    assert [label for _, label in es.dataset] == [0, 999]
 
 
 def test_should_take_s3_credentials_from_a_secret_when_the_eval_job_runs(container):
@@ -71,9 +92,12 @@ def test_should_run_restricted_non_root_when_the_eval_job_runs(job, container):
     assert pod["automountServiceAccountToken"] is False
 
 
-def test_should_run_as_the_same_user_as_the_training_pods_when_both_are_deployed(job):
-    values = yaml.safe_load((CHART / "values.yaml").read_text())
-    assert job["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == values["podSecurityContext"]["runAsUser"]
+def test_should_run_as_the_same_user_and_group_as_the_training_pods_when_both_are_deployed(job, render):
+    """The eval Job reads what training writes to the run dir (and writes eval/ beside it): same uid and gid."""
+    ours = job["spec"]["template"]["spec"]["securityContext"]
+    training = render().pod_template()["spec"]["securityContext"]
+    for key in ("runAsUser", "runAsGroup", "fsGroup"):
+        assert ours[key] == training[key], key
 
 
 def test_should_bound_retries_and_clean_up_when_the_eval_job_finishes(job):
