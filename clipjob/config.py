@@ -94,7 +94,7 @@ class TrainConfig:
     weight_decay: float = F(0.2, "AdamW weight decay (not applied to biases, norms, embeddings' 1-D params, logit scale)")
     betas: tuple[float, float] = F((0.9, 0.98), "AdamW betas")
     eps: float = F(1e-6, "AdamW epsilon")
-    precision: Literal["fp32", "bf16", "fp16"] = F("fp32", "fp32, or autocast bf16/fp16 (fp16 uses a GradScaler)")
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = F("fp32", "fp32, or autocast bf16/fp16 (fp16 uses a GradScaler); auto = bf16 where this device runs bf16 matmuls at least 1.5x as fast as fp32 (GPUs with bf16, CPUs with AMX or AVX512-BF16), else fp32: decided at start (all ranks agree), logged, and written to the run's config.yaml")
     grad_clip: float = F(0.0, "Clip the global grad norm to this value (0 = off)")
     seed: int = F(0, "Seed for model init, data order and augmentation")
     log_every: int = F(10, "Steps between metrics lines")

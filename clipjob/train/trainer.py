@@ -10,6 +10,7 @@ after a checkpoint of that step is committed.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -32,7 +33,7 @@ from clipjob.model import build_model, build_tokenizer
 from clipjob.model.tokenizer import trim_padding
 from clipjob.train.ema import EMA
 from clipjob.train.loss import ContrastiveLoss, build_loss
-from clipjob.train.flops import flops_per_sample, peak_flops
+from clipjob.train.flops import choose_precision, flops_per_sample, peak_flops
 from clipjob.train.metrics import MetricsLogger, Throughput
 from clipjob.train.optim import build_optimizer, lr_at, set_lr
 from clipjob.train.saver import CheckpointSaver
@@ -343,11 +344,25 @@ def outcome(cfg: Config, state: TrainState) -> tuple[int, str]:
     return 0, f"done: step {state.step}, {state.samples_seen} samples; run dir {cfg.storage.run_dir}"
 
 
+def settle_precision(cfg: Config, d: dist.DistInfo) -> Config:
+    """train.precision=auto -> the precision this run uses (bf16 only when every rank measured it faster), so
+    the config every later step and the run's config.yaml see says what ran."""
+    if cfg.train.precision != "auto":
+        return cfg
+    chosen, why = choose_precision(d.device, "auto")
+    if d.world_size > 1 and dist.any_flags([chosen != "bf16"], d.device)[0]:
+        chosen, why = "fp32", f"{why}; another rank measured bf16 slower"
+    if d.is_main:
+        print(f"train.precision: auto -> {chosen} ({why})", flush=True)
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=chosen))
+
+
 def run(cfg: Config, stop: StopFlag, saver: CheckpointSaver) -> TrainState:
     d = dist.init_distributed(cfg.train.dist_timeout_s)
     bound_storage_waits(cfg, stop)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    cfg = settle_precision(cfg, d)
     if d.is_main:  # the data spec first: a bad one (missing shard, bucket, manifest) writes nothing to the run dir
         parse_sources(cfg.data.train, check_shards=True)
         fs.write_text(fs.join(cfg.storage.run_dir, "config.yaml"), to_yaml(cfg))

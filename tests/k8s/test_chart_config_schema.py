@@ -56,7 +56,11 @@ def test_should_type_document_and_default_every_config_key_when_clipjob_prints_t
 
     walk(schema, defaults, "")
     train = schema["properties"]["train"]["properties"]
-    assert train["precision"]["enum"] == ["fp32", "bf16", "fp16"]
+    from typing import get_args, get_type_hints
+
+    from clipjob.config import TrainConfig
+
+    assert train["precision"]["enum"] == list(get_args(get_type_hints(TrainConfig)["precision"]))  # the Literal's
     assert train["betas"]["items"] == [{"type": "number"}, {"type": "number"}] and train["betas"]["maxItems"] == 2
     assert schema["properties"]["data"]["properties"]["multiscale_sizes"]["items"] == {"type": "integer"}
 

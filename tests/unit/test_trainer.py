@@ -121,3 +121,23 @@ def test_should_exit_128_plus_the_signal_when_stopped_and_0_when_done(tiny_cfg):
     assert code == 143 and line.startswith("stopped by signal 15 at step 40 of 100") and line.endswith("exit 143")
     assert trainer.outcome(cfg, trainer.TrainState(step=100, samples_seen=800)) == \
         (0, "done: step 100, 800 samples; run dir /runs/a")
+
+
+def test_should_take_bf16_for_auto_only_where_bf16_matmuls_are_measurably_faster():
+    from clipjob.train.flops import choose_precision
+
+    cpu = torch.device("cpu")
+    speed = {torch.float32: 150e9, torch.bfloat16: 670e9}  # this machine kind's AMD CPU (4.5x)
+    measure = lambda device, dtype, seconds: speed[dtype]  # noqa: E731
+    assert choose_precision(cpu, "auto", measure) == ("bf16", "bf16 matmul 4.5x fp32 on this CPU")
+    speed[torch.bfloat16] = 180e9  # a CPU without bf16 units: emulated, barely faster
+    assert choose_precision(cpu, "auto", measure)[0] == "fp32"
+    assert choose_precision(cpu, "fp16", measure) == ("fp16", "")  # an explicit choice stays
+
+
+def test_should_write_the_precision_auto_chose_into_the_config(tiny_cfg, monkeypatch, capsys):
+    monkeypatch.setattr(trainer, "choose_precision", lambda device, requested: ("bf16", "bf16 matmul 4.0x fp32"))
+    cfg = trainer.settle_precision(tiny_cfg("train.precision=auto"), CPU)
+    assert cfg.train.precision == "bf16"
+    assert "train.precision: auto -> bf16 (bf16 matmul 4.0x fp32)" in capsys.readouterr().out
+    assert trainer.settle_precision(tiny_cfg("train.precision=fp32"), CPU).train.precision == "fp32"
