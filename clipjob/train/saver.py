@@ -43,9 +43,14 @@ class HostSnapshot:
     def take(self, tree: Any) -> Any:
         """The tree with every tensor replaced by its host copy (a CUDA copy is complete once `ready` returns)."""
         seen: set[tuple] = set()
-        out = self._copy(tree, (), seen)
+        pairs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (buffer, source)
+        out = self._copy(tree, (), seen, pairs)
         self._buffers = {p: b for p, b in self._buffers.items() if p in seen}
-        if any(d.type == "cuda" for d, _ in self._buffers.values()):
+        for cuda in (False, True):  # one multi-tensor copy per kind: ~1.5x a flat memcpy instead of ~3x
+            group = [(b, t) for b, t in pairs if t.is_cuda == cuda]
+            if group:
+                torch._foreach_copy_([b for b, _ in group], [t for _, t in group], non_blocking=cuda)
+        if any(t.is_cuda for _, t in pairs):
             self._copied = torch.cuda.Event()
             self._copied.record()
         return out
@@ -59,22 +64,24 @@ class HostSnapshot:
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for _, b in self._buffers.values())
 
-    def _copy(self, obj: Any, path: tuple, seen: set[tuple]) -> Any:
+    def _copy(self, obj: Any, path: tuple, seen: set[tuple], pairs: list) -> Any:
         if isinstance(obj, torch.Tensor):
             seen.add(path)
-            return self._tensor(obj.detach(), path)
+            buf = self._buffer(obj, path)
+            pairs.append((buf, obj.detach()))
+            return buf
         if isinstance(obj, dict):
-            return {k: self._copy(v, (*path, k), seen) for k, v in obj.items()}
+            return {k: self._copy(v, (*path, k), seen, pairs) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
-            return type(obj)(self._copy(v, (*path, i), seen) for i, v in enumerate(obj))
+            return type(obj)(self._copy(v, (*path, i), seen, pairs) for i, v in enumerate(obj))
         return copy.deepcopy(obj)
 
-    def _tensor(self, t: torch.Tensor, path: tuple) -> torch.Tensor:
+    def _buffer(self, t: torch.Tensor, path: tuple) -> torch.Tensor:
         source, buf = self._buffers.get(path, (None, None))
         if buf is None or source != t.device or buf.shape != t.shape or buf.dtype != t.dtype:
             buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=t.is_cuda)
             self._buffers[path] = (t.device, buf)
-        return buf.copy_(t, non_blocking=t.is_cuda)
+        return buf
 
 
 class CheckpointSaver:

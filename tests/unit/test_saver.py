@@ -16,20 +16,20 @@ from clipjob.train.saver import CheckpointSaver, HostSnapshot
 
 def test_should_copy_every_tensor_into_reused_buffers_when_snapshotting_twice():
     w, m = torch.arange(6.0), torch.ones(2, 3)
-    tree = {"model": {"w": w}, "opt": {"state": {0: {"m": m, "step": torch.tensor(3.0)}}, "groups": [{"lr": 0.1}]},
-            "step": 7, "bad": {"decode": 1}}
+    tree = {"model": {"w": w, "n": torch.tensor(5)}, "opt": {"state": {0: {"m": m, "step": torch.tensor(3.0)}},
+                                                             "groups": [{"lr": 0.1}]}, "step": 7, "bad": {"decode": 1}}
     snap = HostSnapshot()
     first = snap.take(tree)
     assert first["step"] == 7 and first["opt"]["groups"] == [{"lr": 0.1}] and first["bad"] == {"decode": 1}
     assert first["bad"] is not tree["bad"] and first["opt"]["groups"][0] is not tree["opt"]["groups"][0]
-    assert first["model"]["w"].data_ptr() != w.data_ptr()
+    assert first["model"]["w"].data_ptr() != w.data_ptr() and first["model"]["n"].item() == 5
     w.add_(100)  # the next optimizer step
     tree["bad"]["decode"] = 5
     assert first["model"]["w"].tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0] and first["bad"] == {"decode": 1}
     second = snap.take(tree)
     assert second["model"]["w"].data_ptr() == first["model"]["w"].data_ptr()  # no new allocation
     assert second["model"]["w"].tolist() == w.tolist()
-    assert snap.nbytes() == (6 + 6 + 1) * 4
+    assert snap.nbytes() == (6 + 6 + 1) * 4 + 8
 
 
 def _slow_write(seconds: float, spans: list):
