@@ -153,8 +153,9 @@ class CheckpointSaver:
 
     def __exit__(self, exc_type: Any, *exc: Any) -> None:
         """Training ended: a save still in flight (training failed meanwhile) may still commit, within the bounds
-        of its storage calls; its own failure is then only reported, the training error is the one raised."""
-        if self._thread is None:
+        of its storage calls; its own failure is then only reported, the training error is the one raised. Not
+        after a KeyboardInterrupt (a second Ctrl-C) or SystemExit: the process ends now, the save uncommitted."""
+        if self._thread is None or (exc_type is not None and not issubclass(exc_type, Exception)):
             return
         try:
             self.wait()

@@ -98,3 +98,13 @@ def test_should_let_the_save_in_flight_commit_when_training_fails(capsys):
         raise ValueError("lost the data")
     assert "warning: the checkpoint save in flight failed too: s3://b/run: storage did not answer" in \
         capsys.readouterr().out
+
+
+def test_should_not_wait_for_the_save_in_flight_when_interrupted_twice():
+    release = threading.Event()
+    with pytest.raises(KeyboardInterrupt), CheckpointSaver() as saver:
+        saver.save(8, lambda t: release.wait(10), {"step": 8})
+        raise KeyboardInterrupt
+    assert saver.in_flight  # left behind (a daemon thread): the process ends without it
+    release.set()
+    saver.wait()
