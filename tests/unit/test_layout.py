@@ -7,10 +7,7 @@ import ast
 from pathlib import Path
 
 UNIT = Path(__file__).resolve().parent
-# Known exception until its two crash tests move to tests/integration (being moved in another change):
-# test_should_keep_the_previous_checkpoint_loadable_when_killed_during_a_save and
-# test_should_uncommit_the_old_step_before_rewriting_it_when_a_re_save_is_killed (a `python -c` killed mid-save).
-STILL_STARTS_PROCESSES = {"test_checkpoint.py"}
+STILL_STARTS_PROCESSES: set[str] = set()  # none: a module listed here must still import subprocess
 
 
 def imported_modules(path: Path) -> set[str]:
