@@ -43,6 +43,7 @@ test-fast: venv-dev
 
 bench: venv-dev
 	$(PY) bench/run.py
+	$(PY) bench/ckpt_bench.py --no-s3
 
 smoke-container: venv-dev
 	bash scripts/smoke_container.sh
