@@ -55,7 +55,7 @@ def test_should_document_every_field():
     assert len(rows) > 40
     assert all(doc for _, _, doc in rows), [k for k, _, d in rows if not d]
     types = {key: tp for key, tp, _ in rows}
-    assert types["train.precision"] == "fp32 | bf16 | fp16" and types["model.text.kind"] == "transformer | minilm"
+    assert types["train.precision"] == "fp32 | bf16 | fp16 | auto" and types["model.text.kind"] == "transformer | minilm"
     assert types["train.lr"] == "float"
 
 
