@@ -165,10 +165,7 @@ def prune_checkpoints(run_dir: str, keep: int, upto: int | None = None) -> list[
     doomed = current[:-keep] if keep > 0 else []
     doomed += [s for s in _steps_present(run_dir) if s < upto and s not in committed]
     for s in sorted(set(doomed)):
-        marker = fs.join(step_url(run_dir, s), MARKER)
-        if fs.exists(marker):
-            fs.rm(marker)  # un-commit first so a half-deleted folder is never taken for a checkpoint
-        fs.rm(step_url(run_dir, s))
+        _clear_step(step_url(run_dir, s))  # un-commits first: a half-deleted folder is never taken for a checkpoint
     return sorted(set(doomed))
 
 
