@@ -2,10 +2,11 @@
 -> batches with tokenised captions, all inside DataLoader workers.
 
 Every (rank, worker) draws shards with replacement from its own RNG, seeded from (seed, rank, worker, start
-step), first picking a source by weight, then a shard of it. So no rank or worker ever runs dry (no DDP hang
-on uneven shards, even with fewer shards than ranks x workers) and a restart at step N gets a fresh,
-reproducible stream. Bad samples and unreadable shards are skipped and counted by reason; the counts ride
-along with each batch so the trainer can log them and stop past `data.max_bad_fraction`.
+step), first picking a source (as often as makes its weight its share of the samples), then a shard of it
+(`shards.draw_shards`). So no rank or worker ever runs dry (no DDP hang on uneven shards, even with fewer
+shards than ranks x workers) and a restart at step N gets a fresh, reproducible stream. Bad samples and
+unreadable shards are skipped and counted by reason; the counts ride along with each batch so the trainer
+can log them and stop past `data.max_bad_fraction`.
 
 Batch shapes can change per step (multi-scale training): `batch_schedule(step) -> (image_size, batch_size)`
 is called by the worker that produces that step's batch. DataLoader hands batches out round-robin, so worker
@@ -25,7 +26,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from itertools import accumulate
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from clipjob import fs
 from clipjob.config import DataConfig
 from clipjob.data.decode import BadSample, decode_caption, decode_image
-from clipjob.data.shards import Source, derive_seed, parse_sources, read_tar_samples
+from clipjob.data.shards import (Source, derive_seed, draw_shards, equal_size_note, parse_sources,
+                                 read_tar_samples)
 from clipjob.data.transforms import train_transform
 from clipjob.errors import ClipjobError, ConfigError, RetryableError
 
@@ -79,15 +80,8 @@ class ShardStream(IterableDataset):
         self.stall_s = stall_s  # longest wait for storage that does not answer (None: the process's bound)
         self.in_process = True  # read by the trainer process (num_workers=0): reads stop on a stop request
 
-    def _shard_urls(self, rng: random.Random) -> Iterator[str]:
-        """Shards drawn with replacement: a source by weight, then one of its shards uniformly."""
-        cum = list(accumulate(s.weight for s in self.sources))
-        while True:
-            src = self.sources[0] if len(self.sources) == 1 else rng.choices(self.sources, cum_weights=cum)[0]
-            yield rng.choice(src.urls)
-
     def _samples(self, rng: random.Random, bad: Counter) -> Iterator[dict]:
-        for url in self._shard_urls(rng):
+        for url in draw_shards(self.sources, rng):
             yield from read_tar_samples(url, bad, self.stall_s, interruptible=self.in_process)
             yield {}  # end of shard: lets the consumer notice shards that gave nothing
 
@@ -244,7 +238,11 @@ def build_train_loader(data: DataConfig, *, batch_size: int, image_size: int, to
     `data` gives the shards and how to read them; the keywords are facts of the run (train.batch_size, the
     model's image size, train.seed, this rank, the step it starts at). `batch_schedule(step) -> (image_size,
     batch_size)` varies the batch shape per step (multi-scale)."""
-    stream = ShardStream(parse_sources(data.train), batch_size, image_size, tokenizer, seed=seed, rank=rank,
+    sources = parse_sources(data.train)
+    note = equal_size_note(sources)
+    if note and rank == 0:
+        print(note, flush=True)
+    stream = ShardStream(sources, batch_size, image_size, tokenizer, seed=seed, rank=rank,
                          start_step=start_step, shuffle_buffer=data.shuffle_buffer, rrc_scale=data.rrc_scale,
                          caption_key=data.caption_key, batch_schedule=batch_schedule, stall_s=data.stall_timeout_s)
     workers = data.num_workers

@@ -6,20 +6,24 @@ Source syntax: one or more sources joined with `::`, each `SPEC` or `SPEC@WEIGHT
     s3://bucket/laion                               a directory with manifest.json (from `clipjob data build`)
     s3://bucket/cc12m/shard-{000000..000099}.tar    a brace pattern
     /data/yfcc/*.tar                                a glob
-    s3://a/{000..099}.tar@0.7::s3://b/@0.3          two sources: 70% of the shards drawn from a, 30% from b
+    s3://a/{000..099}.tar@0.7::s3://b/@0.3          two sources: 70% of the samples from a, 30% from b
 
-Weights are relative (normalised over the sources). Without weights, sources mix in proportion to their
-size (samples when every source has a manifest, else shards), i.e. like one concatenated source.
+Weights are relative shares of SAMPLES (normalised over the sources). Without weights, sources mix in
+proportion to their size, i.e. like one concatenated source. Shards are drawn a source at a time
+(`draw_shards`), each source as often as its weight over its mean samples per shard (from its manifest), so
+a source of few large shards gets no more than its share; without a manifest shards count as equal in size.
 """
 
 from __future__ import annotations
 
+import random
 import re
 import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import accumulate
 
 import braceexpand
 
@@ -35,8 +39,9 @@ class Source:
 
     spec: str
     urls: tuple[str, ...]
-    weight: float  # relative share of shard draws (normalised over sources by the sampler)
+    weight: float  # share of the samples (normalised over the sources)
     samples: int | None  # total samples from the manifest, None without one
+    weighted: bool = False  # the weight was given (SPEC@WEIGHT), not derived from the sources' sizes
 
 
 def _is_pattern(spec: str) -> bool:
@@ -160,10 +165,46 @@ def parse_sources(spec: str, check_shards: bool = False) -> list[Source]:
         by_samples = all(n for _, _, _, n in expanded)
         expanded = [(p, float(n if by_samples else len(urls)), urls, n) for p, _, urls, n in expanded]
     total = sum(w for _, w, _, _ in expanded)
-    sources = [Source(p, tuple(urls), w / total, n) for p, w, urls, n in expanded]
+    sources = [Source(p, tuple(urls), w / total, n, any(given)) for p, w, urls, n in expanded]
     if check_shards:
         check_shards_exist(sources)
     return sources
+
+
+def draw_weights(sources: list[Source]) -> list[float]:
+    """How often each source is picked per shard draw so that its `weight` is its share of samples: weight over
+    mean samples per shard (a source's shards are then drawn uniformly, so each of its samples is as likely).
+    Without a sample count for every source, shards are taken as equal in size: the weights themselves."""
+    if not _sized(sources):
+        return [s.weight for s in sources]
+    return [s.weight * len(s.urls) / s.samples for s in sources]  # type: ignore[operator]
+
+
+def _sized(sources: list[Source]) -> bool:
+    return all(s.samples for s in sources)
+
+
+def equal_size_note(sources: list[Source]) -> str | None:
+    """The line to log when a weighted mix cannot know its shards' sizes (a source without a manifest, or one
+    listing no samples), so its weights apply to shard draws; None when the weights are shares of samples.
+    (An unweighted mix draws every shard alike whatever their sizes: exactly one concatenated source.)"""
+    if len(sources) < 2 or not any(s.weighted for s in sources) or _sized(sources):
+        return None
+    unsized = ", ".join(s.spec for s in sources if not s.samples)
+    return (f"data.train: no sample counts for {unsized} (no manifest.json, or 0 samples in it): weights are "
+            "shares of shard draws, as if every shard held as many samples; write a manifest (clipjob data build) "
+            "to weigh samples")
+
+
+def draw_shards(sources: list[Source], rng: random.Random) -> Iterator[str]:
+    """Shard URLs drawn with replacement, endlessly: a source by `draw_weights`, then one of its shards
+    uniformly. A single source makes no source draw: one rng call per shard, the stream it always gave."""
+    if len(sources) == 1:
+        while True:
+            yield rng.choice(sources[0].urls)
+    cum = list(accumulate(draw_weights(sources)))
+    while True:
+        yield rng.choice(rng.choices(sources, cum_weights=cum)[0].urls)
 
 
 def expand_shard_urls(spec: str) -> list[str]:
