@@ -11,11 +11,17 @@ BILINEAR = T.InterpolationMode.BILINEAR
 BICUBIC = T.InterpolationMode.BICUBIC
 
 
-def train_transform(size: int, scale: tuple[float, float]) -> T.Compose:
-    return T.Compose([
-        T.ToImage(),
-        T.RandomResizedCrop(size, scale=scale, ratio=(3 / 4, 4 / 3), interpolation=BILINEAR, antialias=True),
-    ])
+def train_transform(size: int, scale: tuple[float, float], color_jitter: float = 0.0,
+                    grayscale_p: float = 0.0) -> T.Compose:
+    """RandomResizedCrop, then (when asked) colour jitter on 80 % of images and grey with probability p."""
+    steps = [T.ToImage(),
+             T.RandomResizedCrop(size, scale=scale, ratio=(3 / 4, 4 / 3), interpolation=BILINEAR, antialias=True)]
+    if color_jitter > 0:
+        s = color_jitter
+        steps.append(T.RandomApply([T.ColorJitter(brightness=s, contrast=s, saturation=s, hue=min(0.5, s / 4))], p=0.8))
+    if grayscale_p > 0:
+        steps.append(T.RandomGrayscale(p=grayscale_p))
+    return T.Compose(steps)
 
 
 def eval_transform(size: int, family: str = "openai") -> T.Compose:
