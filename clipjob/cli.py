@@ -156,7 +156,7 @@ def config_from_corenet(file: Annotated[str, typer.Argument(help="CoreNet CLIP Y
 
 @eval_app.command("zeroshot")
 def eval_zeroshot(
-    data: Annotated[list[str], typer.Option("--data", "-d", help="emoji-heldout:DIR, emoji-seen:DIR, folder:PATH, imagenet:PATH (repeatable)")],
+    data: Annotated[list[str], typer.Option("--data", "-d", help="emoji-heldout:DIR, emoji-seen:DIR, folder:PATH, imagenet:PATH, captions:URL (shards with a .txt caption per image: retrieval only) (repeatable)")],
     checkpoint: Annotated[Optional[str], typer.Option(help="Run dir (newest committed step), step folder or weights file")] = None,
     watch: Annotated[Optional[str], typer.Option(help="Run dir: evaluate each newly committed checkpoint once, until the run's final step (train.steps) is evaluated")] = None,
     preset: Preset = None, config: ConfigFile = None, set_: Sets = None,
@@ -171,9 +171,10 @@ def eval_zeroshot(
     max_polls: Annotated[Optional[int], typer.Option(help="--watch: stop after this many polls")] = None,
     wait_for_run: Annotated[float, typer.Option(help="--watch: seconds to wait for the run dir to appear (training not started yet) before failing")] = 0.0,
     ema: Annotated[bool, typer.Option("--ema", help="Evaluate the EMA weights (ema.safetensors, train.ema_momentum > 0)")] = False,
+    retrieval: Annotated[bool, typer.Option("--retrieval", help="Also image->text and text->image recall@1/5/10 over each set's (image, caption) pairs (emoji-heldout:, emoji-seen:; captions: sets always)")] = False,
 ) -> None:
-    """Zero-shot classification accuracy (top-1/top-5) of a checkpoint. SIGTERM abandons the evaluation under
-    way (nothing partial is written) and exits 143."""
+    """Zero-shot classification accuracy (top-1/top-5) and retrieval recall@K of a checkpoint. SIGTERM abandons
+    the evaluation under way (nothing partial is written) and exits 143."""
     from clipjob.eval.runner import EvalStopped, run_zeroshot, watch as watch_run
     from clipjob.train.trainer import StopFlag
 
@@ -183,7 +184,7 @@ def eval_zeroshot(
         raise ClipjobError("--checkpoint: give a run dir, step folder or weights file (or --watch RUN_DIR)")
     kw = dict(preset=preset, config_file=config, overrides=list(set_ or []), resolution=resolution,
               batch_size=batch_size, workers=workers, precision=precision, classnames=classnames,
-              templates=templates, ema=ema)
+              templates=templates, ema=ema, retrieval=retrieval)
     with StopFlag() as stop:
         try:
             if watch:
@@ -200,7 +201,7 @@ def eval_zeroshot(
 @app.command()
 def report(run: Annotated[str, typer.Argument(help="Run directory URL")],
            out: Annotated[Optional[str], typer.Option(help="PNG path (default RUN/report.png)")] = None) -> None:
-    """Plot loss, logit scale, lr and eval accuracy over steps into a PNG."""
+    """Plot loss, logit scale, lr, throughput, data wait, MFU, zero-shot accuracy and retrieval over steps into a PNG."""
     from clipjob.report import draw_report
 
     typer.echo(draw_report(run, out))

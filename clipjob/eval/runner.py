@@ -26,7 +26,7 @@ from clipjob import checkpoint as ckpt
 from clipjob import fs
 from clipjob.config import Config, build_config, resolve
 from clipjob.errors import ClipjobError, RetryableError
-from clipjob.eval.zeroshot import build_eval_set, evaluate, format_result
+from clipjob.eval.zeroshot import build_eval_set, check_spec, evaluate, format_result
 from clipjob.model import build_model, build_tokenizer
 
 
@@ -81,8 +81,11 @@ def _stop_point(stop: Any, where: str) -> None:
 
 def evaluate_model(model, cfg: Config, url: str, data: list[str], *, resolution: int = 0, batch_size: int = 0,
                    workers: int = 2, precision: str = "fp32", classnames: str | None = None,
-                   templates: str | None = None, ema: bool = False, stop: Any = None) -> list[dict]:
-    """One result per --data spec for a loaded checkpoint (printed as it comes)."""
+                   templates: str | None = None, ema: bool = False, retrieval: bool = False,
+                   stop: Any = None) -> list[dict]:
+    """One result per --data spec for a loaded checkpoint (printed as it comes); `retrieval`: image<->text
+    recall@K too, on every set (each must have captions)."""
+    check_data(data, retrieval)
     tokenizer = build_tokenizer(cfg.model)
     device = next(model.parameters()).device
     size = resolution or cfg.eval.resolution or cfg.model.vision.image_size
@@ -90,7 +93,7 @@ def evaluate_model(model, cfg: Config, url: str, data: list[str], *, resolution:
     where = f"while evaluating {url} (abandoned)"
     results = []
     for spec in data:
-        es = build_eval_set(spec, size, cfg.model.vision.family, classnames, templates)
+        es = build_eval_set(spec, size, cfg.model.vision.family, classnames, templates, retrieval=retrieval)
         r = evaluate(model, tokenizer, es, device, batch_size or cfg.eval.batch_size, workers, precision,
                      trim_text=cfg.model.text.trim_padding, worker_nice=cfg.eval.worker_nice,
                      check_stop=lambda: _stop_point(stop, where))
@@ -104,12 +107,21 @@ def run_zeroshot(checkpoint: str, data: list[str], *, preset=None, config_file=N
                  out: str | None = None, ema: bool = False, stop: Any = None, **eval_kw) -> list[dict]:
     """Evaluate one checkpoint (a run dir: its newest committed step that loads) on each --data spec; write
     the results to `out` once all are done."""
+    check_data(data, eval_kw.get("retrieval", False))
     model, cfg, url = load_for_eval(checkpoint, preset, config_file, overrides, ema=ema)
     results = evaluate_model(model, cfg, url, data, ema=ema, stop=stop, **eval_kw)
     _stop_point(stop, f"after evaluating {url} (results not written)")
     if out:
         fs.write_text(out, json.dumps(results, indent=1))
     return results
+
+
+def check_data(data: list[str], retrieval: bool = False) -> None:
+    """A one-line error for a --data spec that cannot be evaluated as asked, before any model is loaded."""
+    if not data:
+        raise ClipjobError("--data: nothing to evaluate; give at least one eval set")
+    for spec in data:
+        check_spec(spec, retrieval)
 
 
 def _step_of(url: str) -> int | None:
@@ -189,6 +201,7 @@ def watch(run_dir: str, data: list[str], poll_seconds: float = 60.0, max_polls: 
     that does not load is skipped with one warning (training may still rewrite it)."""
     from clipjob.train.metrics import read_jsonl
 
+    check_data(data, eval_kw.get("retrieval", False))
     wait_for_run(run_dir, wait_for_run_s, poll_seconds, stop)
     if ema:  # the run's config.yaml, written when training starts, says whether EMA weights will come
         check_ema(run_dir)

@@ -6,7 +6,12 @@ Protocol (OpenAI / CoreNet): per class, L2-normalise each prompt embedding, aver
 - `folder:PATH`: any ImageFolder layout (class = folder name, or names from --classnames JSON);
 - `imagenet:PATH`: an ImageFolder-layout ImageNet validation set (the 1000 wnid folders, sorted, give the labels;
   OpenAI class names and 80 templates), or its webdataset shards (`{key}.jpg` + `{key}.cls`, the label index
-  in sorted-wnid order) as a directory with manifest.json or *.tar, a brace pattern or a glob, at any URL.
+  in sorted-wnid order) as a directory with manifest.json or *.tar, a brace pattern or a glob, at any URL;
+- `captions:URL`: any shard set whose samples hold an image and a `.txt` caption (a directory with
+  manifest.json or *.tar, a brace pattern or a glob): retrieval only, no classes.
+Retrieval (eval/retrieval.py: image->text and text->image recall@1/5/10) runs on the sets with captions: always
+on `captions:`, on `emoji-heldout:` / `emoji-seen:` when asked (`retrieval=True`, `clipjob eval zeroshot
+--retrieval`); the other kinds have no captions, and asking them for retrieval is an error.
 Shards are read as training reads them (clipjob.data.shards.read_tar_samples): bad samples and unreadable shards
 are skipped and counted by reason (`bad_samples_by_reason` in the result); accuracy is over the good images.
 """
@@ -26,11 +31,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, default_collate
 
 from clipjob import fs
-from clipjob.data.decode import BadSample, decode_image
+from clipjob.data.decode import BadSample, decode_caption, decode_image
 from clipjob.data.pipeline import lower_priority
 from clipjob.data.shards import read_tar_samples
 from clipjob.data.transforms import eval_transform, to_unit_float
 from clipjob.errors import ClipjobError
+from clipjob.eval.retrieval import format_retrieval, retrieval_result
 from clipjob.hostmem import restore_malloc
 from clipjob.model.tokenizer import trim_padding
 from clipjob.train.metrics import Progress
@@ -41,15 +47,18 @@ GENERIC_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}
                      "a close-up photo of a {}.", "a cropped photo of a {}.", "a good photo of a {}.", "{}"]
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".JPEG", ".JPG", ".PNG")
 FULL_DECODE = 1 << 16  # decode target for ImageNet: no JPEG draft-mode reduction, as the reference protocol decodes
+KINDS = ("emoji-heldout", "emoji-seen", "folder", "imagenet", "captions")
+CAPTION_KINDS = ("emoji-heldout", "emoji-seen", "captions")  # the kinds whose samples carry a caption
 
 
 @dataclass
 class EvalSet:
     name: str
-    classnames: list[str]
+    classnames: list[str]  # [] = no classification (a captions: set)
     templates: list[str]
-    dataset: Dataset | IterableDataset  # yields (image tensor, label)
+    dataset: Dataset | IterableDataset  # yields (image tensor, label), or (image, label, caption) with retrieval
     size: int | None = None
+    retrieval: bool = False  # the dataset yields captions: image<->text recall@K is computed
 
 
 class FolderImages(Dataset):
@@ -78,10 +87,13 @@ class Skipped:
 
 class ShardImages(IterableDataset):
     """Samples of webdataset shards labelled by a JSON field (emoji) or by a `cls` field, read through the
-    training reader; yields (image tensor, label), or `Skipped(reason)` for each bad sample or shard."""
+    training reader; yields (image tensor, label), with `caption_key` (image tensor, label, caption), or
+    `Skipped(reason)` for each bad sample (image or caption, as training decodes them) or shard."""
 
-    def __init__(self, urls: list[str], label_of: Callable[[dict], int], transform: Callable, size: int):
+    def __init__(self, urls: list[str], label_of: Callable[[dict], int], transform: Callable, size: int,
+                 caption_key: str | None = None):
         self.urls, self.label_of, self.transform, self.size = urls, label_of, transform, size
+        self.caption_key = caption_key
 
     def __iter__(self) -> Iterator:
         info = torch.utils.data.get_worker_info()
@@ -92,10 +104,12 @@ class ShardImages(IterableDataset):
                 yield from _drain(bad)
                 try:
                     image = decode_image(sample, self.size)
+                    caption = decode_caption(sample, self.caption_key) if self.caption_key else None
                 except BadSample as e:
                     yield Skipped(e.reason)
                     continue
-                yield self.transform(image), self.label_of(sample)
+                item = (self.transform(image), self.label_of(sample))
+                yield item if caption is None else (*item, caption)
             yield from _drain(bad)
 
 
@@ -104,16 +118,18 @@ def _drain(bad: Counter) -> Iterator[Skipped]:
     bad.clear()
 
 
-def collate_eval(items: list) -> tuple[torch.Tensor | None, torch.Tensor | None, Counter]:
-    """A batch of (image, label) items and `Skipped`s -> (images, labels, skipped by reason); images and
-    labels are None when every item was skipped."""
+def collate_eval(items: list) -> tuple[torch.Tensor | None, torch.Tensor | None, list[str] | None, Counter]:
+    """A batch of (image, label[, caption]) items and `Skipped`s -> (images, labels, captions, skipped by
+    reason); images and labels are None when every item was skipped, captions None when items have none."""
     skipped: Counter = Counter()
     for x in items:
         if isinstance(x, Skipped):
             skipped[x.reason] += x.count
     good = [x for x in items if not isinstance(x, Skipped)]
-    images, labels = default_collate(good) if good else (None, None)
-    return images, labels, skipped
+    if not good:
+        return None, None, None, skipped
+    images, labels = default_collate([x[:2] for x in good])
+    return images, labels, ([x[2] for x in good] if len(good[0]) > 2 else None), skipped
 
 
 def _folder_files(root: str) -> tuple[list[str], list[tuple[str, int]]]:
@@ -139,12 +155,29 @@ def load_templates(spec: str | None, default: list[str]) -> list[str]:
     return t
 
 
+def check_spec(spec: str, retrieval: bool = False) -> tuple[str, str]:
+    """(kind, root) of a --data spec; a one-line error for an unknown kind, or for retrieval asked of a kind
+    without captions."""
+    kind, _, root = spec.partition(":")
+    if kind not in KINDS or not root:
+        raise ClipjobError(f"--data {spec!r}: expected emoji-heldout:DIR, emoji-seen:DIR, folder:PATH, imagenet:PATH "
+                           "or captions:URL")
+    if retrieval and kind not in CAPTION_KINDS:
+        raise ClipjobError(f"--retrieval: --data {spec!r} has no captions; retrieval runs on emoji-heldout:, "
+                           "emoji-seen: and captions:URL (shards with a .txt per image)")
+    return kind, root
+
+
 def build_eval_set(spec: str, image_size: int, family: str, classnames_file: str | None = None,
-                   templates_file: str | None = None) -> EvalSet:
-    if ":" not in spec or spec.split(":", 1)[0] not in ("emoji-heldout", "emoji-seen", "folder", "imagenet"):
-        raise ClipjobError(f"--data {spec!r}: expected emoji-heldout:DIR, emoji-seen:DIR, folder:PATH or imagenet:PATH")
-    kind, root = spec.split(":", 1)
+                   templates_file: str | None = None, retrieval: bool = False) -> EvalSet:
+    """The eval set of a --data spec; `retrieval`: its dataset yields captions too (a captions: set always)."""
+    kind, root = check_spec(spec, retrieval)
     tf = eval_transform(image_size, family)
+    if kind == "captions":
+        from clipjob.data.shards import expand_shard_urls, manifest_sample_count
+
+        ds = ShardImages(expand_shard_urls(root), lambda s: -1, tf, image_size, caption_key="txt")
+        return EvalSet(spec, [], [], ds, manifest_sample_count(root), retrieval=True)
     if kind.startswith("emoji"):
         from clipjob.data.manifest import read_manifest
 
@@ -153,8 +186,10 @@ def build_eval_set(spec: str, image_size: int, family: str, classnames_file: str
         index = {n: i for i, n in enumerate(names)}
         man = read_manifest(fs.join(root, sub))
         urls = [fs.join(root, sub, s["name"]) for s in man["shards"]]
-        ds = ShardImages(urls, lambda s: index[json.loads(s["json"])["concept"]], tf, image_size)
-        return EvalSet(spec, names, load_templates(templates_file, EMOJI_TEMPLATES), ds, man.get("total_samples"))
+        ds = ShardImages(urls, lambda s: index[json.loads(s["json"])["concept"]], tf, image_size,
+                         caption_key="txt" if retrieval else None)
+        return EvalSet(spec, names, load_templates(templates_file, EMOJI_TEMPLATES), ds, man.get("total_samples"),
+                       retrieval=retrieval)
     if kind == "imagenet" and _is_shard_spec(root):
         return _imagenet_shards(root, image_size, family, templates_file)
     classes, files = _folder_files(root)
@@ -251,31 +286,52 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int,
     return {k: int(hit[:, :k].any(1).sum()) for k in ks}
 
 
+class _Progress:
+    """A bar on a terminal, else a line on stderr every `every_s` seconds (a pod's log: 50,000 ImageNet images
+    take minutes); nothing when disabled."""
+
+    def __init__(self, es: EvalSet, enabled: bool, every_s: float):
+        self.name, self.every_s, self.bar, self.lines = es.name, every_s, None, None
+        if enabled and os.isatty(2):
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=es.size, unit="img", desc="zero-shot")
+        elif enabled and es.size:
+            self.lines = Progress(es.size)
+            self.lines.eta_s(0)  # the rate counts from here
+        self.last = time.monotonic()
+
+    def update(self, done: int, added: int) -> None:
+        if self.bar:
+            self.bar.update(added)
+        elif self.lines and time.monotonic() - self.last >= self.every_s:
+            print(f"zero-shot {self.name}: {self.lines.line(done)} images", file=sys.stderr, flush=True)
+            self.last = time.monotonic()
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
+
+
 @torch.inference_mode()
 def evaluate(model, tokenizer, es: EvalSet, device: torch.device, batch_size: int = 256, workers: int = 2,
              precision: str = "fp32", progress: bool = True, trim_text: bool = True, worker_nice: int = 19,
              check_stop: Callable[[], None] | None = None, progress_every_s: float = 30.0) -> dict:
-    """Top-1/top-5 of a model on an eval set. `check_stop` is called between batches and may raise to abandon
-    the evaluation (SIGTERM: see eval/runner.py); the DataLoader's workers end with its iterator. Progress: a
-    bar on a terminal, else a line every `progress_every_s` (a pod's log: 50,000 ImageNet images take minutes)."""
+    """Top-1/top-5 of a model on an eval set (one with classes), and image<->text recall@1/5/10 when
+    `es.retrieval`. `check_stop` is called between batches and may raise to abandon the evaluation (SIGTERM:
+    see eval/runner.py); the DataLoader's workers end with its iterator."""
     model.eval()
     t0 = time.time()
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else torch.autocast(device.type, enabled=False)
     with amp:
         W = text_classifier(model, tokenizer, es.classnames, es.templates, device, trim=trim_text,
-                            check_stop=check_stop)
+                            check_stop=check_stop) if es.classnames else None
     loader = DataLoader(es.dataset, batch_size=batch_size, num_workers=workers, shuffle=False, collate_fn=collate_eval,
                         worker_init_fn=functools.partial(eval_worker_init, worker_nice) if workers else None)
-    bar, lines = None, None
-    if progress and os.isatty(2):
-        from tqdm import tqdm
-
-        bar = tqdm(total=es.size, unit="img", desc="zero-shot")
-    elif progress and es.size:
-        lines = Progress(es.size)
-        lines.eta_s(0)  # the rate counts from here
-    hits, n, last_line, bad = {1: 0, 5: 0}, 0, time.monotonic(), Counter()
-    for images, labels, skipped in loader:
+    meter = _Progress(es, progress, progress_every_s)
+    ks = (1, min(5, len(es.classnames)))
+    hits, n, bad, feats, captions = {1: 0, 5: 0}, 0, Counter(), [], []
+    for images, labels, caps, skipped in loader:
         if check_stop:
             check_stop()
         bad.update(skipped)
@@ -283,24 +339,29 @@ def evaluate(model, tokenizer, es: EvalSet, device: torch.device, batch_size: in
             continue
         with amp:
             f = model.encode_image(to_unit_float(images.to(device))).float()
-        acc = accuracy(100.0 * f @ W, labels.to(device), ks=(1, min(5, len(es.classnames))))
-        hits[1] += acc[1]
-        hits[5] += acc[min(5, len(es.classnames))]
+        if W is not None:
+            acc = accuracy(100.0 * f @ W, labels.to(device), ks=ks)
+            hits[1], hits[5] = hits[1] + acc[1], hits[5] + acc[ks[1]]
+        if es.retrieval:
+            feats.append(f)
+            captions.extend(caps)
         n += images.shape[0]
-        if bar:
-            bar.update(images.shape[0])
-        elif lines and time.monotonic() - last_line >= progress_every_s:
-            print(f"zero-shot {es.name}: {lines.line(n)} images", file=sys.stderr, flush=True)
-            last_line = time.monotonic()
-    if bar:
-        bar.close()
+        meter.update(n, images.shape[0])
+    meter.close()
     if n == 0:
         raise ClipjobError(f"{es.name}: no images found" + (f" ({_skipped_text(bad)} skipped)" if bad else ""))
-    c = len(es.classnames)
-    return {"data": es.name, "top1": 100.0 * hits[1] / n, "top5": 100.0 * hits[5] / n, "images": n, "classes": c,
-            "chance_top1": 100.0 / c, "chance_top5": 100.0 * min(5, c) / c, "templates": len(es.templates),
-            "seconds": time.time() - t0, "images_per_s": n / max(1e-9, time.time() - t0),
+    r = {"data": es.name, "images": n, **(_classification(es, hits, n) if W is not None else {})}
+    if es.retrieval:
+        with amp:
+            r.update(retrieval_result(model, tokenizer(captions), torch.cat(feats), device, trim_text, check_stop))
+    return {**r, "seconds": time.time() - t0, "images_per_s": n / max(1e-9, time.time() - t0),
             "bad_samples": sum(bad.values()), "bad_samples_by_reason": dict(sorted(bad.items()))}
+
+
+def _classification(es: EvalSet, hits: dict[int, int], n: int) -> dict:
+    c = len(es.classnames)
+    return {"top1": 100.0 * hits[1] / n, "top5": 100.0 * hits[5] / n, "classes": c, "chance_top1": 100.0 / c,
+            "chance_top5": 100.0 * min(5, c) / c, "templates": len(es.templates)}
 
 
 def _skipped_text(bad: dict) -> str:
@@ -308,10 +369,15 @@ def _skipped_text(bad: dict) -> str:
 
 
 def format_result(r: dict) -> str:
+    """The result line (top-1/top-5 and chance, retrieval recall@K, skipped samples), then for a set with
+    classes the CoreNet-style top1=/top5= lines."""
     bad = r.get("bad_samples_by_reason") or {}
     skipped = f"; skipped: {_skipped_text(bad)}" if bad else ""  # bad samples / shards, by reason
+    retrieval = format_retrieval(r)
+    if "top1" not in r:  # a captions: set
+        return f"{r['data']}: {retrieval}  over {r['images']} images, {r['captions']} distinct captions{skipped}"
+    retrieval = f"  {retrieval} ({r['captions']} captions)" if retrieval else ""
     return (f"{r['data']}: top-1 {r['top1']:.2f}%  top-5 {r['top5']:.2f}%  over {r['classes']} classes, "
-            f"{r['images']} images (chance {r['chance_top1']:.2f}% / {r['chance_top5']:.2f}%){skipped}\n"
+            f"{r['images']} images (chance {r['chance_top1']:.2f}% / {r['chance_top5']:.2f}%){retrieval}{skipped}\n"
             f"top1={{'zero_shot_image_logits': {round(r['top1'], 3)}}}\n"
             f"top5={{'zero_shot_image_logits': {round(r['top5'], 3)}}}")
-
