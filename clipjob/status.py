@@ -16,6 +16,7 @@ import json
 import os
 import re
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ import yaml
 
 from clipjob import fs
 from clipjob.errors import ClipjobError
+from clipjob.train.metrics import read_jsonl  # stdlib and fs only: status imports no torch
 
 RECENT_LOGS = 5  # metrics records averaged for samples/s, step time and data wait
 LOG_LINES = 15  # last lines shown of a failing pod's log
@@ -40,6 +42,8 @@ HINTS = {"FailedScheduling": "no node fits the pod (GPUs, memory, taints, nodeSe
          "ImagePullBackOff": "check image.repository/image.tag and imagePullSecrets",
          "CreateContainerConfigError": "a Secret or ConfigMap the pod names is missing: create it in the namespace",
          "CrashLoopBackOff": "the container keeps failing: see its log below"}
+# an eval result's numbers that status shows, when the result has them: a captions: set has recall only
+EVAL_FIELDS = (("top-1", "top1"), ("top-5", "top5"), ("R@1 i2t", "i2t_r1"), ("t2i", "t2i_r1"))
 
 
 # ---- run directory --------------------------------------------------------------------------------------
@@ -49,12 +53,6 @@ def check_run_dir(run_dir: str) -> None:
         raise ClipjobError(f"{run_dir}: bucket does not exist (check the run dir URL and AWS_ENDPOINT_URL_S3)")
     if not (fs.exists(fs.join(run_dir, "config.yaml")) or fs.exists(fs.join(run_dir, "metrics.jsonl"))):
         raise ClipjobError(f"{run_dir}: no run there (no config.yaml or metrics.jsonl): check the URL")
-
-
-def _jsonl(url: str) -> list[dict[str, Any]]:
-    from clipjob.train.metrics import read_jsonl
-
-    return read_jsonl(url)
 
 
 def last_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -109,20 +107,18 @@ def newest_checkpoint(run_dir: str, now: float) -> dict[str, Any] | None:
 
 
 def latest_eval(run_dir: str) -> list[dict[str, Any]]:
-    """The results of the newest evaluated step, one per eval set (the last written wins)."""
-    rows = [r for r in _jsonl(fs.join(run_dir, "eval", "results.jsonl")) if isinstance(r.get("step"), int)]
-    if not rows:
-        return []
-    step = max(r["step"] for r in rows)
-    by_data = {r.get("data"): r for r in rows if r["step"] == step}
-    return [{k: r.get(k) for k in ("step", "data", "top1", "top5", "ema")} for r in by_data.values()]
+    """The results of the newest evaluated step, one per (eval set, EMA or not) (the last written wins)."""
+    rows = [r for r in read_jsonl(fs.join(run_dir, "eval", "results.jsonl")) if isinstance(r.get("step"), int)]
+    step = max((r["step"] for r in rows), default=None)
+    by_set = {(r.get("data"), bool(r.get("ema"))): r for r in rows if r["step"] == step}
+    return [{k: r.get(k) for k in ("step", "data", "ema", *(f for _, f in EVAL_FIELDS))} for r in by_set.values()]
 
 
 def run_status(run_dir: str, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
     check_run_dir(run_dir)
     total = total_steps(run_dir)
-    p = progress(last_per_step(_jsonl(fs.join(run_dir, "metrics.jsonl"))), total, now)
+    p = progress(last_per_step(read_jsonl(fs.join(run_dir, "metrics.jsonl"))), total, now)
     c = newest_checkpoint(run_dir, now)
     # done once the final step is committed (the trainer always saves it): its metrics line comes first
     return {"run_dir": run_dir, **p, "done": bool(total and c and c["step"] >= total), "checkpoint": c,
@@ -297,9 +293,7 @@ def job_status(api: Any, name: str, max_pods: int = 8) -> dict[str, Any]:
         events += own
     logs = {p["name"]: api.pod_log(p["name"], p["container"], p["previous_log"], LOG_LINES).splitlines()
             for p in [p for p in trouble if failing(p)][:LOG_PODS]}
-    phases: dict[str, int] = {}
-    for p in pods:
-        phases[p["phase"]] = phases.get(p["phase"], 0) + 1
+    phases = dict(Counter(p["phase"] for p in pods))
     return {"job": job_state(job), "pod_phases": phases, "pods": pods, "events": same_once(events), "logs": logs}
 
 
@@ -343,11 +337,13 @@ def render_run(r: dict[str, Any]) -> list[str]:
     c = r["checkpoint"]
     lines.append(f"checkpoint  step {c['step']}, saved {duration(c['age_s'])} ago  {c['url']}" if c
                  else "checkpoint  none committed yet")
-    for e in r["eval"] or [None]:
-        lines.append("eval        no results yet" if e is None else
-                     f"eval        step {e['step']} {e['data']}: top-1 {e['top1']:.2f}  top-5 {e['top5']:.2f}"
-                     + ("  (EMA)" if e.get("ema") else ""))
-    return lines
+    return lines + ([f"eval        {eval_line(e)}" for e in r["eval"]] or ["eval        no results yet"])
+
+
+def eval_line(e: dict[str, Any]) -> str:
+    """`step N SET: top-1 a  top-5 b  R@1 i2t c  t2i d  (EMA)`, each number only where the result has it."""
+    shown = "  ".join(f"{name} {e[k]:.2f}" for name, k in EVAL_FIELDS if isinstance(e.get(k), (int, float)))
+    return f"step {e['step']} {e['data']}: {shown or 'no top-1 or recall'}" + ("  (EMA)" if e.get("ema") else "")
 
 
 def render_job(j: dict[str, Any]) -> list[str]:

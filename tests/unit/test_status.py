@@ -186,6 +186,27 @@ def test_should_report_the_latest_eval_step_one_line_per_data_set(tmp_path):
     assert [(e["data"], e["top1"]) for e in got] == [("imagenet", 2.0), ("emoji-heldout", 30.0)]
 
 
+def test_should_show_recall_when_an_eval_result_is_retrieval_only_or_has_both(tmp_path):
+    rows = [{"step": 4, "data": "captions:s3://b/cc", "images": 50, "captions": 48, "i2t_r1": 12.0, "i2t_r5": 30.0,
+             "i2t_r10": 41.0, "t2i_r1": 10.5, "t2i_r5": 28.0, "t2i_r10": 40.0},
+            {"step": 4, "data": "emoji-heldout:/e", "top1": 30.0, "top5": 70.0, "i2t_r1": 40.0, "t2i_r1": 38.25},
+            {"step": 4, "data": "emoji-heldout:/e", "top1": 33.0, "top5": 72.0, "ema": True}]
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = {"run_dir": str(tmp_path), "step": 4, "total": 4, "percent": 100.0, "done": True, "checkpoint": None,
+         "eval": st.latest_eval(str(tmp_path))}  # EMA and raw results of one set are two lines
+    assert st.render_run(r)[-3:] == [
+        "eval        step 4 captions:s3://b/cc: R@1 i2t 12.00  t2i 10.50",
+        "eval        step 4 emoji-heldout:/e: top-1 30.00  top-5 70.00  R@1 i2t 40.00  t2i 38.25",
+        "eval        step 4 emoji-heldout:/e: top-1 33.00  top-5 72.00  (EMA)"]
+
+
+def test_should_say_no_results_yet_when_a_run_has_no_eval_results(tmp_path):
+    r = {"run_dir": str(tmp_path), "step": 0, "total": 4, "percent": 0.0, "done": False, "checkpoint": None,
+         "eval": st.latest_eval(str(tmp_path))}  # no eval/results.jsonl
+    assert r["eval"] == [] and st.render_run(r)[-1] == "eval        no results yet"
+
+
 def test_should_print_a_run_in_aligned_lines():
     r = {"run_dir": "s3://b/runs/r1", "step": 50, "total": 200, "percent": 25.0, "done": False, "eta_s": 750.0,
          "samples_per_s": 812.4, "data_wait_frac": 0.031, "mfu": 0.412, "loss": 3.2101, "last_log_age_s": 4.0,
