@@ -77,6 +77,8 @@ class DataConfig:
     rrc_scale: tuple[float, float] = F((0.9, 1.0), "RandomResizedCrop scale range")
     color_jitter: float = F(0.0, "Colour jitter strength s: brightness, contrast and saturation x[1-s, 1+s], hue +-s/4, on 80% of training images (0 = off)")
     grayscale_p: float = F(0.0, "Probability that a training image is turned grey (0 = off)")
+    outline_p: float = F(0.0, "Probability that a training picture's colour edges are traced in black, 1-2 px (drawing-style augmentation for emoji/icons; 0 = off)")
+    background_p: float = F(0.0, "Probability that a training picture's white background becomes a random light colour (0 = off)")
     max_bad_fraction: float = F(0.1, "Stop with an error when more than this fraction of samples is bad")
     caption_key: str = F("txt", "Sample key holding the caption")
     worker_nice: int = F(0, "Niceness added to the training DataLoader workers (0 = the trainer's priority; on CPU-only training a higher value measured neutral)")
@@ -341,7 +343,8 @@ def validate(cfg: Config) -> None:
     _check(d.shuffle_buffer >= 0, f"data.shuffle_buffer: must be >= 0, got {d.shuffle_buffer}")
     _check(0 < d.rrc_scale[0] <= d.rrc_scale[1] <= 1, f"data.rrc_scale: need 0 < low <= high <= 1, got {list(d.rrc_scale)}")
     _check(0 <= d.color_jitter <= 1, f"data.color_jitter={d.color_jitter}: must be in [0, 1]")
-    _check(0 <= d.grayscale_p <= 1, f"data.grayscale_p={d.grayscale_p}: must be in [0, 1]")
+    for key in ("grayscale_p", "outline_p", "background_p"):
+        _check(0 <= getattr(d, key) <= 1, f"data.{key}={getattr(d, key)}: must be in [0, 1]")
     _check(0 <= d.max_bad_fraction <= 1, f"data.max_bad_fraction: must be in [0, 1], got {d.max_bad_fraction}")
     _check(cfg.model.logit_scale_max > 0, "model.logit_scale_max: must be > 0")
     _check(tr.ema_momentum >= 0 and tr.ema_momentum < 1, f"train.ema_momentum: must be in [0, 1), got {tr.ema_momentum}")

@@ -35,7 +35,7 @@ from clipjob.config import DataConfig
 from clipjob.data.decode import BadSample, decode_caption, decode_image
 from clipjob.data.shards import (Source, derive_seed, draw_shards, equal_size_note, parse_sources,
                                  read_tar_samples)
-from clipjob.data.transforms import train_transform
+from clipjob.data.transforms import Augment, train_transform
 from clipjob.errors import ClipjobError, ConfigError, RetryableError
 
 BatchSchedule = Callable[[int], tuple[int, int]]  # step -> (image_size, batch_size)
@@ -68,14 +68,14 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: list[str] | list[Source], batch_size: int, image_size: int, tokenizer: Callable,
                  seed: int = 0, rank: int = 0, start_step: int = 0, shuffle_buffer: int = 1000,
                  rrc_scale: tuple[float, float] = (0.9, 1.0), caption_key: str = "txt",
-                 color_jitter: float = 0.0, grayscale_p: float = 0.0, batch_schedule: BatchSchedule | None = None, stall_s: float | None = None):
+                 augment: Augment = Augment(), batch_schedule: BatchSchedule | None = None, stall_s: float | None = None):
         if urls and isinstance(urls[0], str):
             urls = [Source("", tuple(urls), 1.0, None)]  # type: ignore[arg-type]
         self.sources: list[Source] = list(urls)  # type: ignore[arg-type]
         self.batch_size, self.image_size, self.tokenizer = batch_size, image_size, tokenizer
         self.seed, self.rank, self.start_step = seed, rank, start_step
         self.shuffle_buffer, self.rrc_scale, self.caption_key = shuffle_buffer, rrc_scale, caption_key
-        self.color_jitter, self.grayscale_p = color_jitter, grayscale_p
+        self.augment = augment
         self.schedule = batch_schedule or ConstantSchedule(image_size, batch_size)
         self.n_shards = sum(len(s.urls) for s in self.sources)
         self.stall_s = stall_s  # longest wait for storage that does not answer (None: the process's bound)
@@ -112,7 +112,7 @@ class ShardStream(IterableDataset):
                 try:
                     caption = decode_caption(sample, self.caption_key)
                     if size not in transforms:
-                        transforms[size] = train_transform(size, self.rrc_scale, self.color_jitter, self.grayscale_p)
+                        transforms[size] = train_transform(size, self.rrc_scale, self.augment)
                     images.append(transforms[size](decode_image(sample, size)))
                     captions.append(caption)
                     bad_at_last_good = bad_before + sum(bad.values())
@@ -245,7 +245,7 @@ def build_train_loader(data: DataConfig, *, batch_size: int, image_size: int, to
         print(note, flush=True)
     stream = ShardStream(sources, batch_size, image_size, tokenizer, seed=seed, rank=rank,
                          start_step=start_step, shuffle_buffer=data.shuffle_buffer, rrc_scale=data.rrc_scale,
-                         color_jitter=data.color_jitter, grayscale_p=data.grayscale_p,
+                         augment=Augment.of(data),
                          caption_key=data.caption_key, batch_schedule=batch_schedule, stall_s=data.stall_timeout_s)
     workers = data.num_workers
     return TrainLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),

@@ -4,6 +4,8 @@ turns a batch into float [0, 1] on its device with `to_unit_float`. Normalisatio
 
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
+
 import torch
 from torchvision.transforms import v2 as T
 
@@ -11,16 +13,32 @@ BILINEAR = T.InterpolationMode.BILINEAR
 BICUBIC = T.InterpolationMode.BICUBIC
 
 
-def train_transform(size: int, scale: tuple[float, float], color_jitter: float = 0.0,
-                    grayscale_p: float = 0.0) -> T.Compose:
-    """RandomResizedCrop, then (when asked) colour jitter on 80 % of images and grey with probability p."""
+@dataclass(frozen=True)
+class Augment:
+    """The optional training augmentations after the crop (data.color_jitter, grayscale_p, outline_p,
+    background_p); all off by default."""
+    color_jitter: float = 0.0
+    grayscale_p: float = 0.0
+    outline_p: float = 0.0
+    background_p: float = 0.0
+
+    @classmethod
+    def of(cls, data) -> "Augment":
+        return cls(**{f.name: getattr(data, f.name) for f in fields(cls)})
+
+
+def train_transform(size: int, scale: tuple[float, float], augment: Augment = Augment()) -> T.Compose:
+    """RandomResizedCrop, then (when asked) the drawing-style jitter, colour jitter on 80 % of images and grey
+    with probability grayscale_p."""
     steps = [T.ToImage(),
              T.RandomResizedCrop(size, scale=scale, ratio=(3 / 4, 4 / 3), interpolation=BILINEAR, antialias=True)]
-    if color_jitter > 0:
-        s = color_jitter
+    if augment.outline_p or augment.background_p:
+        steps.append(StyleJitter(augment.outline_p, augment.background_p))
+    if augment.color_jitter > 0:
+        s = augment.color_jitter
         steps.append(T.RandomApply([T.ColorJitter(brightness=s, contrast=s, saturation=s, hue=min(0.5, s / 4))], p=0.8))
-    if grayscale_p > 0:
-        steps.append(T.RandomGrayscale(p=grayscale_p))
+    if augment.grayscale_p > 0:
+        steps.append(T.RandomGrayscale(p=augment.grayscale_p))
     return T.Compose(steps)
 
 
@@ -40,3 +58,36 @@ def to_unit_float(images: torch.Tensor) -> torch.Tensor:
     if images.dtype == torch.uint8:
         return images.to(torch.float32).div_(255)
     return images
+
+
+class StyleJitter(torch.nn.Module):
+    """Drawing-style augmentation for pictures on a white background (emoji, icons): with probability
+    `outline_p` the colour edges are traced in black, 1-2 px thick (an outlined style from a flat one); with
+    probability `background_p` the white background becomes a random light colour. Works on uint8 (3, H, W)."""
+
+    def __init__(self, outline_p: float = 0.0, background_p: float = 0.0):
+        super().__init__()
+        self.outline_p, self.background_p = outline_p, background_p
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        if self.outline_p and torch.rand(()) < self.outline_p:
+            img = outline(img, thickness=int(torch.randint(1, 3, ())))
+        if self.background_p and torch.rand(()) < self.background_p:
+            white = (img >= 245).all(0, keepdim=True)
+            colour = torch.randint(170, 256, (3, 1, 1), dtype=torch.uint8)
+            img = torch.where(white, colour, img)
+        return img
+
+
+def outline(img: torch.Tensor, thickness: int = 1, threshold: float = 60.0) -> torch.Tensor:
+    """Black lines where the colour changes by more than `threshold` (0..255, per-channel max of the
+    horizontal/vertical difference), widened to `thickness` pixels."""
+    x = img.to(torch.float32)
+    dx = (x[:, :, 1:] - x[:, :, :-1]).abs().amax(0)
+    dy = (x[:, 1:, :] - x[:, :-1, :]).abs().amax(0)
+    edge = torch.zeros(img.shape[1:], dtype=torch.bool)
+    edge[:, 1:] |= dx > threshold
+    edge[1:, :] |= dy > threshold
+    if thickness > 1:
+        edge = torch.nn.functional.max_pool2d(edge[None, None].float(), 2 * thickness - 1, 1, thickness - 1)[0, 0] > 0
+    return torch.where(edge, torch.zeros((), dtype=img.dtype), img)

@@ -4,7 +4,7 @@ from PIL import Image
 
 from clipjob.config import resolve
 from clipjob.errors import ConfigError
-from clipjob.data.transforms import train_transform
+from clipjob.data.transforms import Augment, StyleJitter, outline, train_transform
 
 
 def red_square() -> Image.Image:
@@ -19,20 +19,44 @@ def test_should_keep_colours_when_no_colour_augmentation_is_asked():
 
 def test_should_turn_images_grey_when_grayscale_p_is_one():
     torch.manual_seed(0)
-    out = train_transform(32, (1.0, 1.0), grayscale_p=1.0)(red_square())
+    out = train_transform(32, (1.0, 1.0), Augment(grayscale_p=1.0))(red_square())
     r, g, b = out[:, 16, 16].tolist()
     assert r == g == b and 60 < r < 120  # ITU-R 601 luma of (220, 30, 30) = 86
 
 
 def test_should_jitter_colours_on_most_images_when_color_jitter_is_set():
     torch.manual_seed(0)
-    tf = train_transform(32, (1.0, 1.0), color_jitter=0.4)
+    tf = train_transform(32, (1.0, 1.0), Augment(color_jitter=0.4))
     changed = sum(tf(red_square())[:, 16, 16].tolist() != [220, 30, 30] for _ in range(200))
     # applied to 80 % of images (binomial: mean 160, sd 5.7); an applied jitter almost never keeps the exact colour
     assert 130 <= changed <= 185, changed
 
 
-@pytest.mark.parametrize("key, value", [("data.color_jitter", "1.5"), ("data.grayscale_p", "-0.1")])
+def flag() -> torch.Tensor:
+    """White 20x20 with a red 10x10 square in the middle (uint8, 3 x H x W)."""
+    img = torch.full((3, 20, 20), 255, dtype=torch.uint8)
+    img[:, 5:15, 5:15] = torch.tensor([220, 30, 30], dtype=torch.uint8)[:, None, None]
+    return img
+
+
+def test_should_trace_colour_edges_in_black_when_outlining():
+    thin, thick = outline(flag(), 1), outline(flag(), 2)
+    black = (thin == 0).all(0)
+    assert black[5, 5:15].all() and black[5:15, 5].all()  # the square's top and left edges
+    assert not black[10, 10] and not black[0, 0] and thin[:, 10, 10].tolist() == [220, 30, 30]
+    assert (thick == 0).all(0).sum() > black.sum()  # 2 px lines cover more
+
+
+def test_should_recolour_only_the_white_background():
+    torch.manual_seed(0)
+    out = StyleJitter(background_p=1.0)(flag())
+    assert out[:, 10, 10].tolist() == [220, 30, 30]
+    assert out[:, 0, 0].tolist() != [255, 255, 255] and (out[:, 0, 0] >= 170).all()
+    assert torch.equal(StyleJitter()(flag()), flag())  # off by default
+
+
+@pytest.mark.parametrize("key, value", [("data.color_jitter", "1.5"), ("data.grayscale_p", "-0.1"),
+                                        ("data.outline_p", "2"), ("data.background_p", "-1")])
 def test_should_reject_augmentation_strengths_out_of_range(key, value):
     with pytest.raises(ConfigError, match=key):
         resolve(overrides=[f"{key}={value}"])
