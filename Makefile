@@ -31,7 +31,8 @@ demo: venv
 	@start=$$(date +%s); \
 	$(CLIPJOB) data emoji --out $(DEMO_DATA) && \
 	$(CLIPJOB) train --preset tiny-cpu --set data.train=$(DEMO_DATA) --run-dir $(DEMO_RUN) && \
-	$(CLIPJOB) eval zeroshot --watch $(DEMO_RUN) --max-polls 1 --data emoji-heldout:$(DEMO_DATA) --data emoji-seen:$(DEMO_DATA) && \
+	$(CLIPJOB) eval zeroshot --watch $(DEMO_RUN) --max-polls 1 --retrieval --data emoji-heldout:$(DEMO_DATA) \
+		--data emoji-heldout:$(DEMO_DATA)/unseen --data emoji-seen:$(DEMO_DATA)/unseen && \
 	$(CLIPJOB) report $(DEMO_RUN) && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s (report: $(DEMO_RUN)/report.png)"
 
