@@ -31,14 +31,16 @@ def data_emoji(out: Annotated[str, typer.Option(help="Output directory")],
                heldout_fraction: Annotated[float, typer.Option(help="Fraction of concepts held out")] = 0.1,
                styles: Annotated[str, typer.Option(help="Comma-separated styles to use: twemoji, openmoji, glyph, icons, symbols")] = "twemoji,openmoji,glyph,icons,symbols",
                leave_out: Annotated[str, typer.Option(help="Emoji style kept out of training and evaluated under OUT/unseen: twemoji, openmoji or none")] = "openmoji",
-               captions_per_concept: Annotated[int, typer.Option(help="Training samples per concept and style")] = 4) -> None:
+               captions_per_concept: Annotated[int, typer.Option(help="Training samples per concept and style")] = 4,
+               named_captions_per_concept: Annotated[int, typer.Option(help="Training samples per concept of the icons and symbols (-1: as --captions-per-concept)")] = -1) -> None:
     """Build the embedded many-style dataset (emoji in Twemoji / OpenMoji / font glyphs, named icons and symbols)
     as webdataset shards, with held-out concepts and a left-out style for zero-shot evaluation."""
     from clipjob.datasets.emoji_build import build_emoji_dataset
 
     summary = build_emoji_dataset(out, seed=seed, heldout_fraction=heldout_fraction, leave_out=leave_out,
                                   styles=tuple(s.strip() for s in styles.split(",") if s.strip()),
-                                  captions_per_concept=captions_per_concept)
+                                  captions_per_concept=captions_per_concept,
+                                  named_captions_per_concept=None if named_captions_per_concept < 0 else named_captions_per_concept)
     typer.echo(json.dumps(summary))
 
 

@@ -37,6 +37,7 @@ from clipjob.errors import ClipjobError
 
 EMOJI_STYLES = ("twemoji", "openmoji")  # the styles that draw the emoji concepts; either can be left out
 STYLES = ("twemoji", "openmoji", "glyph", "icons", "symbols")
+NAMED_STYLES = ("icons", "symbols")  # sources of named pictures without emoji code points
 ICON_TEMPLATES = ["{n} icon", "an icon of {a}", "a black and white icon of {a}", "a simple pictogram of {a}",
                   "{a}", "a {n} symbol", "a glyph showing {a}", "a monochrome drawing of {a}"]
 STYLE_TEMPLATES = {
@@ -121,10 +122,14 @@ def _check(styles: tuple[str, ...], leave_out: str, heldout_fraction: float, cap
 
 
 def build_emoji_dataset(out: str, seed: int = 0, heldout_fraction: float = 0.1, captions_per_concept: int = 4,
-                        image_size: int = 72, styles: tuple[str, ...] = STYLES, leave_out: str = "openmoji") -> dict:
-    """Build the dataset under `out` (any fsspec URL); returns a summary (counts, seconds). Deterministic."""
+                        image_size: int = 72, styles: tuple[str, ...] = STYLES, leave_out: str = "openmoji",
+                        named_captions_per_concept: int | None = None) -> dict:
+    """Build the dataset under `out` (any fsspec URL); returns a summary (counts, seconds). Deterministic.
+    `named_captions_per_concept`: samples per concept of the named sources (icons, symbols; default: as many
+    as `captions_per_concept`), to balance their thousands of concepts against the emoji."""
     t0 = time.perf_counter()
-    _check(styles, leave_out, heldout_fraction, captions_per_concept, image_size)
+    named_n = captions_per_concept if named_captions_per_concept is None else named_captions_per_concept
+    _check(styles, leave_out, heldout_fraction, min(captions_per_concept, named_n), image_size)
     train_styles = [s for s in STYLES if s in styles and s != leave_out]
     concepts, pics, stats = collect(set(train_styles) | ({leave_out} - {"none"}), image_size)
     train_names, held_names = split_concepts(sorted(concepts), seed, heldout_fraction)
@@ -133,14 +138,14 @@ def build_emoji_dataset(out: str, seed: int = 0, heldout_fraction: float = 0.1, 
 
     samples, per_style = [], {}
     for style in train_styles:
-        per_style[style] = 0
+        per_style[style], n = 0, named_n if style in NAMED_STYLES else captions_per_concept
         for idx, name in enumerate(train_names):
             images = pics[style].get(name)
             if not images:
                 continue
             rng = random.Random(f"{seed}:{style}:{name}")
             images = images[:1] + rng.sample(images[1:], len(images) - 1)  # primary first, then variants
-            for j, text in enumerate(captions(concepts[name], captions_per_concept, rng, STYLE_TEMPLATES[style])):
+            for j, text in enumerate(captions(concepts[name], n, rng, STYLE_TEMPLATES[style])):
                 source, png = images[j % len(images)]
                 samples.append((f"{style}_{idx:05d}_{j:03d}", png, text,
                                 {"concept": name, "style": style, "source": source, "split": "train"}))
@@ -164,7 +169,8 @@ def build_emoji_dataset(out: str, seed: int = 0, heldout_fraction: float = 0.1, 
                "eval": {k or "seen_style": v for k, v in evals.items()}, **stats}
     info = {"name": "clipjob-emoji", "licenses": {s: LICENSES[s] for s in STYLES if s in pics},
             "sources": {p: _version(p) for p in SOURCES}, "seed": seed, "heldout_fraction": heldout_fraction,
-            "captions_per_concept": captions_per_concept, "image_size": image_size,
+            "captions_per_concept": captions_per_concept, "named_captions_per_concept": named_n,
+            "image_size": image_size,
             **{k: v for k, v in summary.items() if k != "out"}}
     fs.write_text(fs.join(out, "dataset.json"), json.dumps(info, indent=1) + "\n")
     return {**summary, "seconds": round(time.perf_counter() - t0, 2)}

@@ -206,3 +206,13 @@ def test_should_merge_gendered_variants_and_skip_skin_tones(built):
 def test_should_reject_bad_arguments(tmp_path, kw):
     with pytest.raises(ClipjobError):
         build_emoji_dataset(str(tmp_path), **kw)
+
+
+def test_should_write_fewer_samples_of_named_sources_when_asked(tmp_path):
+    s = build_emoji_dataset(str(tmp_path), captions_per_concept=2, named_captions_per_concept=1, image_size=24,
+                            styles=("twemoji", "symbols"), leave_out="none")
+    per_style = s["train_samples_by_style"]
+    samples = read_samples(str(tmp_path))
+    concepts = {st: {x["json"]["concept"] for x in samples if x["json"]["style"] == st} for st in per_style}
+    assert per_style["symbols"] == len(concepts["symbols"]) > 300  # one sample per named concept
+    assert per_style["twemoji"] == 2 * len(concepts["twemoji"]) > 2500
