@@ -62,7 +62,8 @@ def to_unit_float(images: torch.Tensor) -> torch.Tensor:
 
 class StyleJitter(torch.nn.Module):
     """Drawing-style augmentation for pictures on a white background (emoji, icons): with probability
-    `outline_p` the colour edges are traced in black, 1-2 px thick (an outlined style from a flat one); with
+    `outline_p` the colour edges are traced in black, 1-2 px thick (an outlined style from a flat one; a third
+    of these keep only the lines, a line drawing); with
     probability `background_p` the white background becomes a random light colour. Works on uint8 (3, H, W)."""
 
     def __init__(self, outline_p: float = 0.0, background_p: float = 0.0):
@@ -71,7 +72,9 @@ class StyleJitter(torch.nn.Module):
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         if self.outline_p and torch.rand(()) < self.outline_p:
-            img = outline(img, thickness=int(torch.randint(1, 3, ())))
+            lines = outline(img, thickness=int(torch.randint(1, 3, ())))
+            # a third of these become a line drawing: the traced edges alone, on white
+            img = lines if torch.rand(()) >= 1 / 3 else torch.where((lines == 0).all(0), lines, torch.full_like(img, 255))
         if self.background_p and torch.rand(()) < self.background_p:
             white = (img >= 245).all(0, keepdim=True)
             colour = torch.randint(170, 256, (3, 1, 1), dtype=torch.uint8)

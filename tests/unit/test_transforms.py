@@ -60,3 +60,15 @@ def test_should_recolour_only_the_white_background():
 def test_should_reject_augmentation_strengths_out_of_range(key, value):
     with pytest.raises(ConfigError, match=key):
         resolve(overrides=[f"{key}={value}"])
+
+
+def test_should_make_a_line_drawing_of_about_a_third_of_outlined_pictures():
+    torch.manual_seed(0)
+    jitter = StyleJitter(outline_p=1.0)
+    drawings = 0
+    for _ in range(90):
+        out = jitter(flag())
+        colours = {tuple(out[:, y, x].tolist()) for y in range(20) for x in range(20)}
+        assert (0, 0, 0) in colours  # every outlined picture has its black lines
+        drawings += colours <= {(0, 0, 0), (255, 255, 255)}
+    assert 8 <= drawings <= 52, drawings  # binomial(90, 1/3): mean 30, sd 4.5; 5 sd either side
