@@ -94,7 +94,7 @@ class _Stop:
 def test_should_join_one_all_reduce_per_agreed_step_when_waiting_for_a_batch(monkeypatch, tiny_cfg):
     """The stop and clock flags of a step travel in one all-reduce, after the batch wait and before the
     forward pass; between agreed steps (every 10th on GPUs) there is none."""
-    cfg = tiny_cfg(*RUN, "train.ckpt_every_minutes=1", preset="tiny-cpu")
+    cfg = tiny_cfg(*RUN, "train.ckpt_every_minutes=1")
     calls = []
 
     def any_flags(flags, device):
@@ -116,7 +116,7 @@ def test_should_join_one_all_reduce_per_agreed_step_when_waiting_for_a_batch(mon
 
 
 def test_should_exit_128_plus_the_signal_when_stopped_and_0_when_done(tiny_cfg):
-    cfg = tiny_cfg(*RUN, "storage.run_dir=/runs/a", preset="tiny-cpu")
+    cfg = tiny_cfg(*RUN, "storage.run_dir=/runs/a")
     code, line = trainer.outcome(cfg, trainer.TrainState(step=40, stopped_by=signal.SIGTERM))
     assert code == 143 and line.startswith("stopped by signal 15 at step 40 of 100") and line.endswith("exit 143")
     assert trainer.outcome(cfg, trainer.TrainState(step=100, samples_seen=800)) == \
