@@ -47,8 +47,7 @@ def one(style: str, seed: int, sets: list[str], preset: str, log: Path) -> dict:
     out = run / "loso-eval.json"
     args = [a for _, spec in SETS for a in ("--data", spec.format(d=data))]
     clipjob("eval", "zeroshot", "--checkpoint", str(run), *args, "--out", str(out), log=log)
-    results = json.loads(out.read_text())
-    results = results if isinstance(results, list) else results.get("results", [results])
+    results = json.loads(out.read_text())  # one result per --data, in order
     return {"style": style, "seed": seed, "train_s": round(train_s, 1),
             "sets": {name: {k: r[k] for k in ("top1", "top5", "classes")} for (name, _), r in zip(SETS, results)}}
 

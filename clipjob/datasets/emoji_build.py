@@ -73,7 +73,7 @@ def collect(styles: set[str], size: int) -> tuple[dict[str, Concept], Pictures, 
         if style in styles:
             drawn = draw(sorted({cp for cps in cps_of.values() for cp in cps}), size)
             for n, cps in cps_of.items():
-                got = [(f"{style}:{cp}", png) for cp in cps for png in _as_list(drawn.get(cp))]
+                got = [(f"{style}:{cp}", png) for cp in cps for png in drawn.get(cp, [])]
                 if got:
                     pics[style][n] = got
     owner = _name_index(emoji)
@@ -88,10 +88,6 @@ def collect(styles: set[str], size: int) -> tuple[dict[str, Concept], Pictures, 
             pics[style].setdefault(name, []).append((p.source, p.png))
             stats[f"{style}_pictures"] = stats.get(f"{style}_pictures", 0) + 1
     return concepts, pics, stats
-
-
-def _as_list(x) -> list:
-    return [] if x is None else x if isinstance(x, list) else [x]
 
 
 def _name_index(emoji: list[Concept]) -> dict[str, str]:

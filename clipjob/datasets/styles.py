@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from clipjob.datasets.emoji import on_white, png_bytes
 from clipjob.errors import ClipjobError
 
 ICON_FONTS = [  # (style label, font file, charmap file) inside qtawesome/fonts; no brand fonts (logos)
@@ -63,17 +64,8 @@ def package_dir(module: str, extra: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def to_png(rgba: Image.Image, size: int) -> bytes:
-    if rgba.size != (size, size):
-        rgba = rgba.resize((size, size), Image.Resampling.LANCZOS)
-    rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    buf = io.BytesIO()
-    rgb.save(buf, format="PNG", compress_level=1)
-    return buf.getvalue()
-
-
-def openmoji_pictures(codepoints: list[str], size: int) -> dict[str, bytes]:
-    """Twemoji-style code points (lower case, no fe0f) -> OpenMoji PNG, for those OpenMoji draws."""
+def openmoji_pictures(codepoints: list[str], size: int) -> dict[str, list[bytes]]:
+    """Twemoji-style code points (lower case, no fe0f) -> [OpenMoji PNG], for those OpenMoji draws."""
     try:
         import resvg_py
     except ModuleNotFoundError:
@@ -87,7 +79,7 @@ def openmoji_pictures(codepoints: list[str], size: int) -> dict[str, bytes]:
         if f is not None:
             png = bytes(resvg_py.svg_to_bytes(svg_path=str(f), width=size, height=size, skip_system_fonts=True))
             with Image.open(io.BytesIO(png)) as im:
-                out[cps] = to_png(im.convert("RGBA"), size)
+                out[cps] = [png_bytes(on_white(im.convert("RGBA"), size))]
     return out
 
 
@@ -109,7 +101,7 @@ def _glyph(font: ImageFont.FreeTypeFont, ch: str, size: int) -> bytes | None:
     alpha.paste(ink, ((size - ink.size[0]) // 2, (size - ink.size[1]) // 2))
     rgba = Image.new("RGBA", (size, size), (0, 0, 0, 0))
     rgba.putalpha(alpha)
-    return to_png(rgba, size)
+    return png_bytes(on_white(rgba, size))
 
 
 def _font_dir() -> Path:
