@@ -19,6 +19,11 @@ measured with the whole pipeline in one process (num_workers=0, one torch thread
 other load barely affects. And JPEG decode time per image with and without draft mode (decode.py decodes at
 the smallest DCT scale that still covers the target size), alone and followed by the training crop.
 
+data.decode=gpu (clipjob only; `--only decode-gpu` runs just this): the CPU per sample of the workers' part
+(header parse + crop box + the bytes shipped) beside decode=cpu's, measured the same way, and the CPU time the
+trainer-side decode (`device_decode.materialize`) takes when the device is this CPU, so the reader sees where the
+work went (on a GPU that part runs in nvjpeg and CUDA kernels).
+
 Writes bench/results/data.json and prints a table.
 """
 
@@ -98,12 +103,13 @@ def upload(local: str, bucket_url: str) -> str:
 # -- the two pipelines ---------------------------------------------------------------------------------------
 
 
-def clipjob_loader(spec: str, args: argparse.Namespace):
+def clipjob_loader(spec: str, args: argparse.Namespace, decode: str = "cpu"):
     from clipjob.config import DataConfig
     from clipjob.data.pipeline import build_train_loader
     from clipjob.model.tokenizer import ClipTokenizer
 
-    data = DataConfig(train=spec, num_workers=args.workers, shuffle_buffer=args.shuffle, rrc_scale=(0.9, 1.0))
+    data = DataConfig(train=spec, num_workers=args.workers, shuffle_buffer=args.shuffle, rrc_scale=(0.9, 1.0),
+                      decode=decode)
     return build_train_loader(data, batch_size=args.batch_size, image_size=args.image_size, tokenizer=ClipTokenizer(77),
                               seed=0, rank=0, start_step=0)
 
@@ -194,6 +200,42 @@ def measure_cpu(make_loader, spec: str, args: argparse.Namespace) -> dict:
     return {"cpu_ms_per_sample": round(cpu / n * 1e3, 3), "samples": n}
 
 
+def measure_decode_gpu_cpu(spec: str, args: argparse.Namespace) -> dict:
+    """data.decode=gpu's CPU milliseconds per sample, as measure_cpu measures them (whole pipeline in this
+    process, one torch thread): the workers' part (header, crop box, bytes) and, apart, the trainer-side decode
+    + crop + resize + float conversion on device "cpu" (on CUDA that part is nvjpeg's and the GPU's). decode=cpu
+    measured alongside, in the same way and under the same load."""
+    import torch
+
+    from clipjob.data.device_decode import materialize
+    from clipjob.data.transforms import to_unit_float
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    one = argparse.Namespace(**{**vars(args), "workers": 0})
+    out = {}
+    for decode in ("cpu", "gpu"):
+        it = iter(clipjob_loader(spec, one, decode=decode))
+        for _ in range(args.warmup):
+            next(it)
+        worker = device = 0.0
+        n = on_device = 0
+        for _ in range(args.batches):
+            t = time.process_time()
+            b = next(it)
+            t1 = time.process_time()
+            images = to_unit_float(materialize(b, "cpu").images)
+            device += time.process_time() - t1
+            worker += t1 - t
+            n += images.shape[0]
+            on_device += 0 if b.jpegs is None else b.jpegs.rows.numel()
+        out[decode] = {"worker_cpu_ms_per_sample": round(worker / n * 1e3, 3),
+                       "trainer_cpu_ms_per_sample": round(device / n * 1e3, 3), "samples": n,
+                       "decoded_on_device": on_device}
+    torch.set_num_threads(threads)
+    return out
+
+
 def _float_images(b):
     """The batch's images as the model gets them: float in [0, 1]. clipjob's workers send uint8 and its trainer
     converts (clipjob.data.transforms.to_unit_float); that conversion is counted here, in the consumer, so
@@ -256,6 +298,8 @@ def main() -> None:
     ap.add_argument("--no-s3", action="store_true", help="Skip the loopback S3 runs")
     ap.add_argument("--tmp", default=str(ROOT / "bench" / "results" / "tmp" / "data"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "data.json"), help="Result file ('' = do not write)")
+    ap.add_argument("--only", choices=["decode-gpu"], help="Run only this part (local shards) and update its entry "
+                    "of the result file")
     args = ap.parse_args()
     # Both pipelines run in this process (and its forked workers), so both get clipjob's host-allocator setting,
     # as clipjob's trainer has it (clipjob/hostmem.py); without it, the consumer's float conversion of every batch
@@ -274,6 +318,8 @@ def main() -> None:
     images = tmp / f"images-{args.images}"
     make_images(images, args.images)
     local = make_shards(images, tmp / f"shards-{args.images}-{args.per_shard}", args.per_shard)
+    if args.only == "decode-gpu":
+        return decode_gpu_only(local, args)
     sources = {"local": local}
     server = None
     if not args.no_s3:
@@ -325,6 +371,7 @@ def main() -> None:
         "results": {k: {kk: vv for kk, vv in v.items() if kk != "runs"} for k, v in results.items()},
         "runs": {k: v["runs"] for k, v in results.items()},
         "jpeg_decode": draft,
+        "decode_gpu": decode_gpu_entry(local, args),
     }
     if args.out:  # '' = print only, as the other benches
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -340,8 +387,45 @@ def main() -> None:
     for k, v in draft.items():
         print(f"jpeg {k}: decode full {v['full_ms']} ms / draft {v['draft_ms']} ms ({v['decode_speedup']}x); "
               f"decode+crop {v['full_crop_ms']} / {v['draft_crop_ms']} ms ({v['decode_crop_speedup']}x)")
+    print_decode_gpu(report["decode_gpu"])
     print(f"load average before/after: {report['machine']['loadavg_before']} / {report['machine']['loadavg_after']}")
     print(f"wrote {args.out}" if args.out else "(not written: --out '')")
+
+
+def decode_gpu_entry(spec: str, args: argparse.Namespace) -> dict:
+    load_before = os.getloadavg()
+    cpu = measure_decode_gpu_cpu(spec, args)
+    return {"what": "CPU ms per sample, whole clipjob pipeline in one process with one torch thread: workers' part "
+                    "(decode=gpu: header + crop box only) and trainer-side decode on device cpu",
+            "images": args.images, "image_px": "256..640 JPEG q90", "batch_size": args.batch_size,
+            "image_size": args.image_size, "batches_timed": args.batches, **cpu,
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
+
+
+def print_decode_gpu(entry: dict) -> None:
+    c, g = entry["cpu"], entry["gpu"]
+    print(f"data pipeline CPU per sample, decode=cpu: workers {c['worker_cpu_ms_per_sample']:.3f} ms + trainer-side "
+          f"float conversion {c['trainer_cpu_ms_per_sample']:.3f} ms; decode=gpu "
+          f"(workers: header + box only): workers {g['worker_cpu_ms_per_sample']:.3f} ms + trainer-side decode on "
+          f"device cpu {g['trainer_cpu_ms_per_sample']:.3f} ms ({g['decoded_on_device']} of {g['samples']} samples "
+          f"decoded there); load {entry['loadavg_before']} -> {entry['loadavg_after']}")
+
+
+def decode_gpu_only(local: str, args: argparse.Namespace) -> None:
+    """`--only decode-gpu`: measure just data.decode=gpu's CPU split; replace that entry of the result file."""
+    import torch
+
+    torch.set_num_threads(1)
+    entry = decode_gpu_entry(local, args)
+    print_decode_gpu(entry)
+    if args.out:
+        path = Path(args.out)
+        report = json.loads(path.read_text()) if path.exists() else {}
+        report["decode_gpu"] = {**entry, "command": "python bench/data_bench.py " + " ".join(sys.argv[1:])}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1) + "\n")
+        print(f"wrote {args.out} (decode_gpu)")
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ class DataConfig:
     multiscale: bool = F(False, "Multi-scale variable batch sampler: a (resolution, batch) per step, batch scaled by area")
     multiscale_sizes: list[int] = F([160, 192, 224, 256, 288, 320], "Resolutions of the multi-scale sampler")
     stall_timeout_s: float = F(180.0, "Longest wait for a shard whose storage does not answer (refused, timed out, 5xx); then one line naming the shard URL and exit 203 (retryable)")
+    decode: Literal["cpu", "gpu"] = F("cpu", "Where training JPEGs are decoded: cpu = in the DataLoader workers (PIL, draft mode); gpu = the workers only parse the header and draw the crop box, the trainer decodes each batch's JPEGs in one torchvision decode_jpeg call on its device (nvjpeg on CUDA) and crops/resizes/augments there; PNG/WebP/CMYK images stay on the CPU")
 
 
 @dataclass(frozen=True)

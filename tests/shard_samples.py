@@ -4,12 +4,13 @@ tests/unit/test_bad_data.py, `clipjob train` in tests/integration/test_bad_data_
 from __future__ import annotations
 
 import io
+import random
 import struct
 import tarfile
 import zlib
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from clipjob.datasets.writer import ShardWriter
 
@@ -17,6 +18,20 @@ from clipjob.datasets.writer import ShardWriter
 def png(size: int = 16) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (size, size), (30, 60, 90)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def jpeg(i: int, mode: str = "RGB") -> bytes:
+    """Picture i: ellipses on a background, 50-95 px a side, JPEG quality 90 (chroma 4:2:0) in `mode`."""
+    rng = random.Random(i)
+    w, h = rng.randrange(50, 96), rng.randrange(50, 96)
+    img = Image.new("RGB", (w, h), tuple(rng.randrange(256) for _ in range(3)))
+    d = ImageDraw.Draw(img)
+    for _ in range(4):
+        x, y = rng.randrange(w), rng.randrange(h)
+        d.ellipse([x - 15, y - 10, x + 15, y + 10], fill=tuple(rng.randrange(256) for _ in range(3)))
+    buf = io.BytesIO()
+    img.convert(mode).save(buf, "JPEG", quality=90)
     return buf.getvalue()
 
 

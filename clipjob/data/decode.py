@@ -56,13 +56,14 @@ def image_bytes(sample: dict) -> bytes:
     return data
 
 
-def decode_image(sample: dict, target: int) -> Image.Image:
+def decode_image(sample: dict, target: int, draft: bool = True) -> Image.Image:
     """Decode the first image field. The declared size is checked before any pixel is decoded (bombs), and
     JPEGs are decoded at a reduced DCT scale (draft mode: 1/2, 1/4 or 1/8) that still leaves the shorter
-    side >= target, which is several times faster for images much larger than the target."""
+    side >= target, which is several times faster for images much larger than the target (draft=False: full
+    size, as data.decode=gpu's fallback needs for a crop box drawn on the declared size)."""
     img = open_image(image_bytes(sample))
     try:
-        if img.format == "JPEG":
+        if img.format == "JPEG" and draft:
             img.draft("RGB", (target, target))  # the largest reduction keeping both sides >= target
         img.load()
         if img.mode in ("RGBA", "LA", "P", "PA"):

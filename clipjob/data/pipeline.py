@@ -15,6 +15,9 @@ k of W produces steps start_step + k, start_step + k + W, ...
 Waiting is bounded (`next_batch`): a shard read whose storage stops answering is retried for up to
 `data.stall_timeout_s`, then the worker raises a one-line RetryableError naming the shard URL (exit 203); the
 trainer polls while it waits, so a stop request (SIGTERM) during the wait is seen within a second.
+
+With data.decode=gpu the workers decode no JPEG pixels: a JPEG travels as its bytes and its crop box, and the
+trainer decodes the batch's JPEGs on its device (device_decode.py); other images are decoded here as always.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from clipjob import fs
 from clipjob.config import DataConfig
 from clipjob.data.decode import BadSample, decode_caption, decode_image
+from clipjob.data.device_decode import EncodedJpegs, plan_jpeg
 from clipjob.data.shards import (Source, derive_seed, draw_shards, equal_size_note, parse_sources,
                                  read_tar_samples)
-from clipjob.data.transforms import Augment, train_transform
+from clipjob.data.transforms import Augment, augment_steps, random_resized_crop, train_transform
 from clipjob.errors import ClipjobError, ConfigError, RetryableError
 
 BatchSchedule = Callable[[int], tuple[int, int]]  # step -> (image_size, batch_size)
@@ -46,9 +50,12 @@ _END: dict = {}  # shuffle_samples' end-of-stream marker: compared by identity, 
 
 @dataclass
 class Batch:
-    images: torch.Tensor  # (B, 3, H, W) uint8 (transforms.to_unit_float makes it float in [0, 1])
+    images: torch.Tensor  # (B, 3, H, W) uint8 (transforms.to_unit_float makes it float in [0, 1]); with `jpegs`
+    # only the rows decoded in the worker, in row order: device_decode.materialize makes the whole batch
     tokens: torch.Tensor  # (B, context_length) long
     bad: dict[str, int] = field(default_factory=dict)  # samples skipped since the previous batch, by reason
+    jpegs: EncodedJpegs | None = None  # data.decode=gpu: the JPEG rows, still encoded (None: all in `images`)
+    replaced: int = 0  # rows holding a copy of another row (a corrupt JPEG found on the device), also in `bad`
 
 
 class ConstantSchedule:
@@ -68,7 +75,8 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: list[str] | list[Source], batch_size: int, image_size: int, tokenizer: Callable,
                  seed: int = 0, rank: int = 0, start_step: int = 0, shuffle_buffer: int = 1000,
                  rrc_scale: tuple[float, float] = (0.9, 1.0), caption_key: str = "txt",
-                 augment: Augment = Augment(), batch_schedule: BatchSchedule | None = None, stall_s: float | None = None):
+                 augment: Augment = Augment(), batch_schedule: BatchSchedule | None = None,
+                 stall_s: float | None = None, decode: str = "cpu"):
         if urls and isinstance(urls[0], str):
             urls = [Source("", tuple(urls), 1.0, None)]  # type: ignore[arg-type]
         self.sources: list[Source] = list(urls)  # type: ignore[arg-type]
@@ -76,6 +84,8 @@ class ShardStream(IterableDataset):
         self.seed, self.rank, self.start_step = seed, rank, start_step
         self.shuffle_buffer, self.rrc_scale, self.caption_key = shuffle_buffer, rrc_scale, caption_key
         self.augment = augment
+        self.decode = decode  # "gpu": JPEGs travel encoded, with their crop box (device_decode)
+        self.crop = random_resized_crop(1, rrc_scale)  # draws decode=gpu's boxes (its size is not used)
         self.schedule = batch_schedule or ConstantSchedule(image_size, batch_size)
         self.n_shards = sum(len(s.urls) for s in self.sources)
         self.stall_s = stall_s  # longest wait for storage that does not answer (None: the process's bound)
@@ -111,9 +121,7 @@ class ShardStream(IterableDataset):
             if sample:  # {} marks the end of a shard: no sample, but a chance to notice failing shards
                 try:
                     caption = decode_caption(sample, self.caption_key)
-                    if size not in transforms:
-                        transforms[size] = train_transform(size, self.rrc_scale, self.augment)
-                    images.append(transforms[size](decode_image(sample, size)))
+                    images.append(self._image(sample, size, transforms))
                     captions.append(caption)
                     bad_at_last_good = bad_before + sum(bad.values())
                 except BadSample as e:
@@ -122,12 +130,33 @@ class ShardStream(IterableDataset):
                 raise ClipjobError(f"data.train: {hopeless} bad samples/shards in a row and nothing usable "
                                    f"({dict(bad)}); check the shards with `clipjob data inspect`")
             if len(images) == batch_size:
-                yield Batch(torch.stack(images), self.tokenizer(captions), dict(bad))
+                yield self._batch(images, self.tokenizer(captions), dict(bad), size)
                 bad_before += sum(bad.values())
                 bad.clear()
                 images, captions = [], []
                 step += n_workers
                 size, batch_size = self.schedule(step)
+
+    def _image(self, sample: dict, size: int, transforms: dict[int, Callable]) -> torch.Tensor | tuple:
+        """The sample's image as a transformed uint8 (3, size, size) tensor, or with data.decode=gpu for a JPEG
+        the device decodes, (its bytes, its crop box)."""
+        if self.decode == "gpu":
+            planned = plan_jpeg(sample, self.crop)
+            if planned is not None:
+                return planned
+        if size not in transforms:
+            transforms[size] = train_transform(size, self.rrc_scale, self.augment)
+        return transforms[size](decode_image(sample, size))
+
+    def _batch(self, images: list, tokens: torch.Tensor, bad: dict[str, int], size: int) -> Batch:
+        encoded = [k for k, im in enumerate(images) if isinstance(im, tuple)]
+        if not encoded:
+            return Batch(torch.stack(images), tokens, bad)
+        decoded = [im for im in images if not isinstance(im, tuple)]
+        seed = int(torch.randint(0, 2**62, ())) if augment_steps(self.augment) else None  # the device's augment RNG
+        jpegs = EncodedJpegs.pack(encoded, [images[k][0] for k in encoded], [images[k][1] for k in encoded], size, seed)
+        stacked = torch.stack(decoded) if decoded else torch.empty((0, 3, size, size), dtype=torch.uint8)
+        return Batch(stacked, tokens, bad, jpegs)
 
 
 def shuffle_samples(samples: Iterator[dict], size: int, initial: int, rng: random.Random) -> Iterator[dict]:
@@ -245,8 +274,8 @@ def build_train_loader(data: DataConfig, *, batch_size: int, image_size: int, to
         print(note, flush=True)
     stream = ShardStream(sources, batch_size, image_size, tokenizer, seed=seed, rank=rank,
                          start_step=start_step, shuffle_buffer=data.shuffle_buffer, rrc_scale=data.rrc_scale,
-                         augment=Augment.of(data),
-                         caption_key=data.caption_key, batch_schedule=batch_schedule, stall_s=data.stall_timeout_s)
+                         augment=Augment.of(data), caption_key=data.caption_key, batch_schedule=batch_schedule,
+                         stall_s=data.stall_timeout_s, decode=data.decode)
     workers = data.num_workers
     return TrainLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                        timeout=POLL_S if workers > 0 else 0,

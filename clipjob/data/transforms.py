@@ -30,8 +30,18 @@ class Augment:
 def train_transform(size: int, scale: tuple[float, float], augment: Augment = Augment()) -> T.Compose:
     """RandomResizedCrop, then (when asked) the drawing-style jitter, colour jitter on 80 % of images and grey
     with probability grayscale_p."""
-    steps = [T.ToImage(),
-             T.RandomResizedCrop(size, scale=scale, ratio=(3 / 4, 4 / 3), interpolation=BILINEAR, antialias=True)]
+    return T.Compose([T.ToImage(), random_resized_crop(size, scale), *augment_steps(augment)])
+
+
+def random_resized_crop(size: int, scale: tuple[float, float]) -> T.RandomResizedCrop:
+    """The training crop: a box of `scale` of the area and aspect ratio 3/4..4/3, resized (bilinear, antialias)."""
+    return T.RandomResizedCrop(size, scale=scale, ratio=(3 / 4, 4 / 3), interpolation=BILINEAR, antialias=True)
+
+
+def augment_steps(augment: Augment) -> list[torch.nn.Module]:
+    """The augmentations after the crop, on a uint8 (3, H, W) tensor on any device; their random decisions come
+    from torch's CPU generator."""
+    steps: list[torch.nn.Module] = []
     if augment.outline_p or augment.background_p:
         steps.append(StyleJitter(augment.outline_p, augment.background_p))
     if augment.color_jitter > 0:
@@ -39,7 +49,7 @@ def train_transform(size: int, scale: tuple[float, float], augment: Augment = Au
         steps.append(T.RandomApply([T.ColorJitter(brightness=s, contrast=s, saturation=s, hue=min(0.5, s / 4))], p=0.8))
     if augment.grayscale_p > 0:
         steps.append(T.RandomGrayscale(p=augment.grayscale_p))
-    return T.Compose(steps)
+    return steps
 
 
 def eval_transform(size: int, family: str = "openai") -> T.Compose:
@@ -77,7 +87,7 @@ class StyleJitter(torch.nn.Module):
             img = lines if torch.rand(()) >= 1 / 3 else torch.where((lines == 0).all(0), lines, torch.full_like(img, 255))
         if self.background_p and torch.rand(()) < self.background_p:
             white = (img >= 245).all(0, keepdim=True)
-            colour = torch.randint(170, 256, (3, 1, 1), dtype=torch.uint8)
+            colour = torch.randint(170, 256, (3, 1, 1), dtype=torch.uint8).to(img.device)
             img = torch.where(white, colour, img)
         return img
 
@@ -88,7 +98,7 @@ def outline(img: torch.Tensor, thickness: int = 1, threshold: float = 60.0) -> t
     x = img.to(torch.float32)
     dx = (x[:, :, 1:] - x[:, :, :-1]).abs().amax(0)
     dy = (x[:, 1:, :] - x[:, :-1, :]).abs().amax(0)
-    edge = torch.zeros(img.shape[1:], dtype=torch.bool)
+    edge = torch.zeros(img.shape[1:], dtype=torch.bool, device=img.device)
     edge[:, 1:] |= dx > threshold
     edge[1:, :] |= dy > threshold
     if thickness > 1:

@@ -24,10 +24,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from clipjob import checkpoint as ckpt
 from clipjob import dist, fs
 from clipjob.config import Config, to_yaml
+from clipjob.data.device_decode import materialize
 from clipjob.data.multiscale import build_schedule
 from clipjob.data.pipeline import build_train_loader, next_batch
 from clipjob.data.shards import derive_seed, parse_sources
-from clipjob.data.transforms import to_unit_float
+from clipjob.data.transforms import Augment, to_unit_float
 from clipjob.errors import ClipjobError, RetryableError
 from clipjob.model import build_model, build_tokenizer
 from clipjob.model.tokenizer import trim_padding
@@ -232,7 +233,7 @@ def begin_step(cfg: Config, parts: Parts, step: int, rank: int) -> float:
 def count_samples(state: TrainState, batch) -> None:
     for reason, n in batch.bad.items():
         state.bad_samples[reason] = state.bad_samples.get(reason, 0) + n
-    state.good_samples += batch.images.shape[0]
+    state.good_samples += batch.tokens.shape[0] - batch.replaced
 
 
 def check_bad_fraction(cfg: Config, state: TrainState) -> None:
@@ -391,7 +392,8 @@ def run(cfg: Config, stop: StopFlag, saver: CheckpointSaver) -> TrainState:
                 print(f"stop requested{waited}: saved step {state.step}, exiting" if state.step
                       else f"stop requested{waited}: nothing to save at step 0, exiting", flush=True)
             break
-        images = to_unit_float(batch.images.to(d.device, non_blocking=True))  # uint8 over the wire, float here
+        batch = materialize(batch, d.device, Augment.of(cfg.data))  # data.decode=gpu: JPEGs decoded here
+        images = to_unit_float(batch.images)  # uint8 over the wire, float here
         tokens = trim_padding(batch.tokens) if cfg.model.text.trim_padding else batch.tokens
         tokens = tokens.to(d.device, non_blocking=True)
         speed.waited(time.monotonic() - t0)
