@@ -138,3 +138,11 @@ def test_should_refuse_an_unknown_decode_value_naming_the_key(tiny_cfg):
     assert tiny_cfg("data.decode=gpu").data.decode == "gpu"
     with pytest.raises(ConfigError, match=r"data\.decode: 'nvjpeg' is not one of cpu, gpu"):
         tiny_cfg("data.decode=nvjpeg")
+
+
+def test_should_decode_each_batch_at_its_multiscale_size(mixed):
+    cfg = DataConfig(train=mixed, num_workers=0, shuffle_buffer=4, rrc_scale=(0.5, 1.0), decode="gpu")
+    it = iter(build_train_loader(cfg, batch_size=8, image_size=SIZE, tokenizer=tokens, seed=0, rank=0, start_step=0,
+                                 batch_schedule=lambda step: (32, 12) if step % 2 else (SIZE, 8)))
+    shapes = [tuple(materialize(next(it), "cpu").images.shape) for _ in range(3)]
+    assert shapes == [(8, 3, SIZE, SIZE), (12, 3, 32, 32), (8, 3, SIZE, SIZE)]
