@@ -5,7 +5,8 @@ change undone at a time, each variant in a process of its own (the allocator set
     .venv/bin/python bench/ablate.py --precisions fp32 --steps 3
 
 Variants: `all` (as shipped), `system-malloc` (CLIPJOB_MALLOC=system: glibc's defaults), `full-last-block`
-(Transformer.one_token_last_block off), `flash-sdpa` (torch's own SDPA kernel choice in bf16), `loop-adamw`
+(Transformer.one_token_last_block off), `flash-sdpa` (torch's own SDPA kernel choice in bf16), `sdpa-math`
+(SDPA's math backend in bf16 instead of clipjob's matmul attention), `loop-adamw`
 (torch's CPU default AdamW instead of the fused kernel), `full-context` (the text tower on all 32 token
 positions instead of the batch's trimmed length, model.text.trim_padding). The tokens are the first 128
 captions of the emoji shards the training bench reads (as the trainer gets them: padded to the context, then
@@ -26,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import CLIPJOB_PY, ROOT, TINY, machine_info, run_env, write_result  # noqa: E402
 
-VARIANTS = ("all", "system-malloc", "full-last-block", "flash-sdpa", "loop-adamw", "full-context")
+VARIANTS = ("all", "system-malloc", "full-last-block", "flash-sdpa", "sdpa-math", "loop-adamw", "full-context")
 
 
 def caption_tokens(batch: int) -> "torch.Tensor":
@@ -63,10 +64,21 @@ def one(variant: str, precision: str, steps: int, warmup: int, threads: int) -> 
     if variant == "loop-adamw":  # same groups and hyper-parameters, torch's CPU default implementation
         groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in side.opt.param_groups]
         side.opt = torch.optim.AdamW(groups, foreach=False)
-    if variant == "flash-sdpa":  # torch's own choice (the flash kernel) instead of clipjob's math backend
+    if variant == "flash-sdpa":  # torch's own choice (the flash kernel) instead of clipjob's matmul attention
         import clipjob.model.transformer as tr
 
         tr._HALF = ()
+    if variant == "sdpa-math":  # SDPA's math backend (what clipjob used before matmul_attention)
+        import torch.nn.functional as F
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        import clipjob.model.transformer as tr
+
+        def sdpa_math(q, k, v, mask=None, causal=False):
+            with sdpa_kernel(SDPBackend.MATH):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+        tr.matmul_attention = sdpa_math
     device = torch.device("cpu")
     images, _ = synthetic_batch(TINY, 128, device)
     tokens = caption_tokens(128)

@@ -15,6 +15,8 @@ ClipLoss, AdamW with its weight-decay groups, zero_grad, logit-scale clamp). On 
 process and their timed steps are interleaved (ABBA...), so background load hits both alike; samples/s and
 MFU use the median step time. MFU = FLOPs per step / step time / peak, where the peak is a large matmul
 measured here in the same dtype and threads (CPU) or the device's dense bf16 peak (H200/H100: 989 TFLOP/s).
+On the CPU a second MFU uses the peak at the model's own matmul shapes (bench/profile_step.py `shape_peak`:
+every matmul of one step timed alone), what this CPU reaches on exactly these matrices.
 """
 
 from __future__ import annotations
@@ -340,10 +342,18 @@ def cpu_suite(args: argparse.Namespace) -> dict:
         peaks[precision] = max(peaks[precision], after)
         runs[precision] = {n: record(n, sides[n], spec, device, precision, args.batch, times[n], flops[n],
                                      args.warmup, first[n], False, peaks[precision], source) for n in sides}
+        from bench.profile_step import model_shape_peak
+
+        for n, rec in runs[precision].items():  # the peak this CPU reaches on the step's own matmul shapes
+            shape_peak, shapes = model_shape_peak(sides[n], images, tokens, precision)
+            rec["shape_peak_tflops"] = round(shape_peak / 1e12, 4)
+            rec["mfu_vs_shape_peak"] = round(rec["flops_per_step"] / rec["step_s_median"] / shape_peak, 4)
+            rec["matmul_shapes"] = shapes[:12]
         for n, rec in runs[precision].items():
             print(f"  mfu {precision:4s} {n:8s}: {rec['samples_per_s']:7.1f} samples/s (median of {args.steps} "
                   f"interleaved steps), {rec['flops_per_sample'] / 1e9:.3f} GFLOP/sample fwd+bwd, "
-                  f"MFU {rec['mfu']:.3f}", flush=True)
+                  f"MFU {rec['mfu']:.3f} (vs its matmul shapes' peak of {rec['shape_peak_tflops'] * 1e3:.0f} "
+                  f"GFLOP/s: {rec['mfu_vs_shape_peak']:.3f})", flush=True)
         del sides
     out = {"what": "isolated training step on synthetic tensors (no data pipeline): FLOPs, samples/s, MFU",
            "machine": machine_info(), "torch": torch.__version__, "model": spec, "batch": args.batch,

@@ -96,6 +96,10 @@ def rows(parts_run: list[str]) -> list[dict]:
         peak = mfu.get("peak_tflops", {}).get(p, 0)
         add(f"MFU model step alone {p} (vs {peak * 1e3:.0f} GFLOP/s)", "fraction", r["clipjob"]["mfu"],
             r["openclip"]["mfu"])
+        if "mfu_vs_shape_peak" in r["clipjob"]:
+            add(f"MFU model step alone {p} (vs each model's matmul-shape peak: {r['clipjob']['shape_peak_tflops'] * 1e3:.0f}"
+                f" / {r['openclip']['shape_peak_tflops'] * 1e3:.0f} GFLOP/s)", "fraction",
+                r["clipjob"]["mfu_vs_shape_peak"], r["openclip"]["mfu_vs_shape_peak"])
     for p, r in mfu.get("runs", {}).items():
         add(f"model FLOPs/sample fwd+bwd {p}", "GFLOP", round(r["clipjob"]["flops_per_sample"] / 1e9, 4),
             round(r["openclip"]["flops_per_sample"] / 1e9, 4), "equal")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 _HALF = (torch.bfloat16, torch.float16)
@@ -14,13 +13,28 @@ _HALF = (torch.bfloat16, torch.float16)
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
               causal: bool = False) -> torch.Tensor:
-    """scaled_dot_product_attention. On the CPU in bf16/fp16 it goes through the math backend: there the CPU
-    flash kernel is slower than two half-precision matmuls and a softmax (a whole CPU training step in bf16:
-    1.36x faster; bench/README.md). In fp32 and on GPUs torch picks the kernel."""
+    """Scaled dot-product attention of (B, H, S, D) heads. On the CPU in bf16/fp16 it is two half-precision
+    matmuls and a softmax written out (`matmul_attention`): there the CPU flash kernel is slower than that, and
+    so is SDPA's own math backend, which copies q, k and v into new layouts several times per call
+    (bench/README.md). In fp32 and on GPUs torch's scaled_dot_product_attention picks the kernel."""
     if q.device.type == "cpu" and q.dtype in _HALF and not torch.compiler.is_compiling():
-        with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return matmul_attention(q, k, v, mask, causal)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
+def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                     causal: bool = False) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + mask) v on the strided (B, H, S, D) views the q|k|v projection gives, without
+    copying them into new layouts first. `mask`: bool (True = attend) or additive float, broadcast to
+    (B, H, Sq, Sk); `causal`: position i attends to positions <= i."""
+    scores = torch.matmul(q, k.transpose(-1, -2))
+    scores.mul_(q.shape[-1] ** -0.5)  # in place: matmul's backward keeps its inputs, not its output
+    if causal:
+        sq, sk = scores.shape[-2:]
+        scores.masked_fill_(torch.ones(sq, sk, dtype=torch.bool, device=q.device).triu_(sk - sq + 1), float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.matmul(scores.softmax(-1), v)
 
 
 class QuickGELU(nn.Module):

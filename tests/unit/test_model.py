@@ -36,7 +36,7 @@ def test_should_match_naive_attention_when_using_sdpa(causal):
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_should_match_naive_attention_when_running_in_bf16_on_the_cpu(causal):
-    # bf16 on the CPU takes the math backend (clipjob.model.transformer.attention): same result, within bf16
+    # bf16 on the CPU takes matmul_attention (clipjob.model.transformer.attention): same result, within bf16
     torch.manual_seed(0)
     attn = Attention(64, 4, causal=causal)
     x = torch.randn(3, 9, 64)
@@ -44,6 +44,54 @@ def test_should_match_naive_attention_when_running_in_bf16_on_the_cpu(causal):
         out = attn(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), naive_attention(attn, x, causal), atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "bool-mask", "float-mask", "one-query"])
+def test_should_match_sdpa_when_writing_attention_out_as_matmuls(case):
+    # clipjob's CPU half-precision attention, run in fp32 so that only summation order differs from torch's
+    # kernel (sums of <= 11 terms of size ~1: errors ~1e-6): outputs and the gradients of q, k, v
+    import torch.nn.functional as F
+
+    from clipjob.model.transformer import matmul_attention
+
+    torch.manual_seed(0)
+    sq = 1 if case == "one-query" else 11
+    qkv = [torch.randn(3, 4, s, 16, requires_grad=True) for s in (sq, 11, 11)]
+    mask, causal = None, case == "causal"
+    if case in ("bool-mask", "one-query"):
+        mask = (torch.arange(11)[None, :] <= torch.tensor([0, 4, 10])[:, None]).view(3, 1, 1, 11)
+    if case == "float-mask":
+        mask = torch.randn(3, 1, sq, 11)
+    outs, grads = [], []
+    for fn in (lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal),
+               lambda q, k, v: matmul_attention(q, k, v, mask, causal)):
+        out = fn(*qkv)
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([t.grad.clone() for t in qkv])
+        for t in qkv:
+            t.grad = None
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    for mine, ref in zip(grads[1], grads[0]):
+        torch.testing.assert_close(mine, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_should_take_matmul_attention_in_bf16_on_the_cpu_with_strided_heads():
+    # the q|k|v projection's heads are strided views; bf16 (8-bit mantissa, relative rounding 2^-8 per
+    # operation, a few operations deep) stays within 3e-2 of the fp32 result, gradients included
+    from clipjob.model import transformer as tr
+
+    torch.manual_seed(0)
+    qkv = torch.randn(2, 9, 3, 4, 16)
+    ref_in = qkv.clone().requires_grad_(True)
+    ref = torch.nn.functional.scaled_dot_product_attention(*ref_in.permute(2, 0, 3, 1, 4), is_causal=True)
+    ref.sum().backward()
+    half = qkv.bfloat16().requires_grad_(True)
+    out = tr.attention(*half.permute(2, 0, 3, 1, 4), causal=True)
+    out.sum().backward()
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.detach(), atol=3e-2, rtol=3e-2)
+    torch.testing.assert_close(half.grad.float(), ref_in.grad, atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.parametrize("causal", [False, True])
