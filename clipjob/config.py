@@ -32,12 +32,13 @@ def F(default: Any, doc: str) -> Any:
 
 @dataclass(frozen=True)
 class VisionConfig:
-    family: Literal["openai", "corenet"] = F("openai", "openai: patchify conv + ln_pre + cls pos-embed, mean/std input; corenet: conv stem + BN, [0,1] input")
-    image_size: int = F(224, "Training (base) resolution in pixels; must be a multiple of patch_size")
-    patch_size: int = F(16, "Patch size in pixels")
-    width: int = F(768, "Transformer width")
-    layers: int = F(12, "Number of transformer blocks")
-    heads: int = F(12, "Attention heads")
+    family: Literal["openai", "corenet", "resnet"] = F("openai", "openai: patchify conv + ln_pre + cls pos-embed, mean/std input; corenet: conv stem + BN, [0,1] input; resnet: CLIP's ModifiedResNet (3-conv stem, anti-aliased bottleneck stages, attention pool), mean/std input")
+    image_size: int = F(224, "Training (base) resolution in pixels; must be a multiple of patch_size (resnet: of 32)")
+    patch_size: int = F(16, "Patch size in pixels (ViT families)")
+    width: int = F(768, "Transformer width (resnet: stem width; stages are 1, 2, 4, 8 x width wide, their outputs 4x that)")
+    layers: int = F(12, "Number of transformer blocks (ViT families)")
+    heads: int = F(12, "Attention heads (resnet: of the attention pool, over 32 x width channels)")
+    resnet_layers: list[int] = F([3, 4, 6, 3], "resnet: bottleneck blocks in each of the 4 stages (RN50: 3 4 6 3, RN101: 3 4 23 3)")
     mlp_ratio: float = F(4.0, "FFN hidden size / width")
     act: Literal["gelu", "quick_gelu"] = F("gelu", "FFN activation (quick_gelu for OpenAI weights)")
     ln_eps: float = F(1e-5, "LayerNorm epsilon (CoreNet image tower uses 1e-6)")
@@ -324,10 +325,14 @@ def validate(cfg: Config) -> None:
                      ("train.batch_size", tr.batch_size), ("train.log_every", tr.log_every),
                      ("train.keep_last", tr.keep_last), ("eval.batch_size", cfg.eval.batch_size)]:
         _check(val > 0, f"{key}: must be > 0, got {val}")
-    _check(v.width % v.heads == 0, f"model.vision.width: {v.width} is not divisible by model.vision.heads={v.heads}")
+    if v.family == "resnet":
+        _check_resnet(v)
+    else:
+        _check(v.width % v.heads == 0, f"model.vision.width: {v.width} is not divisible by model.vision.heads={v.heads}")
     _check(t.width % t.heads == 0, f"model.text.width: {t.width} is not divisible by model.text.heads={t.heads}")
-    stride = 16 if v.family == "corenet" else v.patch_size
-    _check(v.image_size % stride == 0, f"model.vision.image_size: {v.image_size} is not a multiple of the patch size {stride}")
+    stride = {"corenet": 16, "resnet": 32}.get(v.family, v.patch_size)
+    unit = "the resnet's stride" if v.family == "resnet" else "the patch size"
+    _check(v.image_size % stride == 0, f"model.vision.image_size: {v.image_size} is not a multiple of {unit} {stride}")
     _check(v.family != "corenet" or v.patch_size == 16, "model.vision.patch_size: the corenet conv stem has a fixed stride of 16")
     _check(tr.lr > 0, f"train.lr: must be > 0, got {tr.lr}")
     _check(0 <= tr.min_lr <= tr.lr, f"train.min_lr: must be in [0, train.lr], got {tr.min_lr}")
@@ -358,13 +363,21 @@ def validate(cfg: Config) -> None:
     _check(cfg.storage.stall_timeout_s > 0, f"storage.stall_timeout_s: must be > 0, got {cfg.storage.stall_timeout_s}")
     _check(cfg.storage.stop_wait_s >= 0, f"storage.stop_wait_s: must be >= 0 (0: from the shutdown window), got {cfg.storage.stop_wait_s}")
     _check(not d.multiscale or all(s > 0 and s % stride == 0 for s in d.multiscale_sizes),  # only when used
-           f"data.multiscale_sizes: each must be a positive multiple of the patch size {stride}, got {d.multiscale_sizes}")
+           f"data.multiscale_sizes: each must be a positive multiple of {unit} {stride}, got {d.multiscale_sizes}")
     if d.multiscale:  # the least batch a step gets (the largest size, area-scaled) must hold accum_steps micro-batches
         largest = max([*d.multiscale_sizes, v.image_size])
         smallest = max(1, v.image_size * v.image_size * tr.batch_size // (largest * largest))
         _check(smallest >= tr.accum_steps, f"data.multiscale_sizes: at {largest} px a step gets {smallest} samples per "
                f"rank, fewer than train.accum_steps={tr.accum_steps}; raise train.batch_size or drop large sizes")
     _check(cfg.eval.resolution >= 0, f"eval.resolution: must be >= 0, got {cfg.eval.resolution}")
+
+
+def _check_resnet(v: VisionConfig) -> None:
+    _check(len(v.resnet_layers) == 4 and all(n >= 1 for n in v.resnet_layers),
+           f"model.vision.resnet_layers: need 4 stages of >= 1 block each, got {v.resnet_layers}")
+    _check(v.width % 2 == 0, f"model.vision.width: the resnet stem's first convs are width/2 wide; {v.width} is odd")
+    _check(32 * v.width % v.heads == 0, f"model.vision.heads: the resnet attention pool's {32 * v.width} channels "
+           f"(32 x model.vision.width) are not divisible by {v.heads} heads")
 
 
 def field_docs(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:

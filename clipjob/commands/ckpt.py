@@ -72,8 +72,10 @@ def describe_model(m) -> str:
     stem = "conv stem" if v.family == "corenet" else f"patch {v.patch_size}"
     text = MINILM if t.kind == "minilm" else (f"{t.kind} text (width {t.width}, {t.layers} layers, {t.heads} heads, "
                                               f"context {t.context_length}, {t.act})")
-    return (f"{v.family} ViT (width {v.width}, {v.layers} layers, {v.heads} heads, {stem}, {v.image_size}px, {v.act}) + "
-            f"{text}, embed {m.embed_dim}{', RangeAugment' if m.range_augment else ''}")
+    image = (f"ResNet (stem width {v.width}, blocks {'-'.join(map(str, v.resnet_layers))}, {v.heads} pool heads, "
+             f"{v.image_size}px)" if v.family == "resnet" else
+             f"{v.family} ViT (width {v.width}, {v.layers} layers, {v.heads} heads, {stem}, {v.image_size}px, {v.act})")
+    return f"{image} + {text}, embed {m.embed_dim}{', RangeAugment' if m.range_augment else ''}"
 
 
 def convert_checkpoint(src: str, dst: str, source: str = "auto", overrides: list[str] = (),

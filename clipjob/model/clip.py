@@ -1,8 +1,8 @@
 """CLIP: an image tower and a text tower projected into one space, plus a learnable temperature.
 
-`encode_image` takes images in [0, 1] (the OpenAI family normalises with mean/std inside the model, so the
-data pipeline is the same for every family) and `encode_text` takes token ids; both return L2-normalised
-features. `forward` returns one `CLIPOutput`.
+`encode_image` takes images in [0, 1] (the OpenAI ViT and the ResNet families normalise with mean/std inside
+the model, so the data pipeline is the same for every family) and `encode_text` takes token ids; both return
+L2-normalised features. `forward` returns one `CLIPOutput`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from torch import nn
 
 from clipjob.config import ModelConfig
 from clipjob.model.range_augment import RangeAugment
+from clipjob.model.resnet import ModifiedResNet
 from clipjob.model.text import MiniLMText, MiniLMTokenizer, TextTransformer
 from clipjob.model.vit import VisionTransformer
 
@@ -35,7 +36,8 @@ class CLIP(nn.Module):
     def __init__(self, cfg: ModelConfig, pretrained_text: bool = True):
         super().__init__()
         self.cfg = cfg
-        self.visual = VisionTransformer(cfg.vision, cfg.embed_dim)
+        tower = ModifiedResNet if cfg.vision.family == "resnet" else VisionTransformer
+        self.visual = tower(cfg.vision, cfg.embed_dim)
         if cfg.text.kind == "minilm":
             self.text = MiniLMText(cfg.text, cfg.embed_dim, pretrained=pretrained_text)
         else:
@@ -45,7 +47,7 @@ class CLIP(nn.Module):
                     p.requires_grad_(name == "proj")
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
         self.image_augmentor = RangeAugment() if cfg.range_augment else None  # runs in training only
-        normalise = cfg.vision.family == "openai"
+        normalise = cfg.vision.family in ("openai", "resnet")
         self.register_buffer("mean", torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1) if normalise else None, persistent=False)
         self.register_buffer("std", torch.tensor(OPENAI_STD).view(1, 3, 1, 1) if normalise else None, persistent=False)
         self.set_grad_checkpointing(cfg.grad_checkpointing)

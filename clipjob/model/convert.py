@@ -131,8 +131,9 @@ def detect_layout(sd: Tensors) -> str:
     if "visual.conv1.weight" in keys or "visual.class_embedding" in keys:
         return "openclip"
     if any(k.startswith("visual.layer1.") for k in keys):
-        raise ClipjobError("this is a ResNet CLIP checkpoint; clipjob supports ViT image towers only")
-    if "visual.cls_token" in keys:
+        raise ClipjobError("this is an OpenAI/OpenCLIP ResNet CLIP checkpoint; from those layouts clipjob reads "
+                           "ViT towers only (its own model.vision.family=resnet checkpoints load as they are)")
+    if "visual.cls_token" in keys or "visual.attn_pool.pos_embed" in keys:
         return "clipjob"
     raise ClipjobError(f"unrecognised checkpoint layout (keys such as {', '.join(sorted(keys)[:3])}); "
                        f"expected clipjob, CoreNet or OpenCLIP/OpenAI ViT weights")

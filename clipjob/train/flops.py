@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from clipjob.config import ModelConfig
+from clipjob.config import ModelConfig, VisionConfig
 
 # dense bf16/fp16 tensor-core peaks (FLOP/s) by device-name fragment, most specific first
 GPU_PEAK_FLOPS = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
@@ -25,17 +25,41 @@ def transformer_flops(width: int, layers: int, mlp_ratio: float, tokens: int) ->
     return 2 * weights * tokens + layers * 4 * tokens * tokens * width
 
 
-def flops_per_sample(cfg: ModelConfig, image_size: int) -> float:
-    """Training FLOPs (forward + backward = 3x forward) of one image-caption pair at a resolution;
-    a frozen text tower costs its forward only, and a frozen MiniLM (cached features) nothing."""
-    v, t, e = cfg.vision, cfg.text, cfg.embed_dim
+def vit_flops(v: VisionConfig, embed_dim: int, image_size: int) -> float:
+    """Forward FLOPs of one image through a ViT tower (either stem), its blocks and the projection."""
     if v.family == "corenet":
         mid, g = max(32, v.width // 4), image_size // 16
         stem = 2 * (3 * 16 * mid * (4 * g) ** 2 + mid * 4 * mid * (2 * g) ** 2 + mid * 4 * v.width * g * g)
     else:
         g = image_size // v.patch_size
         stem = 2 * 3 * v.patch_size**2 * v.width * g * g
-    vision = stem + transformer_flops(v.width, v.layers, v.mlp_ratio, g * g + 1) + 2 * v.width * e
+    return stem + transformer_flops(v.width, v.layers, v.mlp_ratio, g * g + 1) + 2 * v.width * embed_dim
+
+
+def resnet_flops(v: VisionConfig, embed_dim: int, image_size: int) -> float:
+    """Forward FLOPs of one image through the ModifiedResNet tower (clipjob/model/resnet.py): its convs and
+    linear layers at 2 FLOPs per multiply-add, plus the attention pool's one-query attention; BatchNorm,
+    ReLU and the average pools are not counted (nor does torch's FlopCounterMode count them)."""
+    w, half, r = v.width, v.width // 2, image_size // 2
+    total = 2 * 9 * (3 * half + half * half + half * w) * r * r  # stem: three 3x3 convs at half resolution
+    r, cin = r // 2, w  # the stem's 2x2 average pool
+    for i, blocks in enumerate(v.resnet_layers):
+        p = w * 2**i
+        for j in range(blocks):
+            r_out = r // 2 if i > 0 and j == 0 else r  # the block's average pool
+            total += 2 * (cin * p + 9 * p * p) * r * r + 2 * p * 4 * p * r_out * r_out
+            if cin != 4 * p or r_out != r:
+                total += 2 * cin * 4 * p * r_out * r_out  # shortcut 1x1 conv (after its pool)
+            r, cin = r_out, 4 * p
+    tokens = r * r + 1  # the mean token + the spatial grid
+    return total + 2 * cin * cin + 2 * tokens * cin * 2 * cin + 4 * tokens * cin + 2 * cin * embed_dim
+
+
+def flops_per_sample(cfg: ModelConfig, image_size: int) -> float:
+    """Training FLOPs (forward + backward = 3x forward) of one image-caption pair at a resolution;
+    a frozen text tower costs its forward only, and a frozen MiniLM (cached features) nothing."""
+    v, t, e = cfg.vision, cfg.text, cfg.embed_dim
+    vision = resnet_flops(v, e, image_size) if v.family == "resnet" else vit_flops(v, e, image_size)
     tw, tl, tm = MINILM_DIMS if t.kind == "minilm" else (t.width, t.layers, t.mlp_ratio)
     text = transformer_flops(tw, tl, tm, t.context_length) + 2 * tw * e
     if t.freeze and t.kind == "minilm":

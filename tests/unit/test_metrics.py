@@ -34,6 +34,39 @@ def test_should_cover_the_corenet_stem_when_estimating():
     assert flops_per_sample(cfg, 224) / 3 == pytest.approx(41.3e9, rel=0.03)
 
 
+def _count_flops(fn) -> float:
+    """torch's FlopCounterMode total of `fn()`, with the CPU's fused attention kernels counted by the formula
+    of the CUDA ones (torch's table has none for them; bench/mfu.py does the same)."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    custom = {aten._scaled_dot_product_flash_attention_for_cpu:
+              lambda q, k, v, *a, out_shape=None, **kw: sdpa_flop_count(q, k, v),
+              aten._scaled_dot_product_flash_attention_for_cpu_backward:
+              lambda g, q, k, v, *a, out_shape=None, **kw: sdpa_backward_flop_count(g, q, k, v)}
+    with FlopCounterMode(display=False, custom_mapping=custom) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("preset, size", [("tiny-cpu-resnet", 96), ("tiny-cpu-resnet", 128)])
+def test_should_count_the_resnet_towers_flops_as_torch_does(preset, size):
+    from clipjob.model.resnet import ModifiedResNet
+    from clipjob.train.flops import resnet_flops
+
+    cfg = build_config(preset).model
+    tower = ModifiedResNet(cfg.vision, cfg.embed_dim)
+    images = torch.rand(2, 3, size, size)
+    forward = resnet_flops(cfg.vision, cfg.embed_dim, size)
+    # both count the convs, linear layers and attention at 2 FLOPs per multiply-add, nothing else: equal
+    assert _count_flops(lambda: tower(images)) / 2 == forward
+    # forward + backward = 3x forward (flops_per_sample's convention) within the other tests' 2 %: only the
+    # first conv's input gradient is not computed (the images need none), 1/3 of a conv holding ~1.3 % of the forward
+    assert _count_flops(lambda: tower(images).sum().backward()) / 2 == pytest.approx(3 * forward, rel=0.02)
+    # a frozen MiniLM costs nothing (cached features): the sample's FLOPs are the image tower's, 3x
+    assert flops_per_sample(cfg, size) == 3 * forward
+
+
 def test_should_turn_counts_into_rates_when_taken(monkeypatch):
     clock = iter([0.0, 10.0, 10.0])
     monkeypatch.setattr("clipjob.train.metrics.time.monotonic", lambda: next(clock))
