@@ -26,8 +26,8 @@ _TINY_VISION = {"family": "openai", "image_size": 48, "patch_size": 8, "width": 
 _DEMO_VISION = {**_TINY_VISION, "family": "corenet", "image_size": 96, "patch_size": 16}
 # tiny-cpu-resnet's image tower: the demo's 96 px input (so only the tower differs from tiny-cpu), a 16-wide
 # stem and one bottleneck per stage (widths 16..128, 512 channels into an 8-head attention pool), 1.43 M
-# parameters: its bf16 step (batch 128) measured about tiny-cpu's on the 2-core AMD EPYC; two blocks per
-# stage measured ~1.2x, width 24 ~2x, width 32 ~2.5x that (width 32 fits the budget only at 64 px: 2x2 tokens)
+# parameters. Its isolated bf16 step (batch 128, 2-core AMD EPYC) measured 149-183 ms beside tiny-cpu's
+# 137-168; two blocks per stage 224, width 24 386 (bench/README.md: image-tower step time)
 _DEMO_RESNET = {"family": "resnet", "image_size": 96, "width": 16, "resnet_layers": [1, 1, 1, 1], "heads": 8}
 
 # the CPU schedule of tiny-cpu-scratch (and the tests that build on it): fp32, 400 steps
