@@ -1,5 +1,6 @@
 """Samples for shards, good and bad, and the shards that hold them: the bad-data tests (in-process loader in
-tests/unit/test_bad_data.py, `clipjob train` in tests/integration/test_bad_data_train.py)."""
+tests/unit/test_bad_data.py, `clipjob train` in tests/integration/test_bad_data_train.py); bad image files for
+zero-shot eval on folders (tests/unit/test_zeroshot.py, tests/integration/test_folder_eval.py)."""
 
 from __future__ import annotations
 
@@ -63,3 +64,12 @@ def raw_tar(path: Path, members: list[tuple[str, bytes]]) -> None:
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
+
+
+def bad_image_files() -> dict[str, tuple[bytes, str]]:
+    """Files that look like images by name but are not: name -> (bytes, the reason decoding counts them under)."""
+    whole = jpeg(99)
+    return {"truncated.jpg": (whole[:len(whole) // 2], "corrupt_image"),
+            "random.jpg": (random.Random(0).randbytes(2000), "corrupt_image"),
+            "empty.jpg": (b"", "corrupt_image"),
+            "bomb.png": (bomb_png(), "image_too_large")}

@@ -13,7 +13,9 @@ Retrieval (eval/retrieval.py: image->text and text->image recall@1/5/10) runs on
 on `captions:`, on `emoji-heldout:` / `emoji-seen:` when asked (`retrieval=True`, `clipjob eval zeroshot
 --retrieval`); the other kinds have no captions, and asking them for retrieval is an error.
 Shards are read as training reads them (clipjob.data.shards.read_tar_samples): bad samples and unreadable shards
-are skipped and counted by reason (`bad_samples_by_reason` in the result); accuracy is over the good images.
+are skipped and counted by reason (`bad_samples_by_reason` in the result); so are a folder's files that do not
+decode (corrupt_image, image_too_large, as training decodes them). Accuracy is over the good images alone; a set
+with none is a one-line error.
 """
 
 from __future__ import annotations
@@ -61,7 +63,19 @@ class EvalSet:
     retrieval: bool = False  # the dataset yields captions: image<->text recall@K is computed
 
 
+@dataclass(frozen=True)
+class Skipped:
+    """What an eval set yields instead of a bad image (a folder's file, a shard's sample) or an unreadable
+    shard: counted by reason, not evaluated."""
+
+    reason: str  # BadSample / shard reasons, as in training (corrupt_image, truncated_shard, ...)
+    count: int = 1
+
+
 class FolderImages(Dataset):
+    """The image files of an ImageFolder layout; item i is (image tensor, label), or `Skipped(reason)` when the
+    file is not an image that decodes (corrupt_image, image_too_large: the reasons training counts)."""
+
     def __init__(self, files: list[tuple[str, int]], transform: Callable, size: int):
         self.files, self.transform, self.size = files, transform, size
 
@@ -73,16 +87,8 @@ class FolderImages(Dataset):
         try:
             img = decode_image({"jpg": fs.read_bytes(path)}, self.size)
         except BadSample as e:
-            raise ClipjobError(f"{path}: {e.reason}") from None
+            return Skipped(e.reason)
         return self.transform(img), label
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """What a shard eval set yields instead of a bad sample or an unreadable shard: counted, not evaluated."""
-
-    reason: str  # BadSample / shard reasons, as in training (corrupt_image, truncated_shard, ...)
-    count: int = 1
 
 
 class ShardImages(IterableDataset):
@@ -336,6 +342,7 @@ def evaluate(model, tokenizer, es: EvalSet, device: torch.device, batch_size: in
             check_stop()
         bad.update(skipped)
         if images is None:
+            meter.update(n + sum(bad.values()), sum(skipped.values()))
             continue
         with amp:
             f = model.encode_image(to_unit_float(images.to(device))).float()
@@ -346,10 +353,13 @@ def evaluate(model, tokenizer, es: EvalSet, device: torch.device, batch_size: in
             feats.append(f)
             captions.extend(caps)
         n += images.shape[0]
-        meter.update(n, images.shape[0])
+        meter.update(n + sum(bad.values()), images.shape[0] + sum(skipped.values()))  # skipped ones are done too
     meter.close()
+    if n == 0 and bad:
+        raise ClipjobError(f"{es.name}: no image could be evaluated, all {sum(bad.values())} skipped "
+                           f"({_skipped_text(bad)}): check the files")
     if n == 0:
-        raise ClipjobError(f"{es.name}: no images found" + (f" ({_skipped_text(bad)} skipped)" if bad else ""))
+        raise ClipjobError(f"{es.name}: no images found")
     r = {"data": es.name, "images": n, **(_classification(es, hits, n) if W is not None else {})}
     if es.retrieval:
         with amp:

@@ -1,5 +1,6 @@
 """eval/zeroshot.py: progress lines in a pod's log (no terminal) while evaluating; shards read through the
-training reader, bad samples and broken shards skipped and counted."""
+training reader, bad samples and broken shards skipped and counted; a folder's files that do not decode skipped
+and counted likewise."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from shard_samples import bad_image_files, jpeg
 from PIL import Image
 from torch.utils.data import TensorDataset
 
 from clipjob.data.transforms import eval_transform
 from clipjob.datasets.writer import ShardWriter
-from clipjob.eval.zeroshot import EvalSet, ShardImages, _cls_label, evaluate, format_result
+from clipjob.errors import ClipjobError
+from clipjob.eval.zeroshot import EvalSet, ShardImages, _cls_label, build_eval_set, evaluate, format_result
 from clipjob.model import build_model, build_tokenizer
+
 
 def test_should_print_progress_lines_with_an_eta_when_no_terminal_is_attached(capsys, tiny_cfg):
     cfg = tiny_cfg("model.text.context_length=16")
@@ -72,3 +76,72 @@ def test_should_skip_and_count_bad_samples_and_score_the_good_ones_when_eval_sha
     assert (r["images"], r["top1"], r["top5"]) == (want["images"], want["top1"], want["top5"]) and r["images"] == 5
     assert want["bad_samples"] == 0 and "skipped" not in format_result(want)
     assert format_result(r).splitlines()[0].endswith("; skipped: corrupt_image 1, truncated_shard 1")
+
+
+def _image_folder(root: Path, bad: dict[str, bytes]) -> str:
+    """3 classes x 4 good JPEGs; `bad` maps CLASS/NAME to the bytes of a file that is not a decodable image."""
+    for c, cls in enumerate(("blue", "green", "red")):
+        (root / cls).mkdir(parents=True)
+        for i in range(4):
+            (root / cls / f"{i}.jpg").write_bytes(jpeg(4 * c + i))
+    for name, data in bad.items():
+        (root / name).write_bytes(data)
+    return str(root)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_should_skip_and_count_bad_files_and_score_the_good_ones_when_a_folder_has_corrupt_images(tmp_path, workers,
+                                                                                                  tiny_cfg):
+    """A truncated JPEG, random bytes and a 0-byte file named .jpg, and a decompression bomb, in DataLoader
+    workers: counted by reason (the reasons training counts), and top-1/top-5 and the image count are those of
+    the same folder without them. Batches of 2 over the sorted files: green's 3 bad files make one batch of
+    bad files only and one mixed batch, red's bomb another mixed batch."""
+    files = bad_image_files()
+    bad = {f"green/4_{n}": data for n, (data, _) in files.items() if n != "bomb.png"}
+    bad["red/4_bomb.png"] = files["bomb.png"][0]
+    dirty, clean = _image_folder(tmp_path / "dirty", bad), _image_folder(tmp_path / "clean", {})
+    cfg = tiny_cfg("model.text.context_length=16")
+    torch.manual_seed(0)
+    model, tok = build_model(cfg.model), build_tokenizer(cfg.model)
+
+    def run(root: str) -> dict:
+        es = build_eval_set(f"folder:{root}", cfg.model.vision.image_size, cfg.model.vision.family)
+        return evaluate(model, tok, es, torch.device("cpu"), batch_size=2, workers=workers, progress=False)
+
+    r, want = run(dirty), run(clean)
+    assert r["bad_samples_by_reason"] == {"corrupt_image": 3, "image_too_large": 1} and r["bad_samples"] == 4
+    assert (r["images"], r["top1"], r["top5"]) == (want["images"], want["top1"], want["top5"]) and r["images"] == 12
+    assert want["bad_samples"] == 0 and want["bad_samples_by_reason"] == {}
+    assert want["top1"] > 0  # hits to divide: over 16 files instead of 12 images the top-1 would differ
+    assert format_result(r).splitlines()[0].endswith("; skipped: corrupt_image 3, image_too_large 1")
+    assert "over 3 classes, 12 images" in format_result(r)
+
+
+def test_should_raise_one_line_naming_the_reasons_when_every_image_of_a_folder_is_bad(tmp_path, tiny_cfg):
+    root = tmp_path / "all-bad"
+    for cls, name in (("cat", "truncated.jpg"), ("dog", "empty.jpg"), ("dog", "bomb.png")):
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        (root / cls / name).write_bytes(bad_image_files()[name][0])
+    cfg = tiny_cfg("model.text.context_length=16")
+    model, tok = build_model(cfg.model), build_tokenizer(cfg.model)
+    es = build_eval_set(f"folder:{root}", cfg.model.vision.image_size, cfg.model.vision.family)
+    with pytest.raises(ClipjobError) as e:
+        evaluate(model, tok, es, torch.device("cpu"), batch_size=2, workers=1, progress=False)
+    assert str(e.value) == (f"folder:{root}: no image could be evaluated, all 3 skipped (corrupt_image 2, "
+                            "image_too_large 1): check the files")
+
+
+def test_should_yield_skipped_with_the_reason_when_an_imagenet_folder_holds_a_bad_file(tmp_path):
+    """imagenet: folders go through the same FolderImages (full-size decode): a bad file is a counted skip."""
+    from clipjob.eval.imagenet_meta import imagenet_wnids
+
+    wnids = imagenet_wnids()
+    for w in wnids:
+        (tmp_path / w).mkdir()
+    (tmp_path / wnids[3] / "a.JPEG").write_bytes(jpeg(0))
+    for name, (data, _) in bad_image_files().items():
+        (tmp_path / wnids[5] / name).write_bytes(data)
+    ds = build_eval_set(f"imagenet:{tmp_path}", 32, "corenet").dataset
+    items = [ds[i] for i in range(len(ds))]
+    assert items[0][1] == 3 and items[0][0].shape == (3, 32, 32)
+    assert [x.reason for x in items[1:]] == [bad_image_files()[n][1] for n in sorted(bad_image_files())]
