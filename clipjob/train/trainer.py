@@ -374,6 +374,7 @@ def run(cfg: Config, stop: StopFlag, saver: CheckpointSaver) -> TrainState:
     metrics = MetricsLogger(cfg.storage.run_dir, d.is_main, cfg.train.steps, state.step)
     peak = peak_flops(d.device, cfg.train.precision, cfg.train.peak_flops) if d.is_main else 0.0
     speed = Throughput(d.world_size, peak)
+    augment = Augment.of(cfg.data)  # data.decode=gpu runs it on the device
     last_save, saved = time.monotonic(), state.step  # (the step resumed from is committed; step 0 has nothing)
     parts.model.train()
     while state.step < cfg.train.steps:
@@ -392,7 +393,7 @@ def run(cfg: Config, stop: StopFlag, saver: CheckpointSaver) -> TrainState:
                 print(f"stop requested{waited}: saved step {state.step}, exiting" if state.step
                       else f"stop requested{waited}: nothing to save at step 0, exiting", flush=True)
             break
-        batch = materialize(batch, d.device, Augment.of(cfg.data))  # data.decode=gpu: JPEGs decoded here
+        batch = materialize(batch, d.device, augment)  # data.decode=gpu: JPEGs decoded here
         images = to_unit_float(batch.images)  # uint8 over the wire, float here
         tokens = trim_padding(batch.tokens) if cfg.model.text.trim_padding else batch.tokens
         tokens = tokens.to(d.device, non_blocking=True)
