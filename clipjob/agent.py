@@ -21,6 +21,7 @@ CLIPJOB_RUN_DIR): the newest committed step, which is where the next start resum
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import sys
@@ -38,6 +39,7 @@ def main() -> int:
     # torch's default, reusing the agent's store across rounds, deadlocks when a replaced node joins: the
     # host never republishes MASTER_ADDR for the new round (docs/distributed.md, "Losing a node").
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # as the workers: stacks on stderr, goes on
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import faulthandler
 import os
+import signal
 import sys
 from typing import Annotated, Optional
 
@@ -238,6 +240,8 @@ def main() -> None:
     from clipjob.hostmem import tune_malloc
 
     tune_malloc()  # before any tensor: freed host buffers stay mapped (clipjob/hostmem.py)
+    # a process that seems stuck: `kill -USR1 PID` prints every thread's Python stack to stderr; it goes on
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         app()
     except ClipjobError as e:  # one line, and the exit code its kind maps to (clipjob/errors.py)

@@ -37,6 +37,7 @@ T = TypeVar("T")
 
 BACKOFF_S = float(os.environ.get("CLIPJOB_FS_BACKOFF", "0.5"))  # first pause between attempts; doubles
 MAX_BACKOFF_S = 5.0
+UPLOAD_FLOOR_BPS = 8 << 20  # an upload slower than this may be cut off at the bound (see `retry`)
 STREAM_BLOCK = 4 << 20  # bytes per range request of a streamed shard; one more block is fetched ahead
 
 
@@ -180,17 +181,22 @@ def describe(e: BaseException, url: str) -> str:
 
 
 def retry(fn: Callable[[], T], url: str, stall_s: float | None = None, setting: str | None = None,
-          interruptible: bool = False) -> T:
+          interruptible: bool = False, nbytes: int = 0) -> T:
     """Run fn, retrying transient storage errors with jittered exponential backoff while storage keeps failing
     for less than `stall_s` (default: the process's bound), then a RetryableError naming the URL; permanent
     errors are a ClipjobError at once. Once the process is asked to stop, waits end after the stop grace, or at
-    once (StopWaiting) when `interruptible`."""
+    once (StopWaiting) when `interruptible`.
+
+    One call that never returns counts as storage not answering: request timeouts do not cover every case (an
+    upload to a server that accepts the connection and never reads has no timeout in aiohttp), so each attempt
+    ends at the bound, or for an upload of `nbytes` after the time it takes at UPLOAD_FLOOR_BPS if longer."""
     bound = _waits.stall_s if stall_s is None else stall_s
     first_failure, attempt = None, 0
     while True:
         began = time.monotonic()
+        limit = max((first_failure or began) + bound - began, nbytes / UPLOAD_FLOOR_BPS)
         try:
-            return _call(fn, interruptible)
+            return _call(fn, interruptible, began + limit)
         except (ClipjobError, StopWaiting):
             raise
         except Exception as e:  # noqa: BLE001 - classified below
@@ -212,12 +218,10 @@ class NoAnswer(TimeoutError):
     """A storage call still running when the stop grace ran out; left to finish (or not) in its thread."""
 
 
-def _call(fn: Callable[[], T], interruptible: bool) -> T:
-    """fn(), in a daemon thread when a stop check is set, so that a request the server never answers (up to
-    its read timeout, 60 s) cannot hold the process past the stop grace. The grace ends every call still
-    running then, slow or hung: past it the agent's SIGKILL would end it anyway."""
-    if _waits.stop is None:
-        return fn()
+def _call(fn: Callable[[], T], interruptible: bool, deadline: float) -> T:
+    """fn(), in a daemon thread, so that a request the server never answers cannot hold the process past
+    `deadline` (monotonic) or the stop grace: both end every call still running then, slow or hung (left to
+    finish or not in its thread; past the grace the agent's SIGKILL would end it anyway)."""
     box: dict[str, Any] = {}
     done = threading.Event()
 
@@ -234,8 +238,8 @@ def _call(fn: Callable[[], T], interruptible: bool) -> T:
         stop_at = _stop_deadline()
         if interruptible and stop_at < math.inf:
             raise StopWaiting()
-        if time.monotonic() >= stop_at:
-            raise NoAnswer("still no answer")
+        if time.monotonic() >= min(stop_at, deadline):
+            raise NoAnswer("no answer to the request")
     if "error" in box:
         raise box["error"]
     return box["value"]
@@ -380,7 +384,7 @@ def write_bytes(url: str, data: bytes) -> None:
         os.replace(tmp, path)
         return
     fs, path = get_fs(url)
-    retry(lambda: fs.pipe_file(path, data), url)
+    retry(lambda: fs.pipe_file(path, data), url, nbytes=len(data))
 
 
 def write_text(url: str, text: str) -> None:

@@ -77,10 +77,6 @@ def test_should_continue_training_when_storage_comes_back_within_the_bound(proxy
     assert "Traceback" not in r.output and "error:" not in r.output, r.output
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "2026-12-03: fails in fresh venvs (3 of 3 runs, also at 23b442e, which passed CI on 12-02): after the hold the "
-    "2-rank run never exits within 90 s; a single held S3 read still ends in RetryableError after 8 s (bound 6 s), "
-    "so the hang is past clipjob.fs (suspect: a dependency version newer than CI's last pass); open in the notes"))
 def test_should_exit_retryable_naming_the_url_when_the_outage_outlasts_the_bound(proxy, shards, s3_bucket):
     """(b) Storage stops answering for good after step 2 is committed, bounds 6 s: one line naming the URL
     that stalled, exit 203 (retryable), within the bound plus a request timeout and a step; step 2 intact."""

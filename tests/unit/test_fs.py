@@ -235,6 +235,46 @@ def test_should_give_up_a_hung_call_within_the_stop_grace_when_the_process_is_as
         fs.retry(lambda: time.sleep(30), "s3://b/shard.tar", interruptible=True)
 
 
+def test_should_raise_a_retryable_error_when_an_upload_gets_no_answer_within_the_bound(s3_server, s3_bucket,
+                                                                                      monkeypatch):
+    """A PUT to a server that accepts the connection and never answers has no timeout in aiohttp (a checkpoint
+    save hung there for good): the attempt ends at the bound like any other outage. Once storage answers again,
+    the next write goes through."""
+    from s3proxy import S3Proxy
+
+    monkeypatch.setattr(fs, "_waits", fs._Waits())
+    fs.configure(3, "storage.stall_timeout_s")
+    proxy = S3Proxy(s3_server.port).start()
+    url = f"{s3_bucket}/run/checkpoints/step-00000004/model.safetensors"
+    try:
+        apply_env({**s3_server.env(), "AWS_ENDPOINT_URL_S3": proxy.endpoint})
+        proxy.pause("hold")
+        t0 = time.monotonic()
+        with pytest.raises(RetryableError) as e:
+            fs.write_bytes(url, os.urandom(256 << 10))
+        took = time.monotonic() - t0
+        proxy.resume()
+        fs.write_bytes(url, b"after")
+    finally:
+        proxy.close()
+        apply_env(s3_server.env())
+    assert one_line(e.value).startswith(f"{url}: storage did not answer for 3 s"), one_line(e.value)
+    assert 3 <= took < 3 + 0.25 + 0.5, took  # the bound, polled every 0.25 s
+    assert fs.read_bytes(url) == b"after"
+
+
+def test_should_let_a_large_upload_run_past_the_bound_at_the_floor_rate(monkeypatch):
+    """The per-attempt cut-off grows with the bytes sent (UPLOAD_FLOOR_BPS), so a slow but moving upload of a
+    big checkpoint is not mistaken for an outage; a call past that allowance is cut off."""
+    monkeypatch.setattr(fs, "_waits", fs._Waits())
+    monkeypatch.setattr(fs, "UPLOAD_FLOOR_BPS", 1 << 20)
+    assert fs.retry(lambda: time.sleep(0.8) or "done", "s3://b/k", stall_s=0.3, nbytes=2 << 20) == "done"
+    t0 = time.monotonic()
+    with pytest.raises(RetryableError):
+        fs.retry(lambda: time.sleep(30), "s3://b/k", stall_s=0.3, nbytes=1 << 20)
+    assert 1.0 <= time.monotonic() - t0 < 1.0 + 0.6
+
+
 def test_should_stream_objects_in_block_sized_range_requests_when_reading_a_shard(s3_server, s3_bucket):
     """fsspec.open(block_size=4MB) is a filesystem option that s3fs ignores: it fetched 50 MiB per GET. The
     stream asks for exactly one block per GET, one block ahead (counted at a proxy in front of the server)."""
