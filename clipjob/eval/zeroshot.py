@@ -37,7 +37,7 @@ from clipjob.data.decode import BadSample, decode_caption, decode_image
 from clipjob.data.pipeline import lower_priority
 from clipjob.data.shards import read_tar_samples
 from clipjob.data.transforms import eval_transform, to_unit_float
-from clipjob.errors import ClipjobError
+from clipjob.errors import ClipjobError, RetryableError
 from clipjob.eval.retrieval import format_retrieval, retrieval_result
 from clipjob.hostmem import restore_malloc
 from clipjob.model.tokenizer import trim_padding
@@ -74,7 +74,9 @@ class Skipped:
 
 class FolderImages(Dataset):
     """The image files of an ImageFolder layout; item i is (image tensor, label), or `Skipped(reason)` when the
-    file is not an image that decodes (corrupt_image, image_too_large: the reasons training counts)."""
+    file is not an image that decodes (corrupt_image, image_too_large: the reasons training counts) or cannot be
+    read at all (unreadable_file: permissions, a dangling link, a folder named like an image). Storage that does
+    not answer is not skipped: its RetryableError ends the eval."""
 
     def __init__(self, files: list[tuple[str, int]], transform: Callable, size: int):
         self.files, self.transform, self.size = files, transform, size
@@ -86,6 +88,10 @@ class FolderImages(Dataset):
         path, label = self.files[i]
         try:
             img = decode_image({"jpg": fs.read_bytes(path)}, self.size)
+        except RetryableError:
+            raise
+        except ClipjobError:  # one file that cannot be read: fs.describe said why; counted like a bad image
+            return Skipped("unreadable_file")
         except BadSample as e:
             return Skipped(e.reason)
         return self.transform(img), label

@@ -4,6 +4,7 @@ and counted likewise."""
 
 from __future__ import annotations
 
+import os
 import io
 import random
 from pathlib import Path
@@ -145,3 +146,17 @@ def test_should_yield_skipped_with_the_reason_when_an_imagenet_folder_holds_a_ba
     items = [ds[i] for i in range(len(ds))]
     assert items[0][1] == 3 and items[0][0].shape == (3, 32, 32)
     assert [x.reason for x in items[1:]] == [bad_image_files()[n][1] for n in sorted(bad_image_files())]
+
+
+def test_should_skip_and_count_a_file_that_cannot_be_read_at_all_when_evaluating_a_folder(tmp_path):
+    """A dangling link and a folder named like an image are listed but cannot be read: each is skipped as
+    unreadable_file, like a corrupt image, and the readable image is still evaluated (as root, permissions
+    cannot make a file unreadable, so these two stand in for them)."""
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "cat" / "a.jpg").write_bytes(jpeg(0))
+    (tmp_path / "cat" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "cat" / "folder.jpg").mkdir()
+    ds = build_eval_set(f"folder:{tmp_path}", 32, "corenet").dataset
+    items = {os.path.basename(ds.files[i][0]): ds[i] for i in range(len(ds))}
+    assert items["a.jpg"][0].shape == (3, 32, 32)
+    assert items["gone.png"].reason == "unreadable_file" and items["folder.jpg"].reason == "unreadable_file", items
