@@ -6,7 +6,7 @@ concepts in the left-out style. Mean of the seeds given. Noto Color Emoji is nev
     .venv/bin/python bench/loso.py                                   # both styles, seeds 0 1 (~30 min, 2 cores)
     .venv/bin/python bench/loso.py --styles openmoji --seeds 0 --set data.grayscale_p=0.2
 
-Writes bench/results/loso.json and prints a markdown table (top-1 / top-5 beside chance).
+Writes bench/results/loso.json (`--out NAME`: NAME.json) and prints a markdown table (top-1 / top-5 beside chance).
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--preset", default="tiny-cpu")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra --set for training")
+    ap.add_argument("--out", default="loso", help="Result name under bench/results/ (e.g. loso-resnet: a variant's "
+                    "rows beside the demo's, not over them)")
     a = ap.parse_args()
     TMP.mkdir(parents=True, exist_ok=True)
     log = TMP / "loso.log"
@@ -84,7 +86,7 @@ def main() -> None:
             rows.append(one(style, seed, sets, a.preset, log))
             print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
-    write_result("loso", {"machine": machine_info(), "preset": a.preset, "sets": a.sets, "rows": rows,
+    write_result(a.out, {"machine": machine_info(), "preset": a.preset, "sets": a.sets, "rows": rows,
                           "table": table(rows)})
 
 
