@@ -5,6 +5,7 @@ concepts in the left-out style. Mean of the seeds given. Noto Color Emoji is nev
 
     .venv/bin/python bench/loso.py                                   # both styles, seeds 0 1 (~30 min, 2 cores)
     .venv/bin/python bench/loso.py --styles openmoji --seeds 0 --set data.grayscale_p=0.2
+    .venv/bin/python bench/loso.py --data-styles twemoji,openmoji,fluent,glyph --out loso-fluent
 
 Writes bench/results/loso.json (`--out NAME`: NAME.json) and prints a markdown table (top-1 / top-5 beside chance).
 """
@@ -34,10 +35,14 @@ def clipjob(*args: str, log: Path) -> None:
         raise SystemExit(f"clipjob {' '.join(args[:2])} failed (exit {r.returncode}); see {log}")
 
 
-def one(style: str, seed: int, sets: list[str], preset: str, log: Path) -> dict:
-    data = TMP / f"loso-{style}"
+DEFAULT_DATA_STYLES = "twemoji,openmoji,glyph"
+
+
+def one(style: str, seed: int, sets: list[str], preset: str, log: Path, data_styles: str = DEFAULT_DATA_STYLES) -> dict:
+    tag = "" if data_styles == DEFAULT_DATA_STYLES else "-" + data_styles.replace(",", "-")
+    data = TMP / f"loso-{style}{tag}"
     if not (data / "dataset.json").exists():
-        clipjob("data", "emoji", "--out", str(data), "--leave-out", style, log=log)
+        clipjob("data", "emoji", "--out", str(data), "--leave-out", style, "--styles", data_styles, log=log)
     run = TMP / f"loso-{style}-seed{seed}"
     subprocess.run(["rm", "-rf", str(run)], check=True)
     t0 = time.monotonic()
@@ -48,7 +53,7 @@ def one(style: str, seed: int, sets: list[str], preset: str, log: Path) -> dict:
     args = [a for _, spec in SETS for a in ("--data", spec.format(d=data))]
     clipjob("eval", "zeroshot", "--checkpoint", str(run), *args, "--out", str(out), log=log)
     results = json.loads(out.read_text())  # one result per --data, in order
-    return {"style": style, "seed": seed, "train_s": round(train_s, 1),
+    return {"style": style, "seed": seed, "data_styles": data_styles, "train_s": round(train_s, 1),
             "sets": {name: {k: r[k] for k in ("top1", "top5", "classes")} for (name, _), r in zip(SETS, results)}}
 
 
@@ -73,17 +78,19 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--preset", default="tiny-cpu")
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra --set for training")
+    ap.add_argument("--data-styles", default=DEFAULT_DATA_STYLES,
+                    help="styles of the dataset (clipjob data emoji --styles); the left-out one is evaluated only")
     ap.add_argument("--out", default="loso", help="Result name under bench/results/ (e.g. loso-resnet: a variant's "
                     "rows beside the demo's, not over them)")
     a = ap.parse_args()
     TMP.mkdir(parents=True, exist_ok=True)
-    log = TMP / "loso.log"
+    log = TMP / f"{a.out}.log"
     log.write_text("")
     sets = [x for s in a.sets for x in ("--set", s)]
     rows = []
     for style in a.styles:
         for seed in a.seeds:
-            rows.append(one(style, seed, sets, a.preset, log))
+            rows.append(one(style, seed, sets, a.preset, log, a.data_styles))
             print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
     write_result(a.out, {"machine": machine_info(), "preset": a.preset, "sets": a.sets, "rows": rows,

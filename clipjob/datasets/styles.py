@@ -8,6 +8,9 @@
   solid/regular, Remix, Codicons, Elusive; SIL OFL / Apache 2.0 / MIT): thousands of concepts with names.
 - `symbols`: the other pictographic code points of DejaVu Sans (arrows, geometric shapes, technical and
   miscellaneous symbols, dingbats), named by `unicodedata`.
+- `fluent`: Microsoft's Fluent Emoji in three drawings per concept (flat, modern with gradients, high-contrast
+  line art), MIT, from the npm package `fluentui-emoji` (fetched once with `npm pack` into the cache, see
+  `fluent_dir`), matched to the emoji concepts by name: a third emoji style.
 
 Noto Color Emoji, in any form, is the project's reserved test style: no source here reads it.
 qtawesome and matplotlib are never imported (that would need Qt / be slow): their files are found by
@@ -19,7 +22,12 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import os
 import re
+import shutil
+import subprocess
+import tarfile
+import tempfile
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -167,4 +175,68 @@ def symbol_pictures(size: int, skip: set[int]) -> list[Named]:
             png = _glyph(font, chr(cp), size)
             if png is not None:
                 out.append(Named(name, f"U+{cp:04X}", png))
+    return out
+
+
+FLUENT_PACKAGE, FLUENT_VERSION = "fluentui-emoji", "1.3.0"
+FLUENT_VARIANTS = ("flat", "modern", "high-contrast")  # the first is a concept's primary picture
+SKIN_TONES = ("-medium-dark", "-medium-light", "-dark", "-light", "-medium")
+
+
+def fluent_dir() -> Path:
+    """The unpacked npm package: $CLIPJOB_FLUENT_DIR, else the cache (~/.cache/clipjob or $XDG_CACHE_HOME),
+    filled once by `npm pack fluentui-emoji@1.3.0` (the npm client; nothing else reaches the registry)."""
+    given = os.environ.get("CLIPJOB_FLUENT_DIR")
+    if given:
+        root = Path(given)
+        if not (root / "icons" / FLUENT_VARIANTS[0]).is_dir():
+            raise ClipjobError(f"CLIPJOB_FLUENT_DIR={given}: no icons/{FLUENT_VARIANTS[0]}/ inside (expected the "
+                               f"unpacked {FLUENT_PACKAGE} npm package)")
+        return root
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipjob"
+    root = cache / f"{FLUENT_PACKAGE}-{FLUENT_VERSION}"
+    if (root / "icons" / FLUENT_VARIANTS[0]).is_dir():
+        return root
+    npm = shutil.which("npm")
+    if npm is None:
+        raise ClipjobError(f"the fluent style needs npm to fetch the {FLUENT_PACKAGE} package once (apt-get install "
+                           f"npm), or CLIPJOB_FLUENT_DIR set to an unpacked copy")
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:
+        r = subprocess.run([npm, "pack", f"{FLUENT_PACKAGE}@{FLUENT_VERSION}", "--silent", "--pack-destination", tmp],
+                           capture_output=True, text=True)
+        tgz = next(Path(tmp).glob("*.tgz"), None)
+        if r.returncode or tgz is None:
+            why = (r.stderr.strip().splitlines() or ["no tarball"])[-1]
+            raise ClipjobError(f"npm pack {FLUENT_PACKAGE}@{FLUENT_VERSION} failed: {why}")
+        with tarfile.open(tgz) as tar:
+            tar.extractall(tmp, filter="data")  # refuses links out of the folder, absolute paths, devices
+        os.replace(Path(tmp) / "package", root)  # atomic: a half-unpacked copy is never found
+    return root
+
+
+def fluent_pictures(owner: dict[str, str], size: int) -> dict[str, list[tuple[str, bytes]]]:
+    """Emoji concept name -> [(source, PNG)] in Fluent's drawings (flat first), for the files whose normalised
+    name is a concept's name or alias (`owner`: normalised name -> concept). People come in their default skin
+    tone ("baby-default" is baby); the other tones are left out."""
+    try:
+        import resvg_py
+    except ModuleNotFoundError:
+        raise ClipjobError("resvg-py is not installed (pip install 'clipjob[emoji]'); it draws the Fluent SVGs") from None
+    from clipjob.datasets.emoji import _norm
+
+    root = fluent_dir() / "icons"
+    out: dict[str, list[tuple[str, bytes]]] = {}
+    for variant in FLUENT_VARIANTS:
+        stems = {f.stem: f for f in (root / variant).glob("*.svg")}
+        for stem, f in sorted(stems.items()):
+            base = stem.removesuffix("-default")
+            if base == stem and any(stem.endswith(t) and f"{stem[:-len(t)]}-default" in stems for t in SKIN_TONES):
+                continue  # another skin tone of a person drawn in its default tone
+            name = owner.get(_norm(base))
+            if name is None:
+                continue
+            png = bytes(resvg_py.svg_to_bytes(svg_path=str(f), width=size, height=size, skip_system_fonts=True))
+            with Image.open(io.BytesIO(png)) as im:
+                out.setdefault(name, []).append((f"fluent-{variant}:{stem}", png_bytes(on_white(im.convert("RGBA"), size))))
     return out

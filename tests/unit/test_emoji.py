@@ -14,7 +14,7 @@ from clipjob import fs
 from clipjob.data.manifest import read_manifest
 from clipjob.datasets.emoji import _norm, _twemoji_dir, load_concepts, render, split_concepts
 from clipjob.datasets.emoji_build import STYLES, build_emoji_dataset
-from clipjob.datasets.styles import icon_name
+from clipjob.datasets.styles import FLUENT_VARIANTS, SKIN_TONES, icon_name
 from clipjob.errors import ClipjobError
 
 CAPTIONS = 4
@@ -81,7 +81,7 @@ def test_should_keep_heldout_concepts_out_of_every_training_style_and_source(bui
 def test_should_leave_the_left_out_style_out_of_training_and_evaluate_it_under_unseen(built):
     out, summary, data = built
     styles = {s["json"]["style"] for s in data[""]}
-    assert styles == {"twemoji", "glyph", "icons", "symbols"} == set(summary["train_styles"])
+    assert styles == {"twemoji", "fluent", "glyph", "icons", "symbols"} == set(summary["train_styles"])
     assert {s["json"]["style"] for s in data["unseen/heldout"] + data["unseen/seen_eval"]} == {"openmoji"}
     assert {s["json"]["style"] for s in data["heldout"] + data["seen_eval"]} == {"twemoji"}
     unseen_held = names(out, "unseen/heldout_concepts.json")
@@ -152,7 +152,7 @@ def test_should_store_rgb_images_of_the_requested_size(built):
     for s in data["heldout"] + data["unseen/heldout"] + data[""][:2000]:
         img = Image.open(io.BytesIO(s["png"]))
         assert (img.format, img.mode, img.size) == ("PNG", "RGB", (72, 72))
-        assert img.getpixel((0, 0)) == (255, 255, 255) or s["json"]["style"] == "twemoji"  # white, not black
+        assert img.getpixel((0, 0)) == (255, 255, 255) or s["json"]["style"] in ("twemoji", "fluent")  # white, not black (full-bleed squares and flags aside)
         assert img.getextrema() != ((255, 255),) * 3, s["json"]["source"]  # never blank
 
 
@@ -187,7 +187,7 @@ def test_should_match_manifests_and_summary(built):
     assert len(urls) > 4  # enough shards for 2 ranks x 2 workers
     assert sum(1 for _ in wds.WebDataset(urls, shardshuffle=False)) == summary["train_samples"]
     info = json.loads(fs.read_text(fs.join(out, "dataset.json")))
-    assert set(info["licenses"]) == {"twemoji", "openmoji", "glyph", "icons", "symbols"}
+    assert set(info["licenses"]) == {"twemoji", "openmoji", "fluent", "glyph", "icons", "symbols"}
     assert summary["seconds"] < 120 and json.dumps(summary)
 
 
@@ -216,3 +216,35 @@ def test_should_write_fewer_samples_of_named_sources_when_asked(tmp_path):
     concepts = {st: {x["json"]["concept"] for x in samples if x["json"]["style"] == st} for st in per_style}
     assert per_style["symbols"] == len(concepts["symbols"]) > 300  # one sample per named concept
     assert per_style["twemoji"] == 2 * len(concepts["twemoji"]) > 2500
+
+
+def test_should_draw_fluent_concepts_in_three_variants_matched_by_name_in_their_default_skin_tone(built):
+    """Fluent Emoji (npm fluentui-emoji) names its files, not code points: a file is a concept when its
+    normalised name is the concept's name or alias; people enter in the default tone only, every variant
+    (flat, modern, high-contrast) as a picture of the concept."""
+    _, summary, data = built
+    fluent = [s["json"] for s in data[""] if s["json"]["style"] == "fluent"]
+    concepts = {m["concept"] for m in fluent}
+    assert len(concepts) > 1000 and summary["train_samples_by_style"]["fluent"] == len(fluent)
+    variants = {m["source"].split(":")[0] for m in fluent}
+    assert variants == {f"fluent-{v}" for v in FLUENT_VARIANTS}, variants
+    stems = [m["source"].split(":", 1)[1] for m in fluent]
+    kept = set(stems)  # "baby-dark" never beside "baby-default" ("police-car-light" is no skin tone)
+    tones = [s for s in kept for t in SKIN_TONES if s.endswith(t) and f"{s[:-len(t)]}-default" in kept]
+    assert not tones and any(s.endswith("-default") for s in stems), tones[:5]
+    for m in fluent:  # the file's own name is the concept's (up to punctuation and the tone suffix) or an alias
+        assert _norm(m["source"].split(":", 1)[1].removesuffix("-default")) in {_norm(m["concept"]), *(
+            _norm(a) for a in ALIASES.get(m["concept"], ()))}, m
+
+
+ALIASES = {c.name: c.aliases for c in load_concepts(24)[0]}
+
+
+def test_should_name_the_missing_package_in_one_line_when_clipjob_fluent_dir_is_wrong(tmp_path, monkeypatch):
+    from clipjob.datasets.styles import fluent_dir
+
+    monkeypatch.setenv("CLIPJOB_FLUENT_DIR", str(tmp_path))
+    with pytest.raises(ClipjobError) as e:
+        fluent_dir()
+    assert str(e.value) == (f"CLIPJOB_FLUENT_DIR={tmp_path}: no icons/flat/ inside (expected the unpacked "
+                            "fluentui-emoji npm package)")
