@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 from clipjob import fs
@@ -139,10 +140,18 @@ class TensorBoard:
 
 
 class Throughput:
-    """Samples, FLOPs and data-wait time since the previous log line, turned into rates."""
+    """Samples, FLOPs and data-wait time since the previous log line, turned into rates.
 
-    def __init__(self, world_size: int, peak_flops: float):
+    `remeasure`: how to measure the peak again (the measured peaks of CPUs and unknown GPUs). A peak measured
+    while other processes held the cores reads low, and every MFU after it high (2.2 on a demo started beside a
+    test suite): a rate above the peak means exactly that, so the peak is measured again then (at most
+    MAX_REMEASURES times a run), the higher value kept, and the log says so."""
+
+    MAX_REMEASURES = 3
+
+    def __init__(self, world_size: int, peak_flops: float, remeasure: Callable[[], float] | None = None):
         self.world_size, self.peak = world_size, peak_flops
+        self.remeasure, self.remeasured = remeasure, 0
         self._reset()
 
     def _reset(self) -> None:
@@ -163,6 +172,13 @@ class Throughput:
                "step_time_s": dt / max(1, self.steps), "data_wait_frac": self.wait / dt,
                "tflops_per_device": self.flops / dt / 1e12,
                "mfu": self.flops / dt / self.peak if self.peak > 0 else None}
+        if out["mfu"] is not None and out["mfu"] > 1 and self.remeasure and self.remeasured < self.MAX_REMEASURES:
+            self.remeasured += 1
+            was, self.peak = self.peak, max(self.peak, self.remeasure())
+            print(f"mfu: {self.flops / dt / 1e12:.3g} TFLOP/s reached, above the peak measured at the start "
+                  f"({was / 1e12:.3g}: the machine was busier then); peak measured again: {self.peak / 1e12:.3g} "
+                  f"TFLOP/s", flush=True)
+            out["mfu"] = self.flops / dt / self.peak
         self._reset()
         return out
 

@@ -373,7 +373,8 @@ def run(cfg: Config, stop: StopFlag, saver: CheckpointSaver) -> TrainState:
     batches = iter(build_loader(cfg, d, state.step))
     metrics = MetricsLogger(cfg.storage.run_dir, d.is_main, cfg.train.steps, state.step)
     peak = peak_flops(d.device, cfg.train.precision, cfg.train.peak_flops) if d.is_main else 0.0
-    speed = Throughput(d.world_size, peak)
+    speed = Throughput(d.world_size, peak, remeasure=(lambda: peak_flops(d.device, cfg.train.precision))
+                       if d.is_main and not cfg.train.peak_flops else None)
     augment = Augment.of(cfg.data)  # data.decode=gpu runs it on the device
     last_save, saved = time.monotonic(), state.step  # (the step resumed from is committed; step 0 has nothing)
     parts.model.train()

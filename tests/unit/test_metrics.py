@@ -80,6 +80,26 @@ def test_should_turn_counts_into_rates_when_taken(monkeypatch):
     assert r["mfu"] == pytest.approx(0.4) and r["tflops_per_device"] == pytest.approx(0.4)
 
 
+def test_should_measure_the_peak_again_when_the_rate_exceeds_the_one_measured_at_the_start(monkeypatch, capsys):
+    """A peak measured while the cores were busy reads low: the first MFU above 1 measures it again (at most
+    MAX_REMEASURES times), keeps the higher value and says so; a rate below the peak measures nothing."""
+    clock = iter(range(0, 1000, 10))
+    monkeypatch.setattr("clipjob.train.metrics.time.monotonic", lambda: float(next(clock)))
+    peaks = iter([4e12, 1e12, 1e12, 1e12])
+    t = Throughput(world_size=1, peak_flops=1e12, remeasure=lambda: next(peaks))
+    t.stepped(8, 2e13)  # 2 TFLOP/s over 10 s: twice the peak of the start
+    r = t.take()
+    assert r["mfu"] == pytest.approx(0.5) and t.peak == 4e12 and t.remeasured == 1
+    assert "above the peak measured at the start (1: the machine was busier then); peak measured again: 4" in \
+        capsys.readouterr().out
+    t.stepped(8, 2e13)
+    assert t.take()["mfu"] == pytest.approx(0.5) and t.remeasured == 1  # below the new peak: nothing measured
+    for _ in range(Throughput.MAX_REMEASURES + 2):  # a FLOP count that overstates: measured a bounded number of times
+        t.stepped(8, 1e14)
+        t.take()
+    assert t.remeasured == Throughput.MAX_REMEASURES and t.peak == 4e12
+
+
 def test_should_use_the_configured_peak_or_measure_one():
     assert peak_flops(torch.device("cpu"), "bf16", configured=5e12) == 5e12
     assert peak_flops(torch.device("cpu"), "fp32") > 1e8
