@@ -211,7 +211,11 @@ def fluent_dir() -> Path:
             raise ClipjobError(f"npm pack {FLUENT_PACKAGE}@{FLUENT_VERSION} failed: {why}")
         with tarfile.open(tgz) as tar:
             tar.extractall(tmp, filter="data")  # refuses links out of the folder, absolute paths, devices
-        os.replace(Path(tmp) / "package", root)  # atomic: a half-unpacked copy is never found
+        try:
+            os.replace(Path(tmp) / "package", root)  # atomic: a half-unpacked copy is never found
+        except OSError:  # another process unpacked it first
+            if not (root / "icons" / FLUENT_VARIANTS[0]).is_dir():
+                raise
     return root
 
 

@@ -1,4 +1,5 @@
 import hashlib
+import shutil
 import io
 import json
 import tarfile
@@ -248,3 +249,20 @@ def test_should_name_the_missing_package_in_one_line_when_clipjob_fluent_dir_is_
         fluent_dir()
     assert str(e.value) == (f"CLIPJOB_FLUENT_DIR={tmp_path}: no icons/flat/ inside (expected the unpacked "
                             "fluentui-emoji npm package)")
+
+
+@pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed: the fluent style cannot be fetched")
+def test_should_fetch_fluent_once_with_npm_into_the_cache_and_reuse_it(tmp_path, monkeypatch):
+    """The real npm client and registry: `npm pack` into a fresh cache, unpacked whole; the second call finds
+    the copy without npm."""
+    from clipjob.datasets import styles
+
+    monkeypatch.delenv("CLIPJOB_FLUENT_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    root = styles.fluent_dir()
+    assert root == tmp_path / "clipjob" / "fluentui-emoji-1.3.0"
+    assert {v: len(list((root / "icons" / v).glob("*.svg"))) > 1500 for v in FLUENT_VARIANTS} == \
+        {v: True for v in FLUENT_VARIANTS}
+    assert [p.name for p in (tmp_path / "clipjob").iterdir()] == [root.name]  # no temp folder left behind
+    monkeypatch.setattr(styles.shutil, "which", lambda _: None)
+    assert styles.fluent_dir() == root
