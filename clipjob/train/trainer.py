@@ -370,9 +370,11 @@ def run(cfg: Config, stop: StopFlag, saver: CheckpointSaver) -> TrainState:
     parts = build_parts(cfg, d)
     state = restore(cfg, parts, d)
     net = wrap_model(parts.model, cfg, d)
+    # the peak before the loader starts: its workers fill the shuffle buffer at once, and a peak measured while
+    # they share the cores reads low (every MFU after it high)
+    peak = peak_flops(d.device, cfg.train.precision, cfg.train.peak_flops) if d.is_main else 0.0
     batches = iter(build_loader(cfg, d, state.step))
     metrics = MetricsLogger(cfg.storage.run_dir, d.is_main, cfg.train.steps, state.step)
-    peak = peak_flops(d.device, cfg.train.precision, cfg.train.peak_flops) if d.is_main else 0.0
     speed = Throughput(d.world_size, peak, remeasure=(lambda: peak_flops(d.device, cfg.train.precision))
                        if d.is_main and not cfg.train.peak_flops else None)
     augment = Augment.of(cfg.data)  # data.decode=gpu runs it on the device
