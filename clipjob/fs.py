@@ -215,7 +215,8 @@ def retry(fn: Callable[[], T], url: str, stall_s: float | None = None, setting: 
 
 
 class NoAnswer(TimeoutError):
-    """A storage call still running when the stop grace ran out; left to finish (or not) in its thread."""
+    """A storage call still running at its deadline (the bound, see `retry`) or when the stop grace ran out;
+    left to finish (or not) in its thread."""
 
 
 def _call(fn: Callable[[], T], interruptible: bool, deadline: float) -> T:

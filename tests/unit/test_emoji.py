@@ -1,7 +1,7 @@
 import hashlib
-import shutil
 import io
 import json
+import shutil
 import tarfile
 import unicodedata
 import uuid
@@ -233,12 +233,10 @@ def test_should_draw_fluent_concepts_in_three_variants_matched_by_name_in_their_
     kept = set(stems)  # "baby-dark" never beside "baby-default" ("police-car-light" is no skin tone)
     tones = [s for s in kept for t in SKIN_TONES if s.endswith(t) and f"{s[:-len(t)]}-default" in kept]
     assert not tones and any(s.endswith("-default") for s in stems), tones[:5]
+    aliases = {c.name: c.aliases for c in load_concepts(24)[0]}
     for m in fluent:  # the file's own name is the concept's (up to punctuation and the tone suffix) or an alias
         assert _norm(m["source"].split(":", 1)[1].removesuffix("-default")) in {_norm(m["concept"]), *(
-            _norm(a) for a in ALIASES.get(m["concept"], ()))}, m
-
-
-ALIASES = {c.name: c.aliases for c in load_concepts(24)[0]}
+            _norm(a) for a in aliases.get(m["concept"], ()))}, m
 
 
 def test_should_name_the_missing_package_in_one_line_when_clipjob_fluent_dir_is_wrong(tmp_path, monkeypatch):
