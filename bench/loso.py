@@ -38,12 +38,15 @@ def clipjob(*args: str, log: Path) -> None:
 DEFAULT_DATA_STYLES = "twemoji,openmoji,glyph"
 
 
-def one(style: str, seed: int, sets: list[str], preset: str, log: Path, data_styles: str = DEFAULT_DATA_STYLES) -> dict:
+def one(style: str, seed: int, sets: list[str], preset: str, log: Path, data_styles: str = DEFAULT_DATA_STYLES,
+        named: int = -1, out: str = "loso") -> dict:
     tag = "" if data_styles == DEFAULT_DATA_STYLES else "-" + data_styles.replace(",", "-")
+    tag += f"-named{named}" if named >= 0 else ""
     data = TMP / f"loso-{style}{tag}"
     if not (data / "dataset.json").exists():
-        clipjob("data", "emoji", "--out", str(data), "--leave-out", style, "--styles", data_styles, log=log)
-    run = TMP / f"loso-{style}{tag}-seed{seed}"
+        clipjob("data", "emoji", "--out", str(data), "--leave-out", style, "--styles", data_styles,
+                "--named-captions-per-concept", str(named), log=log)
+    run = TMP / f"{out}-{style}-seed{seed}"  # one per result name: variants never share a run dir
     subprocess.run(["rm", "-rf", str(run)], check=True)
     t0 = time.monotonic()
     clipjob("train", "--preset", preset, "--set", f"data.train={data}", "--set", f"train.seed={seed}",
@@ -80,6 +83,8 @@ def main() -> None:
     ap.add_argument("--set", dest="sets", action="append", default=[], help="extra --set for training")
     ap.add_argument("--data-styles", default=DEFAULT_DATA_STYLES,
                     help="styles of the dataset (clipjob data emoji --styles); the left-out one is evaluated only")
+    ap.add_argument("--named-captions", type=int, default=-1,
+                    help="training samples per icon / symbol concept (clipjob data emoji --named-captions-per-concept)")
     ap.add_argument("--out", default="loso", help="Result name under bench/results/ (e.g. loso-resnet: a variant's "
                     "rows beside the demo's, not over them)")
     a = ap.parse_args()
@@ -90,10 +95,11 @@ def main() -> None:
     rows = []
     for style in a.styles:
         for seed in a.seeds:
-            rows.append(one(style, seed, sets, a.preset, log, a.data_styles))
+            rows.append(one(style, seed, sets, a.preset, log, a.data_styles, a.named_captions, a.out))
             print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
-    write_result(a.out, {"machine": machine_info(), "preset": a.preset, "sets": a.sets, "rows": rows,
+    write_result(a.out, {"machine": machine_info(), "preset": a.preset, "sets": a.sets,
+                          "named_captions": a.named_captions, "rows": rows,
                           "table": table(rows)})
 
 

@@ -310,9 +310,11 @@ def iconify_pictures(style: str, owner: dict[str, str], size: int) -> dict[str, 
     for icon, spec in sorted(data["icons"].items()):
         if spec.get("hidden") or {"hFlip", "vFlip", "rotate"} & set(spec):
             continue
-        best = min((m for m in map(match, names_of[icon]) if m), default=None)
+        # the best kind of match; of equals, the icon's own name before its aliases ("upwards-button" is the
+        # concept upwards button, though its alias "up-button" is the name of the UP! button)
+        best = min(((m[0], i, m[1]) for i, m in enumerate(map(match, names_of[icon])) if m), default=None)
         if best is not None:
-            found.append((best[1], best[0], icon))
+            found.append((best[2], best[0], icon))
     out: dict[str, list[tuple[str, bytes]]] = {}
     for name, _, icon in sorted(found):
         spec = data["icons"][icon]
