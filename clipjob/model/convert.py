@@ -222,8 +222,12 @@ def infer_model_config(sd: Tensors, act: str = "gelu", vision_heads: int | None 
             mlp_ratio=sd["text.transformer.blocks.0.mlp.0.weight"].shape[0] / tw, act=act, ln_eps=1e-5)
         embed = sd["visual.proj"].shape[1]
     except KeyError as e:
-        raise ClipjobError(f"checkpoint has no {e.args[0]}: cannot tell its architecture "
-                           "(a MiniLM text tower needs its config.yaml)") from None
+        towers = [name for name, prefix in (("a ResNet image tower", "visual.stages."), ("a MiniLM text tower", "text.word."))
+                  if any(k.startswith(prefix) for k in sd)]
+        if towers:  # clipjob's own towers whose shapes do not spell out their config
+            raise ClipjobError(f"{' and '.join(towers)}: the architecture cannot be read from the weights alone; keep "
+                               f"the config.yaml clipjob writes beside model.safetensors") from None
+        raise ClipjobError(f"checkpoint has no {e.args[0]}: cannot tell its architecture") from None
     return ModelConfig(embed_dim=embed, vision=vision, text=text,
                        range_augment=any(k.startswith("image_augmentor.") for k in sd))
 

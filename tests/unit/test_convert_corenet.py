@@ -302,3 +302,22 @@ def test_should_take_the_text_heads_from_the_corenet_yaml_instead_of_guessing(tm
                               load_any_weights(str(tmp_path / "ckpt"), cfg)).eval()
     with torch.no_grad():
         assert (four.encode_text(tokens) - got).abs().max() > 1e-3  # the guess computed something else
+
+
+@pytest.mark.parametrize("text", ["minilm", "transformer"])
+def test_should_name_the_tower_that_needs_config_yaml_for_a_bare_resnet_checkpoint(tmp_path, text):
+    """clipjob's own ResNet image tower (and its MiniLM text tower) cannot be read back from shapes alone: a
+    bare model.safetensors says so, instead of blaming a missing ViT key."""
+    from safetensors.torch import save_file
+
+    from clipjob.config import resolve
+    from clipjob.model.clip import build_model
+
+    sets = ["model.text.kind=transformer", "model.text.width=64", "model.text.layers=1", "model.text.heads=2"]
+    cfg = resolve(PRESETS["tiny-cpu-resnet"], None, sets if text == "transformer" else [])
+    sd = {k: v.contiguous() for k, v in build_model(cfg.model, pretrained_text=False).state_dict().items()}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    towers = "a ResNet image tower" + (" and a MiniLM text tower" if text == "minilm" else "")
+    with pytest.raises(ClipjobError, match=rf"^\S+model.safetensors: {towers}: the architecture cannot be read from the weights alone; "
+                                           r"keep the config.yaml clipjob writes beside model.safetensors$"):
+        checkpoint_info(str(tmp_path / "model.safetensors"))
