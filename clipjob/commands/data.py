@@ -33,7 +33,7 @@ def data_emoji(out: Annotated[str, typer.Option(help="Output directory")],
                leave_out: Annotated[str, typer.Option(help="Emoji style kept out of training and evaluated under OUT/unseen: any emoji style above, or none")] = "openmoji",
                captions_per_concept: Annotated[int, typer.Option(help="Training samples per concept and style")] = 4,
                named_captions_per_concept: Annotated[int, typer.Option(help="Training samples per concept of the icons and symbols (-1: as --captions-per-concept)")] = -1) -> None:
-    """Build the embedded many-style dataset (emoji in Twemoji / OpenMoji / font glyphs, named icons and symbols)
+    """Build the embedded many-style dataset (emoji in up to eight emoji styles and font glyphs, named icons and symbols)
     as webdataset shards, with held-out concepts and a left-out style for zero-shot evaluation."""
     from clipjob.datasets.emoji_build import build_emoji_dataset
 

@@ -10,7 +10,8 @@ joins the red apple), so a held-out concept is held out of every style and every
 hash of the concept name (`split_concepts`), stable when sources grow.
 
 Styles: the emoji styles `twemoji`, `openmoji`, `fluent`, `emojione`, `emojione-v1`, `emojione-mono`, `fxemoji`,
-`streamline` (any one can be left out), then `glyph`, `icons`, `symbols` (see `clipjob.datasets.styles`). The left-out style enters no training sample; it is evaluated under `unseen/`.
+`streamline` (any one can be left out), then `glyph`, `icons`, `symbols` (see `clipjob.datasets.styles`). The
+left-out style enters no training sample; it is evaluated under `unseen/`.
 
 Layout under `out`:
     manifest.json, train-*.tar              captions_per_concept samples of every train concept in every training
