@@ -82,6 +82,7 @@ class DataConfig:
     background_p: float = F(0.0, "Probability that a training picture's white background becomes a random light colour (0 = off)")
     max_bad_fraction: float = F(0.1, "Stop with an error when more than this fraction of samples is bad")
     caption_key: str = F("txt", "Sample key holding the caption")
+    positives_key: str = F("", "A field of each sample's .json (e.g. concept): samples of one global batch that share its value are positives of each other's captions in the loss instead of negatives (multi-positive targets, as UniCL; for data with many samples per class, like the emoji demo). Samples without the field are their own group. '' = off: an image's own caption is its only positive, as in CLIP")
     worker_nice: int = F(0, "Niceness added to the training DataLoader workers (0 = the trainer's priority; on CPU-only training a higher value measured neutral)")
     multiscale: bool = F(False, "Multi-scale variable batch sampler: a (resolution, batch) per step, batch scaled by area")
     multiscale_sizes: list[int] = F([160, 192, 224, 256, 288, 320], "Resolutions of the multi-scale sampler")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import warnings
 
 from PIL import Image
@@ -31,6 +33,22 @@ def decode_caption(sample: dict, key: str = "txt") -> str:
     if not text:
         raise BadSample("empty_caption")
     return text
+
+
+def group_id(sample: dict, key: str) -> int | None:
+    """The int64 id of the sample's `.json` field `key` (data.positives_key), equal for equal values; None when
+    the sample has no JSON, the JSON does not parse or lacks the field (the sample is then its own group)."""
+    raw = sample.get("json")
+    if raw is None:
+        return None
+    try:
+        value = json.loads(raw).get(key)
+    except (ValueError, AttributeError):
+        return None
+    if value is None:
+        return None
+    digest = hashlib.blake2b(json.dumps(value, sort_keys=True).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little", signed=True)
 
 
 def open_image(data: bytes) -> Image.Image:

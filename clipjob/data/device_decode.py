@@ -162,11 +162,14 @@ def _replace_corrupt(batch, out: torch.Tensor, corrupt: list[int]):
         raise ClipjobError(f"data.train: none of a batch's {out.shape[0]} images decodes ({len(corrupt)} corrupt "
                            f"JPEGs); check the shards with `clipjob data inspect`")
     tokens = batch.tokens.clone()
+    groups = None if batch.groups is None else batch.groups.clone()
     for row in corrupt:
         src = max((r for r in good if r < row), default=good[0])
         out[row] = out[src]
         tokens[row] = tokens[src]
+        if groups is not None:
+            groups[row] = groups[src]
     bad = dict(batch.bad)
     bad["corrupt_image"] = bad.get("corrupt_image", 0) + len(corrupt)
     return dataclasses.replace(batch, images=out, tokens=tokens, bad=bad, replaced=batch.replaced + len(corrupt),
-                               jpegs=None)
+                               jpegs=None, groups=groups)

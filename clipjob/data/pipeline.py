@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from clipjob import fs
 from clipjob.config import DataConfig
-from clipjob.data.decode import BadSample, decode_caption, decode_image
+from clipjob.data.decode import BadSample, decode_caption, decode_image, group_id
 from clipjob.data.device_decode import EncodedJpegs, plan_jpeg
 from clipjob.data.shards import (Source, derive_seed, draw_shards, equal_size_note, parse_sources,
                                  read_tar_samples)
@@ -56,6 +56,7 @@ class Batch:
     bad: dict[str, int] = field(default_factory=dict)  # samples skipped since the previous batch, by reason
     jpegs: EncodedJpegs | None = None  # data.decode=gpu: the JPEG rows, still encoded (None: all in `images`)
     replaced: int = 0  # rows holding a copy of another row (a corrupt JPEG found on the device), also in `bad`
+    groups: torch.Tensor | None = None  # (B,) int64 with data.positives_key: equal ids are positives in the loss
 
 
 class ConstantSchedule:
@@ -76,7 +77,7 @@ class ShardStream(IterableDataset):
                  seed: int = 0, rank: int = 0, start_step: int = 0, shuffle_buffer: int = 1000,
                  rrc_scale: tuple[float, float] = (0.9, 1.0), caption_key: str = "txt",
                  augment: Augment = Augment(), batch_schedule: BatchSchedule | None = None,
-                 stall_s: float | None = None, decode: str = "cpu"):
+                 stall_s: float | None = None, decode: str = "cpu", positives_key: str = ""):
         if urls and isinstance(urls[0], str):
             urls = [Source("", tuple(urls), 1.0, None)]  # type: ignore[arg-type]
         self.sources: list[Source] = list(urls)  # type: ignore[arg-type]
@@ -85,6 +86,7 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer, self.rrc_scale, self.caption_key = shuffle_buffer, rrc_scale, caption_key
         self.augment = augment
         self.decode = decode  # "gpu": JPEGs travel encoded, with their crop box (device_decode)
+        self.positives_key = positives_key  # a .json field: samples sharing its value are positives (loss groups)
         self.crop = random_resized_crop(1, rrc_scale)  # draws decode=gpu's boxes (its size is not used)
         self.schedule = batch_schedule or ConstantSchedule(image_size, batch_size)
         self.n_shards = sum(len(s.urls) for s in self.sources)
@@ -115,7 +117,9 @@ class ShardStream(IterableDataset):
         hopeless = max(MIN_HOPELESS, 20 * self.n_shards)
         step = self.start_step + worker
         size, batch_size = self.schedule(step)
-        images, captions = [], []
+        images, captions, groups = [], [], []
+        # ids for samples without the field: distinct across ranks and workers (a 64-bit hash hits one with odds ~2^-40)
+        own = -(2**62) - (self.rank << 48) - (worker << 40)
         bad_before, bad_at_last_good = 0, 0  # bad counts of earlier batches; the total when last good
         for sample in samples:
             if sample:  # {} marks the end of a shard: no sample, but a chance to notice failing shards
@@ -123,6 +127,10 @@ class ShardStream(IterableDataset):
                     caption = decode_caption(sample, self.caption_key)
                     images.append(self._image(sample, size, transforms))
                     captions.append(caption)
+                    if self.positives_key:
+                        gid = group_id(sample, self.positives_key)
+                        own, gid = (own, gid) if gid is not None else (own + 1, own)
+                        groups.append(gid)
                     bad_at_last_good = bad_before + sum(bad.values())
                 except BadSample as e:
                     bad[e.reason] += 1
@@ -130,10 +138,13 @@ class ShardStream(IterableDataset):
                 raise ClipjobError(f"data.train: {hopeless} bad samples/shards in a row and nothing usable "
                                    f"({dict(bad)}); check the shards with `clipjob data inspect`")
             if len(images) == batch_size:
-                yield self._batch(images, self.tokenizer(captions), dict(bad), size)
+                batch = self._batch(images, self.tokenizer(captions), dict(bad), size)
+                if self.positives_key:
+                    batch.groups = torch.tensor(groups, dtype=torch.int64)
+                yield batch
                 bad_before += sum(bad.values())
                 bad.clear()
-                images, captions = [], []
+                images, captions, groups = [], [], []
                 step += n_workers
                 size, batch_size = self.schedule(step)
 
@@ -275,7 +286,7 @@ def build_train_loader(data: DataConfig, *, batch_size: int, image_size: int, to
     stream = ShardStream(sources, batch_size, image_size, tokenizer, seed=seed, rank=rank,
                          start_step=start_step, shuffle_buffer=data.shuffle_buffer, rrc_scale=data.rrc_scale,
                          augment=Augment.of(data), caption_key=data.caption_key, batch_schedule=batch_schedule,
-                         stall_s=data.stall_timeout_s, decode=data.decode)
+                         stall_s=data.stall_timeout_s, decode=data.decode, positives_key=data.positives_key)
     workers = data.num_workers
     return TrainLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                        timeout=POLL_S if workers > 0 else 0,

@@ -67,27 +67,57 @@ def gather_features(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x)
 
 
-def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Symmetric InfoNCE: 0.5 * (CE(image -> text) + CE(text -> image)), local rows x global columns."""
+def gather_groups(groups: torch.Tensor) -> torch.Tensor:
+    """All ranks' group ids concatenated in rank order (no gradient: ids are labels)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return groups
+    out = groups.new_empty((dist.get_world_size() * groups.shape[0],))
+    _all_gather(out, groups.contiguous())
+    return out
+
+
+def _positives(n: int, groups: torch.Tensor | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(diagonal labels: each local row's own column, the local rows x global columns same-group mask or None).
+    Without groups the mask is None: each row's only positive is its own pair."""
+    labels = torch.arange(n, device=device) + n * _rank()
+    if groups is None:
+        return labels, None
+    all_groups = gather_groups(groups.to(device))
+    same = groups.to(device)[:, None] == all_groups[None, :]
+    return labels, same
+
+
+def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
+              groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE: 0.5 * (CE(image -> text) + CE(text -> image)), local rows x global columns.
+
+    With `groups` (one int64 id per local sample, `data.positives_key`), the target of each row is spread
+    evenly over every column of its group (UniCL's multi-positive InfoNCE): two pictures of one concept in a
+    batch are no longer pushed apart as negatives of each other's captions. All-distinct groups give CLIP's loss."""
     n = image_features.shape[0]
     all_img, all_txt = gather_features(image_features), gather_features(text_features)
-    labels = torch.arange(n, device=image_features.device) + n * _rank()
+    labels, same = _positives(n, groups, image_features.device)
+    if same is not None:
+        labels = same.to(at_least_fp32(image_features).dtype)
+        labels = labels / labels.sum(dim=1, keepdim=True)  # each row holds its own pair: the sum is >= 1
     logits_img = logit_scale * image_features @ all_txt.T
     logits_txt = logit_scale * text_features @ all_img.T
     return 0.5 * (F.cross_entropy(at_least_fp32(logits_img), labels) + F.cross_entropy(at_least_fp32(logits_txt), labels))
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor) -> torch.Tensor:
-    """Sigmoid loss (SigLIP): every (image, text) pair is a binary problem; positives on the diagonal.
-    Local images against all gathered texts, normalised by the local batch size, so the global loss
-    (normalised by the global batch) is again the mean of the local ones."""
+                logit_bias: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Sigmoid loss (SigLIP): every (image, text) pair is a binary problem; positives on the diagonal (and,
+    with `groups`, every pair of one group). Local images against all gathered texts, normalised by the local
+    batch size, so the global loss (normalised by the global batch) is again the mean of the local ones."""
     n = image_features.shape[0]
     all_txt = gather_features(text_features)
     logits = at_least_fp32(logit_scale * image_features @ all_txt.T + logit_bias)
+    labels, same = _positives(n, groups, logits.device)
     targets = -torch.ones_like(logits)
-    idx = torch.arange(n, device=logits.device)
-    targets[idx, idx + n * _rank()] = 1.0
+    if same is not None:
+        targets[same] = 1.0
+    targets[torch.arange(n, device=logits.device), labels] = 1.0
     return -F.logsigmoid(targets * logits).sum() / n
 
 
@@ -104,13 +134,14 @@ class ContrastiveLoss(nn.Module):
         self.logit_bias = nn.Parameter(torch.tensor(SIGLIP_LOGIT_BIAS_INIT)) if kind == "siglip" else None
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                learn_params: bool = True) -> torch.Tensor:
+                learn_params: bool = True, groups: torch.Tensor | None = None) -> torch.Tensor:
         """`learn_params=False` keeps the loss's own parameters out of this backward (used by gradient
-        accumulation, where the full loss is evaluated once per micro-batch but must count once)."""
+        accumulation, where the full loss is evaluated once per micro-batch but must count once). `groups`:
+        one id per row, rows of one id are positives of each other (data.positives_key); None = CLIP's pairs."""
         if self.logit_bias is None:
-            return clip_loss(image_features, text_features, logit_scale)
+            return clip_loss(image_features, text_features, logit_scale, groups)
         bias = self.logit_bias if learn_params else self.logit_bias.detach()
-        return siglip_loss(image_features, text_features, logit_scale, bias)
+        return siglip_loss(image_features, text_features, logit_scale, bias, groups)
 
 
 def build_loss(kind: str) -> ContrastiveLoss:

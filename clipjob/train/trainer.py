@@ -405,8 +405,9 @@ def run(cfg: Config, stop: StopFlag, saver: CheckpointSaver) -> TrainState:
         # lr, RNG and curriculum follow the step
         lr = begin_step(cfg, parts, state.step, d.rank)
         # forward + backward (micro-batches with cached features when train.accum_steps > 1)
+        groups = None if batch.groups is None else batch.groups.to(d.device, non_blocking=True)
         out = forward_backward(net, parts.model, parts.loss_fn, images, tokens, accum_steps=cfg.train.accum_steps,
-                               precision=cfg.train.precision, scaler=parts.scaler)
+                               precision=cfg.train.precision, scaler=parts.scaler, groups=groups)
         # clip, optimizer step, logit-scale clamp, EMA
         grad_norm = optimizer_step(parts.opt, parts.scaler, parts.params, list(parts.loss_fn.parameters()),
                                    cfg.train.grad_clip)

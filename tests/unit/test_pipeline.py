@@ -200,3 +200,39 @@ def test_should_wait_through_poll_timeouts_when_iterated_plainly(tmp_path, monke
                 timeouts += 1
     assert timeouts > 0
     assert all(next(it).images.shape[0] == 4 for _ in range(16))  # ...plain iteration never does (past the prefetch)
+
+
+def test_should_give_one_loss_group_per_json_value_and_its_own_to_a_sample_without_it(tmp_path):
+    """data.positives_key=concept: rows whose .json concept is equal share a group id, in DataLoader workers;
+    rows with no .json, broken JSON or no such field each get a group of their own; the stream is the same."""
+    out = str(tmp_path / "ds")
+    with ShardWriter(out, prefix="s", max_samples=10) as w:
+        for i in range(40):
+            sample = {"png": png((i % 256, 0, 0)), "txt": f"a {i}"}
+            if i % 5 == 1:
+                pass  # no .json at all
+            elif i % 5 == 2:
+                sample["json"] = {"style": "x"}  # no concept field
+            elif i % 5 == 3:
+                sample["json"] = b"{not json"
+            else:
+                sample["json"] = {"concept": f"c{i % 3}", "style": "y"}
+            w.write(f"{i:06d}", sample)
+
+    def group_of(i: int):
+        return f"c{i % 3}" if i % 5 in (0, 4) else None
+
+    data = DataConfig(train=out, num_workers=2, shuffle_buffer=8, rrc_scale=(0.9, 1.0), positives_key="concept")
+    dl = build_train_loader(data, batch_size=8, image_size=16, tokenizer=tokenize, seed=0, rank=0, start_step=0)
+    batches = take(dl, 6)
+    rows = [(int(t[1]), int(g)) for b in batches for t, g in zip(b.tokens, b.groups, strict=True)]
+    assert all(b.groups.dtype == torch.int64 and b.groups.shape == (8,) for b in batches)
+    for i, gi in rows:
+        for j, gj in rows:
+            if i != j:
+                expect_same = group_of(i) is not None and group_of(i) == group_of(j)
+                assert (gi == gj) == expect_same, (i, j, gi, gj)
+    assert any(group_of(i) is None for i, _ in rows) and len({g for _, g in rows}) > 3
+    plain = take(loader(out, batch=8, workers=2), 6)
+    assert all(b.groups is None for b in plain)
+    assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(plain, batches, strict=True))
