@@ -14,13 +14,21 @@ the positional embedding is resized on its 2-D grid (antialiased bicubic, as the
 mean token's embedding stays. Input: mean/std-normalised like the openai family (CLIP.encode_image does it).
 The tower runs channels_last (its input is converted; the convs follow): a bf16 training step of tiny-cpu-resnet
 on the 2-core AVX512-BF16 AMD EPYC took ~1.5x as long with the default (NCHW) layout.
+
+model.grad_checkpointing keeps only each bottleneck block's input for the backward and recomputes the block
+there. The recomputation runs its BatchNorms with momentum 0 (and puts their batch counters back), so the running
+statistics are updated once per step, as without checkpointing.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from clipjob.config import VisionConfig
 from clipjob.model.transformer import attention
@@ -106,6 +114,7 @@ class ModifiedResNet(nn.Module):
             cin = planes * EXPANSION
         self.stages = nn.Sequential(*stages)
         self.attn_pool = AttentionPool(cin, cfg.image_size // STRIDE, cfg.heads, embed_dim)
+        self.grad_checkpointing = False  # set by CLIP.set_grad_checkpointing (model.grad_checkpointing)
         self._init_weights(cin)
 
     def _init_weights(self, dim: int) -> None:
@@ -119,5 +128,42 @@ class ModifiedResNet(nn.Module):
                 nn.init.zeros_(block.body[-1].weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.contiguous(memory_format=torch.channels_last)
-        return self.attn_pool(self.stages(self.stem(x)))
+        x = self.stem(x.contiguous(memory_format=torch.channels_last))
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            for block in self.stages.modules():
+                if isinstance(block, Bottleneck):
+                    x = checkpoint(_first_call_updates_stats(block), x, use_reentrant=False)
+        else:
+            x = self.stages(x)
+        return self.attn_pool(x)
+
+
+def _first_call_updates_stats(block: nn.Module):
+    """block's forward for torch's checkpoint: the first call (the forward) runs as usual, later ones (the
+    recomputation in the backward) leave the BatchNorm running statistics and batch counters as they are."""
+    calls = 0
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return block(x)
+        with _frozen_stats(block):
+            return block(x)
+    return run
+
+
+@contextlib.contextmanager
+def _frozen_stats(module: nn.Module) -> Iterator[None]:
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in norms]
+    for m in norms:
+        m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch: unchanged; batch statistics still normalise
+    try:
+        yield
+    finally:
+        for m, (momentum, tracked) in zip(norms, saved, strict=True):
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)

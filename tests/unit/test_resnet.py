@@ -176,3 +176,45 @@ def test_should_differ_from_tiny_cpu_only_in_the_image_tower_when_using_the_resn
     assert resnet["model"]["vision"]["family"] == "resnet" and resnet["model"]["vision"]["image_size"] == 96
     resnet["model"]["vision"] = vit["model"]["vision"]
     assert resnet == vit
+
+
+def _saved_bytes(fn) -> tuple[torch.Tensor, int]:
+    """fn()'s result and the bytes autograd saved for the backward while it ran."""
+    total = 0
+
+    def pack(t: torch.Tensor):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total
+
+
+def test_should_give_the_same_gradients_and_statistics_with_less_saved_when_checkpointing():
+    """model.grad_checkpointing on the ResNet tower: gradients and BatchNorm running statistics (updated once,
+    not again by the recomputation) equal the plain step's, in float64 (same kernels, same order: equal to
+    rounding); autograd keeps fewer activations."""
+    torch.manual_seed(0)
+    plain = build_model(resnet_config().model, pretrained_text=False).double().train()
+    ckpt = build_model(resnet_config("model.grad_checkpointing=true").model, pretrained_text=False).double().train()
+    ckpt.load_state_dict(plain.state_dict())
+    assert ckpt.visual.grad_checkpointing and not plain.visual.grad_checkpointing
+    x = torch.rand(4, 3, 64, 64, dtype=torch.float64)
+    results = []
+    for model in (plain, ckpt):
+        feats, saved = _saved_bytes(lambda m=model: m.visual(x))
+        feats.square().sum().backward()
+        results.append((saved, {n: p.grad for n, p in model.visual.named_parameters()},
+                        {n: b.clone() for n, b in model.visual.named_buffers()}))
+    (saved_plain, grads_plain, bufs_plain), (saved_ckpt, grads_ckpt, bufs_ckpt) = results
+    assert saved_ckpt < 0.7 * saved_plain, (saved_ckpt, saved_plain)
+    assert set(grads_plain) == set(grads_ckpt)
+    for n, g in grads_plain.items():
+        torch.testing.assert_close(grads_ckpt[n], g, rtol=1e-9, atol=1e-12 * (g.abs().max().item() or 1.0), msg=n)
+    for n, b in bufs_plain.items():
+        torch.testing.assert_close(bufs_ckpt[n], b, rtol=1e-12, atol=0, msg=n)
+    assert int(bufs_ckpt["stages.0.0.body.1.num_batches_tracked"]) == 1
+    # momentum is back where it was after the recomputation
+    assert all(m.momentum == 0.1 for m in ckpt.visual.modules() if isinstance(m, torch.nn.BatchNorm2d))
