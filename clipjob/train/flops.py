@@ -81,19 +81,34 @@ def peak_flops(device: torch.device, precision: str, configured: float = 0.0) ->
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype, seconds: float = 0.3) -> float:
-    """FLOP/s of a square matmul in this dtype on this device (a stand-in peak for CPUs and unknown GPUs)."""
-    n = 4096 if device.type == "cuda" else 2048
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up
-    best, t_end = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < t_end:  # the fastest of repeated runs: a busy neighbour only slows some
-        t0 = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
+    """FLOP/s of a square matmul in this dtype on this device (a stand-in peak for CPUs and unknown GPUs): the
+    fastest of repeated runs over ~`seconds` (a busy neighbour only slows some), at least one timed run.
+
+    The size grows from 256 while one run stays short, up to 2048 (4096 on a GPU): where a dtype has no fast
+    kernel (bf16 on a CPU without AVX512-BF16 or AMX ran one 2048² matmul in ~65 s, 0.3 GFLOP/s, on an AVX2-only
+    AMD EPYC) the measurement still takes a fraction of a second instead of minutes."""
+    largest = 4096 if device.type == "cuda" else 2048
+    n = 256
+    while True:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        _timed_matmul(a, b, device)  # warm-up (kernel selection, JIT)
+        one = _timed_matmul(a, b, device)
+        if n >= largest or 8 * one > seconds / 4:  # twice the size is 8x the work: stay where a run is cheap
+            break
+        n *= 2
+    best, t_end = one, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        best = min(best, _timed_matmul(a, b, device))
     return 2 * n**3 / best
+
+
+def _timed_matmul(a: torch.Tensor, b: torch.Tensor, device: torch.device) -> float:
+    t0 = time.perf_counter()
+    a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return max(time.perf_counter() - t0, 1e-9)
 
 
 AUTO_BF16_MIN_SPEEDUP = 1.5  # train.precision=auto takes bf16 when its matmuls are at least this much faster
@@ -101,8 +116,8 @@ AUTO_BF16_MIN_SPEEDUP = 1.5  # train.precision=auto takes bf16 when its matmuls 
 
 def choose_precision(device: torch.device, requested: str, measure=None) -> tuple[str, str]:
     """(precision, why) for train.precision: `auto` becomes bf16 on a GPU that supports it and on a CPU whose
-    bf16 matmul runs at least AUTO_BF16_MIN_SPEEDUP x its fp32 one (measured here, 2048² for ~0.2 s each),
-    else fp32; any other value stays as it is."""
+    bf16 matmul runs at least AUTO_BF16_MIN_SPEEDUP x its fp32 one (measured here, up to 2048² for ~0.2 s
+    each), else fp32; any other value stays as it is."""
     if requested != "auto":
         return requested, ""
     if device.type == "cuda":
@@ -111,4 +126,4 @@ def choose_precision(device: torch.device, requested: str, measure=None) -> tupl
     measure = measure or measure_matmul_flops
     speedup = measure(device, torch.bfloat16, 0.2) / measure(device, torch.float32, 0.2)
     chosen = "bf16" if speedup >= AUTO_BF16_MIN_SPEEDUP else "fp32"
-    return chosen, f"bf16 matmul {speedup:.1f}x fp32 on this CPU"
+    return chosen, f"bf16 matmul {speedup:.2g}x fp32 on this CPU"

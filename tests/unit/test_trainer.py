@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -133,6 +135,19 @@ def test_should_take_bf16_for_auto_only_where_bf16_matmuls_are_measurably_faster
     speed[torch.bfloat16] = 180e9  # a CPU without bf16 units: emulated, barely faster
     assert choose_precision(cpu, "auto", measure)[0] == "fp32"
     assert choose_precision(cpu, "fp16", measure) == ("fp16", "")  # an explicit choice stays
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_should_measure_a_matmul_rate_in_well_under_a_minute_even_where_the_dtype_is_emulated(dtype):
+    """On a CPU without AVX512-BF16/AMX one 2048² bf16 matmul took ~65 s (0.3 GFLOP/s): the measurement
+    starts at 256² and grows only while a run is cheap, and times at least one run (it returned 0 when the
+    warm-up alone outlasted its window, so `auto` printed 'bf16 matmul 0.0x fp32')."""
+    from clipjob.train.flops import measure_matmul_flops
+
+    t0 = time.monotonic()
+    rate = measure_matmul_flops(torch.device("cpu"), dtype, seconds=0.0)
+    assert rate > 0 and math.isfinite(rate)
+    assert time.monotonic() - t0 < 20  # 256² at 0.3 GFLOP/s is ~0.1 s a run; the bug's path is minutes
 
 
 def test_should_write_the_precision_auto_chose_into_the_config(tiny_cfg, monkeypatch, capsys):
