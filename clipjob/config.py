@@ -105,6 +105,7 @@ class TrainConfig:
     grad_clip: float = F(0.0, "Clip the global grad norm to this value (0 = off)")
     seed: int = F(0, "Seed for model init, data order and augmentation")
     log_every: int = F(10, "Steps between metrics lines")
+    budget_minutes: float = F(0.0, "Fit training into this many minutes of wall time from the trainer's start: at step min(warmup_steps, 100) (before the cosine decay, so the learning-rate curve is that of a run of the new length) the run times its steps over the second half of the steps so far and lowers train.steps to what the rest of the budget holds, never raising it; logged, written to config.yaml and each checkpoint, kept by resumed runs. 0 = off")
     ckpt_every_steps: int = F(500, "Save a checkpoint every N steps (0 = only at the end and on SIGTERM)")
     ckpt_every_minutes: float = F(0.0, "Also save when this many minutes passed since the last save (0 = off)")
     keep_last: int = F(3, "Keep the newest K committed checkpoints")
@@ -343,6 +344,7 @@ def validate(cfg: Config) -> None:
     _check(tr.grad_clip >= 0, f"train.grad_clip: must be >= 0, got {tr.grad_clip}")
     _check(tr.ckpt_every_steps >= 0, f"train.ckpt_every_steps: must be >= 0, got {tr.ckpt_every_steps}")
     _check(tr.ckpt_every_minutes >= 0, f"train.ckpt_every_minutes: must be >= 0, got {tr.ckpt_every_minutes}")
+    _check(tr.budget_minutes >= 0, f"train.budget_minutes: must be >= 0, got {tr.budget_minutes}")
     _check(tr.threads >= 0, f"train.threads: must be >= 0, got {tr.threads}")
     _check(d.num_workers >= 0, f"data.num_workers: must be >= 0, got {d.num_workers}")
     for name, nice in (("data.worker_nice", d.worker_nice), ("eval.worker_nice", cfg.eval.worker_nice)):
@@ -411,7 +413,7 @@ SCHEMA_BOUNDS: dict[str, dict[str, float]] = {
         "train.accum_steps", "eval.batch_size")},
     **{key: {"minimum": 0} for key in (
         "train.min_lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip", "train.ckpt_every_steps",
-        "train.ckpt_every_minutes", "train.threads", "train.peak_flops", "train.agree_every",
+        "train.ckpt_every_minutes", "train.budget_minutes", "train.threads", "train.peak_flops", "train.agree_every",
         "data.num_workers", "data.shuffle_buffer", "storage.stop_wait_s", "eval.resolution")},
     **{key: {"exclusiveMinimum": 0} for key in (
         "train.lr", "train.dist_timeout_s", "model.logit_scale_max", "data.stall_timeout_s",

@@ -33,6 +33,13 @@ class MetricsLogger:
         self._remote = not fs.is_local(run_dir)
         self.tb = TensorBoard(run_dir) if enabled else None
 
+    def set_total(self, total_steps: int) -> None:
+        """The run's length changed (train.budget_minutes)."""
+        self.progress.total = total_steps
+        if self.bar is not None:
+            self.bar.total = total_steps
+            self.bar.refresh()
+
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return

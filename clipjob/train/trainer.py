@@ -48,6 +48,7 @@ class TrainState:
     good_samples: int = 0
     stopped_by: int = 0  # the signal that stopped training before train.steps (SIGTERM when another rank got it)
     ckpt_stall_s: float = 0.0  # seconds rank 0's training thread spent in saves since the last metrics record
+    budget_steps: int = 0  # train.steps as train.budget_minutes set it (0: not set yet, or no budget)
 
 
 @dataclass
@@ -144,7 +145,7 @@ def save(cfg: Config, parts: Parts, state: TrainState, d: dist.DistInfo, saver: 
                 "train_state": {"optimizer": parts.opt.state_dict(), "loss": parts.loss_fn.state_dict(),
                                 "scaler": parts.scaler.state_dict() if parts.scaler else {}, "step": state.step,
                                 "samples_seen": state.samples_seen, "bad_samples": state.bad_samples,
-                                "good_samples": state.good_samples}}
+                                "good_samples": state.good_samples, "budget_steps": state.budget_steps}}
         meta = {"samples_seen": state.samples_seen, "world_size": d.world_size, "ema": parts.ema is not None,
                 "params": sum(p.numel() for p in parts.model.parameters())}
         run_dir, step, config_yaml = cfg.storage.run_dir, state.step, to_yaml(cfg)
@@ -211,7 +212,8 @@ def restore(cfg: Config, parts: Parts, d: dist.DistInfo) -> TrainState:
             parts.ema.load_state_dict(ema)
     if ts is None:
         return TrainState()
-    return TrainState(ts["step"], ts["samples_seen"], dict(ts.get("bad_samples", {})), ts.get("good_samples", 0))
+    return TrainState(ts["step"], ts["samples_seen"], dict(ts.get("bad_samples", {})), ts.get("good_samples", 0),
+                      budget_steps=int(ts.get("budget_steps", 0)))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -340,7 +342,8 @@ def outcome(cfg: Config, state: TrainState) -> tuple[int, str]:
     just committed."""
     if state.stopped_by:
         code = 128 + state.stopped_by
-        return code, (f"stopped by signal {state.stopped_by} at step {state.step} of {cfg.train.steps} (checkpoint "
+        total = state.budget_steps or cfg.train.steps
+        return code, (f"stopped by signal {state.stopped_by} at step {state.step} of {total} (checkpoint "
                       f"committed; a restart resumes from it); exit {code}")
     return 0, f"done: step {state.step}, {state.samples_seen} samples; run dir {cfg.storage.run_dir}"
 
@@ -358,7 +361,53 @@ def settle_precision(cfg: Config, d: dist.DistInfo) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=chosen))
 
 
+BUDGET_MARGIN = 0.97  # of the budget left when planning: the final save and the step-time noise
+
+
+class BudgetPlan:
+    """train.budget_minutes: times the steps of the window before the planning step and lowers train.steps to
+    what the rest of the budget holds. The planning step is min(warmup_steps, 100) (at least 10): before the
+    cosine decay starts, so the learning rate never jumps; the window is its second half, after the data
+    pipeline's start-up. A run resumed after the plan keeps its steps (saved in the train state); one resumed
+    inside the window times a window from where it resumed (the budget then counts from the restart)."""
+
+    def __init__(self, cfg: Config, state: TrainState, started: float):
+        self.started = started
+        self.at = max(10, min(cfg.train.warmup_steps, 100))
+        self.window_from = max(self.at // 2, state.step)
+        self.at = max(self.at, self.window_from + 5)
+        self.done = cfg.train.budget_minutes <= 0 or state.budget_steps > 0 or cfg.train.steps <= self.at
+        self.window_start: float | None = time.monotonic() if state.step == self.window_from else None
+
+    def after_step(self, cfg: Config, state: TrainState, d: dist.DistInfo) -> Config:
+        if self.done:
+            return cfg
+        if state.step == self.window_from:
+            self.window_start = time.monotonic()
+        if state.step < self.at or self.window_start is None:
+            return cfg
+        self.done = True
+        now = time.monotonic()
+        # every rank takes the same numbers (the ranks step in lockstep; the mean only irons out the clocks)
+        step_s, elapsed = dist.all_reduce_mean([(now - self.window_start) / (state.step - self.window_from),
+                                                now - self.started], d.device)
+        left = cfg.train.budget_minutes * 60 - elapsed
+        steps = min(cfg.train.steps, state.step + max(0, int(left * BUDGET_MARGIN / step_s)))
+        state.budget_steps = steps
+        if d.is_main:
+            print(f"train.budget_minutes={cfg.train.budget_minutes:g}: {step_s:.3f} s/step over steps "
+                  f"{self.window_from}-{state.step}, {max(0.0, left) / 60:.1f} min left -> train.steps "
+                  f"{cfg.train.steps} -> {steps}", flush=True)
+        if steps == cfg.train.steps:
+            return cfg
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+        if d.is_main:  # what `clipjob status`, eval --watch and a restart read
+            fs.write_text(fs.join(cfg.storage.run_dir, "config.yaml"), to_yaml(cfg))
+        return cfg
+
+
 def run(cfg: Config, stop: StopFlag, saver: CheckpointSaver) -> TrainState:
+    started = time.monotonic()  # train.budget_minutes counts from here
     d = dist.init_distributed(cfg.train.dist_timeout_s)
     bound_storage_waits(cfg, stop)
     if cfg.train.threads:
@@ -369,6 +418,9 @@ def run(cfg: Config, stop: StopFlag, saver: CheckpointSaver) -> TrainState:
         fs.write_text(fs.join(cfg.storage.run_dir, "config.yaml"), to_yaml(cfg))
     parts = build_parts(cfg, d)
     state = restore(cfg, parts, d)
+    if cfg.train.budget_minutes > 0 and state.budget_steps:  # planned before the restart: keep its length
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=state.budget_steps))
+    budget = BudgetPlan(cfg, state, started)
     net = wrap_model(parts.model, cfg, d)
     # the peak before the loader starts: its workers fill the shuffle buffer at once, and a peak measured while
     # they share the cores reads low (every MFU after it high)
@@ -417,6 +469,10 @@ def run(cfg: Config, stop: StopFlag, saver: CheckpointSaver) -> TrainState:
         state.step += 1
         state.samples_seen += images.shape[0] * d.world_size
         speed.stepped(images.shape[0], images.shape[0] * flops_per_sample(cfg.model, images.shape[-1]))
+        planned = cfg.train.steps
+        cfg = budget.after_step(cfg, state, d)  # train.budget_minutes: may lower train.steps, once
+        if cfg.train.steps != planned:
+            metrics.set_total(cfg.train.steps)
         # log
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.steps:
             log_step(metrics, speed, state, out, lr, grad_norm, parts, images, d)
