@@ -39,7 +39,9 @@ _TINY_RUN = {
 }
 # the demo: bf16 where the CPU's matrix units make it faster (AMX, AVX512-BF16 with a measured >= 1.5x: ~2x
 # the samples/s of fp32 on the 2-core AMD EPYC), 1,800 steps (~8 epochs of the ~29,000 pairs of the seven
-# training styles make demo builds: 1,800 steps gained 2-4.5 points over 1,200 on every set but one equal, README)
+# training styles make demo builds: 1,800 steps gained 2-4.5 points over 1,200 on every set but one equal, README).
+# `make demo` adds train.budget_minutes: a CPU without fast bf16 (an AVX2-only EPYC trains fp32 at ~130
+# samples/s, a third of the AVX512-BF16 EPYC's bf16) runs fewer steps and still ends within 15 minutes
 _DEMO_RUN = {**_TINY_RUN, "train": {**_TINY_RUN["train"], "steps": 1800, "warmup_steps": 60, "precision": "auto",
                                     "log_every": 100, "ckpt_every_steps": 600}}
 
