@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import CLIPJOB_PY, ROOT, TINY, machine_info, run_env, write_result  # noqa: E402
+from bench.common import CLIPJOB_PY, ROOT, TINY, default_precisions, machine_info, run_env, write_result  # noqa: E402
 
 VARIANTS = ("all", "system-malloc", "full-last-block", "flash-sdpa", "sdpa-math", "loop-adamw", "full-context")
 
@@ -96,7 +96,7 @@ def one(variant: str, precision: str, steps: int, warmup: int, threads: int) -> 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--precisions", default="fp32,bf16", type=lambda s: s.split(","))
+    ap.add_argument("--precisions", default=None, type=lambda s: s.split(","))
     ap.add_argument("--variants", default=",".join(VARIANTS), type=lambda s: s.split(","))
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
@@ -104,6 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="ablate", help="Result name under bench/results/ ('' = do not write)")
     a = ap.parse_args(argv)
+    if getattr(a, "precisions", 0) is None:
+        a.precisions = default_precisions()  # bf16 only where it is fast here
     if a.child:
         variant, precision = a.child.split(":")
         print(json.dumps(one(variant, precision, a.steps, a.warmup, a.threads)))

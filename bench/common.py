@@ -28,6 +28,25 @@ PEER_PY = Path(os.environ.get("BENCH_PEER_PY", ROOT / ".venv-bench" / "bin" / "p
 OPENCLIP_MODEL_NAME = "clipjob-bench"  # the name the model config is registered under in OpenCLIP
 
 
+def default_precisions() -> list[str]:
+    """The --precisions default: fp32 and bf16 where bf16 matmuls are measurably faster here (the test of
+    train.precision=auto), else fp32 alone, said on stderr: on a CPU without AVX512-BF16 or AMX a bf16 matmul
+    runs ~100x slower than fp32 (an AVX2-only AMD EPYC) and the bf16 rows would take hours. Where clipjob is not
+    importable (the GPU machine may hold only torch) both."""
+    try:
+        import torch
+
+        from clipjob.train.flops import choose_precision
+    except ImportError:
+        return ["fp32", "bf16"]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    chosen, why = choose_precision(device, "auto")
+    if chosen == "bf16":
+        return ["fp32", "bf16"]
+    print(f"bench: bf16 rows skipped ({why}); --precisions fp32,bf16 runs them anyway", file=sys.stderr, flush=True)
+    return ["fp32"]
+
+
 # -- the model both tools build -------------------------------------------------------------------------------
 
 

@@ -31,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (CLIPJOB_PY, OPENCLIP_MODEL_NAME, PEER_PY, TINY, TMP, exit_on_sigterm,  # noqa: E402
-                          machine_info, ratio, run_env, run_monitored, tail, versions, write_result)
+from bench.common import (CLIPJOB_PY, OPENCLIP_MODEL_NAME, PEER_PY, TINY, TMP, default_precisions,  # noqa: E402
+                          exit_on_sigterm, machine_info, ratio, run_env, run_monitored, tail, versions, write_result)
 
 CLASSES = ["apple", "bicycle", "bridge", "butterfly", "castle", "cloud", "dolphin", "forest", "guitar", "horse",
            "lighthouse", "mountain", "orange", "penguin", "rocket", "sailboat", "snowman", "sunflower", "tiger",
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             for flag, tp in (("--data", str), ("--batch-size", int), ("--workers", int), ("--precision", str),
                              ("--templates", str), ("--threads", int), ("--out", str)):
                 w.add_argument(flag, type=tp, required=True)
-    ap.add_argument("--precisions", default="fp32,bf16", type=lambda s: s.split(","))
+    ap.add_argument("--precisions", default=None, type=lambda s: s.split(","))
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
@@ -202,6 +202,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default="eval", help="Result name under bench/results/ ('' = do not write)")
     a = ap.parse_args(argv)
+    if getattr(a, "precisions", 0) is None:
+        a.precisions = default_precisions()  # bf16 only where it is fast here
     exit_on_sigterm()
     if a.cmd == "openclip-init":
         return openclip_init(a)

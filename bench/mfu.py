@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import MODELS, ModelSpec, machine_info, ratio, write_result  # noqa: E402
+from bench.common import MODELS, ModelSpec, default_precisions, machine_info, ratio, write_result  # noqa: E402
 
 GPU_PEAK_BF16 = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12)]  # dense bf16 FLOP/s
 
@@ -380,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--threads", type=int, default=2)
     c.add_argument("--steps", type=int, default=5)
     c.add_argument("--warmup", type=int, default=2)
-    c.add_argument("--precisions", default="fp32,bf16", type=lambda s: s.split(","))
+    c.add_argument("--precisions", default=None, type=lambda s: s.split(","))
     c.add_argument("--out", default="mfu", help="result name under bench/results/ ('' = do not write)")
     p = sub.add_parser("peak", help="matmul FLOP/s of this device")
     p.add_argument("--device", default="cpu")
@@ -397,6 +397,8 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--compile", action="store_true")
     args = ap.parse_args(argv)
+    if getattr(args, "precisions", 0) is None:
+        args.precisions = default_precisions()  # bf16 only where it is fast here
     if args.cmd == "cpu":
         cpu_suite(args)
         return

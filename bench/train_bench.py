@@ -29,8 +29,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (CLIPJOB_PY, OPENCLIP_MODEL_NAME, PEER_PY, ROOT, TINY, TMP, ModelSpec,  # noqa: E402
-                          exit_on_sigterm, machine_info, ratio, run_env, run_monitored, tail, versions,
-                          write_result)
+                          default_precisions, exit_on_sigterm, machine_info, ratio, run_env, run_monitored, tail,
+                          versions, write_result)
 
 OPENCLIP_SHUFFLE = 5000  # open_clip_train.data._SAMPLE_SHUFFLE_SIZE (not a flag); clipjob is set to match
 LR, WD, BETAS, EPS, WARMUP_LR_STEPS = 5e-4, 0.2, (0.9, 0.98), 1e-6, 10
@@ -188,7 +188,7 @@ def run_one(side: str, precision: str, spec: ModelSpec, data: Path, a: argparse.
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--precisions", default="fp32,bf16", type=lambda s: s.split(","))
+    ap.add_argument("--precisions", default=None, type=lambda s: s.split(","))
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--workers", type=int, default=1, help="DataLoader workers (both tools)")
@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help=f"Skip the extra OpenCLIP run with GLIBC_TUNABLES={PEER_MALLOC_TUNABLES}")
     ap.add_argument("--out", default="train", help="Result name under bench/results/ ('' = do not write)")
     a = ap.parse_args(argv)
+    if getattr(a, "precisions", 0) is None:
+        a.precisions = default_precisions()  # bf16 only where it is fast here
     exit_on_sigterm()
 
     data = Path(a.data) if a.data else emoji_shards(TMP / "emoji")
