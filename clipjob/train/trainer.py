@@ -365,39 +365,50 @@ BUDGET_MARGIN = 0.97  # of the budget left when planning: the final save and the
 
 
 class BudgetPlan:
-    """train.budget_minutes: times the steps of the window before the planning step and lowers train.steps to
-    what the rest of the budget holds. The planning step is min(warmup_steps, 100) (at least 10): before the
-    cosine decay starts, so the learning rate never jumps; the window is its second half, after the data
-    pipeline's start-up. A run resumed after the plan keeps its steps (saved in the train state); one resumed
-    inside the window times a window from where it resumed (the budget then counts from the restart)."""
+    """train.budget_minutes: sets train.steps to what the budget holds, from the time the steps take, twice.
+
+    First at step min(warmup_steps, 100) (at least 10), from the second half of the steps so far (after the data
+    pipeline's start-up): before the cosine decay starts, so a budget too short for the run is cut before it
+    decays. Then once more, a third of the way to the first plan's end, from the steps since the first plan:
+    early steps run slower than later ones (caches fill: the frozen text tower's caption features cost ~40 % of
+    the demo's first epoch on the CPU), so the second plan, from steadier steps, usually gives more. That plan
+    moves the learning rate of its step by a few percent (a cosine over the new length from there on). Never
+    more than the configured train.steps. A run resumed after a plan keeps its steps (saved in the train state)
+    and plans no more; one resumed before the first plan times a window from where it resumed, the budget then
+    counting from the restart."""
 
     def __init__(self, cfg: Config, state: TrainState, started: float):
-        self.started = started
+        self.started, self.cap = started, cfg.train.steps
         self.at = max(10, min(cfg.train.warmup_steps, 100))
         self.window_from = max(self.at // 2, state.step)
         self.at = max(self.at, self.window_from + 5)
-        self.done = cfg.train.budget_minutes <= 0 or state.budget_steps > 0 or cfg.train.steps <= self.at
+        self.plans_left = 0 if cfg.train.budget_minutes <= 0 or state.budget_steps > 0 or cfg.train.steps <= self.at \
+            else 2
         self.window_start: float | None = time.monotonic() if state.step == self.window_from else None
 
     def after_step(self, cfg: Config, state: TrainState, d: dist.DistInfo) -> Config:
-        if self.done:
+        if not self.plans_left:
             return cfg
         if state.step == self.window_from:
             self.window_start = time.monotonic()
         if state.step < self.at or self.window_start is None:
             return cfg
-        self.done = True
+        self.plans_left -= 1
         now = time.monotonic()
         # every rank takes the same numbers (the ranks step in lockstep; the mean only irons out the clocks)
         step_s, elapsed = dist.all_reduce_mean([(now - self.window_start) / (state.step - self.window_from),
                                                 now - self.started], d.device)
         left = cfg.train.budget_minutes * 60 - elapsed
-        steps = min(cfg.train.steps, state.step + max(0, int(left * BUDGET_MARGIN / step_s)))
+        steps = min(self.cap, state.step + max(0, int(left * BUDGET_MARGIN / step_s)))
         state.budget_steps = steps
         if d.is_main:
             print(f"train.budget_minutes={cfg.train.budget_minutes:g}: {step_s:.3f} s/step over steps "
                   f"{self.window_from}-{state.step}, {max(0.0, left) / 60:.1f} min left -> train.steps "
                   f"{cfg.train.steps} -> {steps}", flush=True)
+        self.window_from, self.window_start = state.step, now  # the next plan's window starts here
+        self.at = state.step + max(self.at, (steps - state.step) // 3)
+        if self.at >= steps:
+            self.plans_left = 0
         if steps == cfg.train.steps:
             return cfg
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
