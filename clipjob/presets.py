@@ -42,8 +42,12 @@ _TINY_RUN = {
 # training styles make demo builds: 1,800 steps gained 2-4.5 points over 1,200 on every set but one equal, README).
 # `make demo` adds train.budget_minutes: a CPU without fast bf16 (an AVX2-only EPYC trains fp32 at ~130
 # samples/s, a third of the AVX512-BF16 EPYC's bf16) runs fewer steps and still ends within 15 minutes
-_DEMO_RUN = {**_TINY_RUN, "train": {**_TINY_RUN["train"], "steps": 1800, "warmup_steps": 60, "precision": "auto",
-                                    "log_every": 100, "ckpt_every_steps": 600}}
+# Pictures of one concept in one batch are positives of each other's captions (data.positives_key=concept): on
+# the leave-one-style-out check (Twemoji left out, 600 steps, fp32, seeds 0 and 1) held-out concepts in the unseen
+# style 8.06 -> 12.90 % top-1, seen concepts there 24.52 -> 26.13, held-out in a seen style 8.50 -> 6.86 (README)
+_DEMO_RUN = {**_TINY_RUN, "data": {**_TINY_RUN["data"], "positives_key": "concept"},
+             "train": {**_TINY_RUN["train"], "steps": 1800, "warmup_steps": 60, "precision": "auto",
+                       "log_every": 100, "ckpt_every_steps": 600}}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny-cpu": {
