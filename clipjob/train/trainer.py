@@ -370,7 +370,7 @@ class BudgetPlan:
     First at step min(warmup_steps, 100) (at least 10), from the second half of the steps so far (after the data
     pipeline's start-up): before the cosine decay starts, so a budget too short for the run is cut before it
     decays. Then once more, a third of the way to the first plan's end, from the steps since the first plan:
-    early steps run slower than later ones (caches fill: the frozen text tower's caption features cost ~40 % of
+    early steps run slower than later ones (caches fill: the frozen text tower's caption features cost ~30 % of
     the demo's first epoch on the CPU), so the second plan, from steadier steps, usually gives more. That plan
     moves the learning rate of its step by a few percent (a cosine over the new length from there on). Never
     more than the configured train.steps. A run resumed after a plan keeps its steps (saved in the train state)
@@ -481,7 +481,7 @@ def run(cfg: Config, stop: StopFlag, saver: CheckpointSaver) -> TrainState:
         state.samples_seen += images.shape[0] * d.world_size
         speed.stepped(images.shape[0], images.shape[0] * flops_per_sample(cfg.model, images.shape[-1]))
         planned = cfg.train.steps
-        cfg = budget.after_step(cfg, state, d)  # train.budget_minutes: may lower train.steps, once
+        cfg = budget.after_step(cfg, state, d)  # train.budget_minutes: sets train.steps, at two steps
         if cfg.train.steps != planned:
             metrics.set_total(cfg.train.steps)
         # log
