@@ -16,7 +16,7 @@ from test_faults import assert_all_load, committed
 from trainrun import Run, free_port, make_shards, train_argv
 
 DELAY = {"CLIPJOB_TEST_STEP_DELAY_S": "0.2"}
-PLAN = r"^train\.budget_minutes=0\.5: ([\d.]+) s/step over steps (\d+)-(\d+), [\d.]+ min left -> train\.steps (\d+) -> (\d+)$"
+PLAN = r"^train\.budget_minutes=0\.75: ([\d.]+) s/step over steps (\d+)-(\d+), [\d.]+ min left -> train\.steps (\d+) -> (\d+)$"
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +25,7 @@ def shards(tmp_path_factory) -> str:
 
 
 def agent(data: str, run: str) -> Run:
-    argv = train_argv(data, run, "train.steps=1000", "train.warmup_steps=20", "train.budget_minutes=0.5",
+    argv = train_argv(data, run, "train.steps=1000", "train.warmup_steps=20", "train.budget_minutes=0.75",
                       "train.ckpt_every_steps=0", "data.num_workers=1", "train.log_every=5")
     argv += ["--nproc-per-node", "2", "--max-restarts", "0", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
     return Run(argv, DELAY)
@@ -52,14 +52,14 @@ def test_should_end_within_the_budget_at_the_step_count_it_planned_on_every_rank
     assert (first, at, before) == (10, 20, 1000) and step_s >= 0.2 and at <= planned < 1000, r.output
     # the second: from the first plan's step, a third of the way to its end (at least as many steps again)
     assert (first2, before2) == (20, planned) and at2 == 20 + max(20, (planned - 20) // 3) and step_s2 >= 0.2
-    assert at2 <= steps <= at2 + 30 / 0.2, r.output  # 30 s hold at most 150 steps of >= 0.2 s
+    assert at2 <= steps <= at2 + 45 / 0.2, r.output  # 45 s hold at most 225 steps of >= 0.2 s
     assert len(re.findall(rf"^done: step {steps}, ", r.output, re.M)) == 2, r.output  # both ranks stop there
     assert committed(str(run)) == [steps]
     assert stored_steps(run / "config.yaml") == steps  # what `clipjob status` and eval --watch read
     assert stored_steps(run / "checkpoints" / f"step-{steps:08d}" / "config.yaml") == steps
     assert_all_load(str(run))
     # 1,000 steps of >= 0.2 s would take 200 s; the budget counts from each rank's start, after the agent's
-    assert wall < 30 + 60, f"{wall:.0f} s:\n{r.output}"
+    assert wall < 45 + 60, f"{wall:.0f} s:\n{r.output}"
 
 
 def test_should_keep_the_planned_step_count_when_resumed_after_the_plan(shards, tmp_path):
