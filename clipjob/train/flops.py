@@ -84,9 +84,10 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, seconds: floa
     """FLOP/s of a square matmul in this dtype on this device (a stand-in peak for CPUs and unknown GPUs): the
     fastest of repeated runs over ~`seconds` (a busy neighbour only slows some), at least one timed run.
 
-    The size grows from 256 while one run stays short, up to 2048 (4096 on a GPU): where a dtype has no fast
-    kernel (bf16 on a CPU without AVX512-BF16 or AMX ran one 2048² matmul in ~65 s, 0.3 GFLOP/s, on an AVX2-only
-    AMD EPYC) the measurement still takes a fraction of a second instead of minutes."""
+    The size grows from 256 while a run of the next size (8x the work) still fits in `seconds`, up to 2048
+    (4096 on a GPU), so a CPU with a fast kernel is measured at 2048² as before, and where a dtype has none (bf16
+    on a CPU without AVX512-BF16 or AMX ran one 2048² matmul in ~65 s, 0.3 GFLOP/s, on an AVX2-only AMD EPYC) the
+    measurement still takes a fraction of a second instead of minutes."""
     largest = 4096 if device.type == "cuda" else 2048
     n = 256
     while True:
@@ -94,7 +95,7 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype, seconds: floa
         b = torch.randn(n, n, device=device, dtype=dtype)
         _timed_matmul(a, b, device)  # warm-up (kernel selection, JIT)
         one = _timed_matmul(a, b, device)
-        if n >= largest or 8 * one > seconds / 4:  # twice the size is 8x the work: stay where a run is cheap
+        if n >= largest or 8 * one > seconds:  # twice the size is 8x the work: stay where a run fits the window
             break
         n *= 2
     best, t_end = one, time.perf_counter() + seconds
