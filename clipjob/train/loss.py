@@ -82,9 +82,8 @@ def _positives(n: int, groups: torch.Tensor | None, device: torch.device) -> tup
     labels = torch.arange(n, device=device) + n * _rank()
     if groups is None:
         return labels, None
-    all_groups = gather_groups(groups.to(device))
-    same = groups.to(device)[:, None] == all_groups[None, :]
-    return labels, same
+    groups = groups.to(device)
+    return labels, groups[:, None] == gather_groups(groups)[None, :]
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,

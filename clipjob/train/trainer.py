@@ -361,6 +361,11 @@ def settle_precision(cfg: Config, d: dist.DistInfo) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=chosen))
 
 
+def write_run_config(cfg: Config) -> None:
+    """The run dir's config.yaml: what `clipjob status` and `eval --watch` read (rank 0 only)."""
+    fs.write_text(fs.join(cfg.storage.run_dir, "config.yaml"), to_yaml(cfg))
+
+
 BUDGET_MARGIN = 0.97  # of the budget left when planning: the final save and the step-time noise
 
 
@@ -412,8 +417,8 @@ class BudgetPlan:
         if steps == cfg.train.steps:
             return cfg
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
-        if d.is_main:  # what `clipjob status`, eval --watch and a restart read
-            fs.write_text(fs.join(cfg.storage.run_dir, "config.yaml"), to_yaml(cfg))
+        if d.is_main:
+            write_run_config(cfg)
         return cfg
 
 
@@ -426,7 +431,7 @@ def run(cfg: Config, stop: StopFlag, saver: CheckpointSaver) -> TrainState:
     cfg = settle_precision(cfg, d)
     if d.is_main:  # the data spec first: a bad one (missing shard, bucket, manifest) writes nothing to the run dir
         parse_sources(cfg.data.train, check_shards=True)
-        fs.write_text(fs.join(cfg.storage.run_dir, "config.yaml"), to_yaml(cfg))
+        write_run_config(cfg)
     parts = build_parts(cfg, d)
     state = restore(cfg, parts, d)
     if cfg.train.budget_minutes > 0 and state.budget_steps:  # planned before the restart: keep its length
