@@ -105,7 +105,7 @@ class TrainConfig:
     grad_clip: float = F(0.0, "Clip the global grad norm to this value (0 = off)")
     seed: int = F(0, "Seed for model init, data order and augmentation")
     log_every: int = F(10, "Steps between metrics lines")
-    budget_minutes: float = F(0.0, "Fit training into this many minutes of wall time from the trainer's start: the run times its steps and sets train.steps to what the budget holds, at step min(warmup_steps, 100) (before the cosine decay) and once more a third of the way on (from steadier steps; the learning rate moves a few percent there), never above the configured train.steps; logged, written to config.yaml and each checkpoint, kept by resumed runs. 0 = off")
+    budget_minutes: float = F(0.0, "Fit training into this many minutes of wall time from the trainer's start: the run times its steps and sets train.steps to what the budget holds, at step min(warmup_steps, 100) (before the cosine decay) and up to twice more, each a third of the way to the last plan's end (from steadier steps; the learning rate moves a few percent there), never above the configured train.steps; logged, written to config.yaml and each checkpoint, kept by resumed runs. 0 = off")
     ckpt_every_steps: int = F(500, "Save a checkpoint every N steps (0 = only at the end and on SIGTERM)")
     ckpt_every_minutes: float = F(0.0, "Also save when this many minutes passed since the last save (0 = off)")
     keep_last: int = F(3, "Keep the newest K committed checkpoints")
