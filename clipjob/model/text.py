@@ -136,19 +136,24 @@ class MiniLMText(nn.Module):
         return pooled.to(self.proj.dtype) @ self.proj
 
     CACHE_MAX = 200_000
+    CHUNK = 32  # captions embedded at a time by _cached_embed
 
     @torch.no_grad()
     def _cached_embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """A frozen tower maps a caption to the same vector every time: compute each distinct caption once
         (captions repeat across epochs and templates), keep up to CACHE_MAX of them."""
         keys = [np.trim_zeros(row, "b").tobytes() for row in tokens.cpu().numpy()]  # any padded length
-        todo = sorted({i for i, k in enumerate(keys) if k not in self._cache})
+        first = {k: i for i, k in enumerate(keys)}  # each distinct caption once
+        if len(self._cache) + len(first) > self.CACHE_MAX:
+            self._cache.clear()
+        todo = sorted((i for k, i in first.items() if k not in self._cache), key=lambda i: len(keys[i]))
         if todo:
-            fresh = self.embed(tokens[todo]).float()
-            if len(self._cache) + len(todo) > self.CACHE_MAX:
-                self._cache.clear()
-            for i, f in zip(todo, fresh):
-                self._cache[keys[i]] = f
+            # shortest captions first, in chunks each cut to its own longest caption: the padding a batch's longest
+            # caption forces on the others is not computed (features equal up to summation order)
+            for chunk in (todo[c:c + self.CHUNK] for c in range(0, len(todo), self.CHUNK)):
+                length = len(keys[chunk[-1]]) // tokens.element_size()
+                for i, f in zip(chunk, self.embed(tokens[chunk, :length]).float()):
+                    self._cache[keys[i]] = f
         return torch.stack([self._cache[k] for k in keys]).to(tokens.device)
 
 

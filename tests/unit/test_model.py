@@ -255,6 +255,31 @@ def test_should_give_the_same_minilm_features_and_cache_keys_when_trimmed():
     assert len(m._cache) == 2
 
 
+def test_should_embed_uncached_minilm_captions_in_chunks_cut_to_their_own_length():
+    from clipjob.model.text import MiniLMText, MiniLMTokenizer
+
+    m = MiniLMText(build_config("tiny-cpu").model.text, 8).double().eval()  # float64: equal up to summation order
+    words = "a very small red emoji of a cat with a hat and a tiny dog on a green hill".split()
+    texts = [" ".join(words[:1 + i % len(words)]) for i in range(2 * m.CHUNK + 7)]  # 1-19 words, each 3-4 times
+    toks = MiniLMTokenizer(24)(texts)
+    seen: list[int] = []
+    embed = m.embed
+    m.embed = lambda t: (seen.append(t.shape[1]), embed(t))[1]
+    got = m._cached_embed(toks)
+    want = embed(toks).float()  # every caption padded to the batch's longest, in one go
+    # each caption computed once, shortest first, each chunk only as long as its longest caption
+    assert len(m._cache) == len(set(texts)) == len(words) and seen == [int((toks != 0).sum(1).max())]
+    torch.testing.assert_close(got, want, atol=1e-7, rtol=0)
+    m._cache.clear()
+    m.CHUNK = 4
+    seen.clear()
+    torch.testing.assert_close(m._cached_embed(toks), want, atol=1e-7, rtol=0)
+    assert len(seen) == 5 and seen == sorted(seen) and seen[0] < seen[-1] == int((toks != 0).sum(1).max())
+    m.CACHE_MAX = 20  # a full cache starts over and still answers every caption of the batch
+    torch.testing.assert_close(m._cached_embed(toks[:3]), want[:3], atol=1e-7, rtol=0)
+    assert len(m._cache) == 3 and len(seen) == 6
+
+
 def test_should_build_the_same_zero_shot_classifier_when_trimming_prompts():
     from clipjob.eval.zeroshot import GENERIC_TEMPLATES, text_classifier
     from clipjob.model.tokenizer import ClipTokenizer
