@@ -1,9 +1,9 @@
 """Named configs. Each preset is a partial config dict (only what differs from the defaults).
 
 - tiny-cpu: the laptop demo on the embedded emoji dataset (2 CPU cores, minutes), pretrained MiniLM text tower,
-  a conv-stem ViT at 96 px, bf16 where the CPU runs it faster.
+  a conv-stem ViT at 64 px, bf16 where the CPU runs it faster.
 - tiny-cpu-resnet: tiny-cpu with CLIP's ModifiedResNet image tower (stem width 16, one bottleneck block per
-  stage, 96 px), sized so its bf16 training step costs about tiny-cpu's; same data, text tower and schedule.
+  stage, 96 px), sized so its bf16 training step cost about tiny-cpu's at 96 px; same data, text tower and schedule.
 - tiny-cpu-scratch: a from-scratch CLIP text transformer and a patch-8 ViT at 48 px, fp32, 400 steps (for
   comparison, and the small fast model the tests build on).
 - corenet-vit-b16 / corenet-vit-h16: CoreNet's CLIP recipes (projects/clip/clip_vit_base.yaml: DataComp-1.3B,
@@ -21,10 +21,12 @@ from typing import Any
 from clipjob.errors import ConfigError
 
 _TINY_VISION = {"family": "openai", "image_size": 48, "patch_size": 8, "width": 192, "layers": 4, "heads": 3}
-# the demo's image tower: CoreNet's conv stem (BatchNorm) at 96 px gives the same 6x6 tokens as 48 px / patch 8;
-# on the many-style emoji data it measured better on every eval set (README: what was tried)
-_DEMO_VISION = {**_TINY_VISION, "family": "corenet", "image_size": 96, "patch_size": 16}
-# tiny-cpu-resnet's image tower: the demo's 96 px input (so only the tower differs from tiny-cpu), a 16-wide
+# the demo's image tower: CoreNet's conv stem (BatchNorm) at 96 px gave the same 6x6 tokens as 48 px / patch 8 and
+# measured better on every eval set (README: what was tried); at 64 px (4x4 tokens) its fp32 step takes 0.44x the
+# time (246 vs 556 ms, batch 128, 2-core AVX2 EPYC), and twice the steps at 64 px beat 96 px on every set of the
+# leave-one-style-out check (Twemoji left out, 1,200 vs 600 steps, fp32, seeds 0 and 1; README)
+_DEMO_VISION = {**_TINY_VISION, "family": "corenet", "image_size": 64, "patch_size": 16}
+# tiny-cpu-resnet's image tower: the demo's former 96 px input (so only the tower differed from tiny-cpu), a 16-wide
 # stem and one bottleneck per stage (widths 16..128, 512 channels into an 8-head attention pool), 1.43 M
 # parameters. Its isolated bf16 step (batch 128, 2-core AMD EPYC) measured 149-183 ms beside tiny-cpu's
 # 137-168; two blocks per stage 224, width 24 386 (bench/README.md: image-tower step time)
@@ -38,16 +40,18 @@ _TINY_RUN = {
     "eval": {"batch_size": 256},
 }
 # the demo: bf16 where the CPU's matrix units make it faster (AMX, AVX512-BF16 with a measured >= 1.5x: ~2x
-# the samples/s of fp32 on the 2-core AMD EPYC), 1,800 steps (~8 epochs of the ~29,000 pairs of the seven
-# training styles make demo builds: 1,800 steps gained 2-4.5 points over 1,200 on every set but one equal, README).
-# `make demo` adds train.budget_minutes: a CPU without fast bf16 (an AVX2-only EPYC trains fp32 at ~130
-# samples/s, a third of the AVX512-BF16 EPYC's bf16) runs fewer steps and still ends within 15 minutes
+# the samples/s of fp32 on the 2-core AMD EPYC), up to 3,600 steps (~16 epochs of the ~29,000 pairs of the seven
+# training styles make demo builds; at 64 px, fp32, Twemoji left out, seed 0: 2,400 steps beat 1,200 by 12-14 points
+# of top-1 on held-out concepts in a seen style and seen concepts in the unseen style, README). `make demo` adds
+# train.budget_minutes, so each CPU runs what fits in 15 minutes (an AVX2-only EPYC trains fp32 at ~300 samples/s
+# at 64 px, about 1,000 steps in the demo's minutes); a checkpoint every 1,200 steps keeps the demo's eval to at
+# most three checkpoints.
 # Pictures of one concept in one batch are positives of each other's captions (data.positives_key=concept): on
 # the leave-one-style-out check (Twemoji left out, 600 steps, fp32, seeds 0 and 1) held-out concepts in the unseen
 # style 8.06 -> 12.90 % top-1, seen concepts there 24.52 -> 26.13, held-out in a seen style 8.50 -> 6.86 (README)
 _DEMO_RUN = {**_TINY_RUN, "data": {**_TINY_RUN["data"], "positives_key": "concept"},
-             "train": {**_TINY_RUN["train"], "steps": 1800, "warmup_steps": 60, "precision": "auto",
-                       "log_every": 100, "ckpt_every_steps": 600}}
+             "train": {**_TINY_RUN["train"], "steps": 3600, "warmup_steps": 60, "precision": "auto",
+                       "log_every": 100, "ckpt_every_steps": 1200}}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny-cpu": {
