@@ -14,6 +14,7 @@ from torch import nn
 
 from clipjob.config import TextConfig
 from clipjob.errors import ClipjobError
+from clipjob.model.tokenizer import trim_padding
 from clipjob.model.transformer import Transformer, attention, init_transformer
 
 
@@ -151,8 +152,7 @@ class MiniLMText(nn.Module):
             # shortest captions first, in chunks each cut to its own longest caption: the padding a batch's longest
             # caption forces on the others is not computed (features equal up to summation order)
             for chunk in (todo[c:c + self.CHUNK] for c in range(0, len(todo), self.CHUNK)):
-                length = len(keys[chunk[-1]]) // tokens.element_size()
-                for i, f in zip(chunk, self.embed(tokens[chunk, :length]).float()):
+                for i, f in zip(chunk, self.embed(trim_padding(tokens[chunk], multiple=1)).float()):
                     self._cache[keys[i]] = f
         return torch.stack([self._cache[k] for k in keys]).to(tokens.device)
 
