@@ -56,6 +56,7 @@ class TextConfig:
     act: Literal["gelu", "quick_gelu"] = F("gelu", "FFN activation")
     ln_eps: float = F(1e-5, "LayerNorm epsilon")
     freeze: bool = F(False, "Freeze the text tower (LiT-style; only the projection trains)")
+    lock_proj: bool = F(False, "With freeze: keep the text projection fixed too (the identity when model.embed_dim equals the tower's width, else a fixed orthonormal map), so the image tower learns to land on the frozen tower's own sentence space")
     trim_padding: bool = F(True, "Drop the padding columns every caption of a batch ends with, to a multiple of 8 (same outputs: both text towers are causal or padding-masked)")
 
 
@@ -331,6 +332,7 @@ def validate(cfg: Config) -> None:
         _check_resnet(v)
     else:
         _check(v.width % v.heads == 0, f"model.vision.width: {v.width} is not divisible by model.vision.heads={v.heads}")
+    _check(t.freeze or not t.lock_proj, "model.text.lock_proj: needs model.text.freeze=true (a trained text tower moves its own space)")
     _check(t.width % t.heads == 0, f"model.text.width: {t.width} is not divisible by model.text.heads={t.heads}")
     stride = {"corenet": 16, "resnet": 32}.get(v.family, v.patch_size)
     unit = "the resnet's stride" if v.family == "resnet" else "the patch size"

@@ -69,6 +69,17 @@ class _BertLayer(nn.Module):
         return self.ln_2(x + self.fc2(F.gelu(self.fc1(x))))
 
 
+def locked_projection(width: int, embed_dim: int) -> torch.Tensor:
+    """text.lock_proj's fixed (width, embed_dim) projection: the identity when the sizes match, else orthonormal
+    columns (or rows) from a fixed seed, the same on every rank and in every run. Orthonormal, it keeps the angles
+    between sentence embeddings as the frozen tower made them (exactly when embed_dim >= width)."""
+    if width == embed_dim:
+        return torch.eye(width)
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(max(width, embed_dim), min(width, embed_dim), generator=g, dtype=torch.float64))
+    return (q if width > embed_dim else q.T).float()
+
+
 class MiniLMText(nn.Module):
     """Pretrained MiniLM-L6 sentence encoder + mean pooling + a trainable projection to embed_dim.
     Token ids are WordPiece ids (pad 0), produced by `MiniLMTokenizer`."""
@@ -89,9 +100,11 @@ class MiniLMText(nn.Module):
         self._cache: dict[bytes, torch.Tensor] = {}  # frozen tower: caption tokens -> pooled embedding
         if pretrained:
             self.load_pretrained()
+        if cfg.lock_proj:
+            self.proj.data.copy_(locked_projection(d, embed_dim))
         if self.frozen:
             for name, p in self.named_parameters():
-                p.requires_grad_(name == "proj")
+                p.requires_grad_(name == "proj" and not cfg.lock_proj)
 
     def load_pretrained(self) -> None:
         from safetensors.torch import load_file

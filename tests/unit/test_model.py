@@ -192,6 +192,32 @@ def test_should_reuse_cached_text_features_when_the_minilm_tower_is_frozen():
     assert [n for n, p in m.named_parameters() if p.requires_grad] == ["proj"]
 
 
+@pytest.mark.parametrize("embed_dim", [384, 256, 512])
+def test_should_keep_the_frozen_sentence_space_when_the_text_projection_is_locked(embed_dim):
+    from clipjob.errors import ConfigError
+    from clipjob.model.text import MiniLMTokenizer
+
+    cfg = build_config("tiny-cpu", None, [f"model.embed_dim={embed_dim}", "model.text.lock_proj=true"])
+    m = build_model(cfg.model)
+    toks = MiniLMTokenizer(24)(["a cat", "a red apple", "a dog wearing a hat"])
+    sentences = m.text.embed(toks)  # unit vectors in MiniLM's 384-d space
+    feats = m.text(toks)  # before encode_text's normalisation
+    # an orthonormal map keeps lengths and angles (all of them when it widens; a 256-d cut keeps what it keeps
+    # exactly, so check that it is a fixed orthonormal map instead)
+    P = m.text.proj.detach().double()
+    eye = torch.eye(min(P.shape), dtype=torch.float64)
+    torch.testing.assert_close(P.T @ P if P.shape[0] >= P.shape[1] else P @ P.T, eye, atol=1e-6, rtol=0)
+    if embed_dim >= 384:
+        torch.testing.assert_close(feats.norm(dim=-1), torch.ones(3), atol=1e-5, rtol=0)
+        torch.testing.assert_close(feats @ feats.T, sentences @ sentences.T, atol=1e-5, rtol=0)
+    if embed_dim == 384:
+        torch.testing.assert_close(feats, sentences)
+    assert not any(p.requires_grad for p in m.text.parameters())
+    torch.testing.assert_close(build_model(cfg.model).text.proj, m.text.proj, atol=0, rtol=0)  # same every run
+    with pytest.raises(ConfigError, match="lock_proj: needs model.text.freeze"):
+        build_config("tiny-cpu", None, ["model.text.freeze=false", "model.text.lock_proj=true"])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_should_trace_the_one_token_block_when_compiled(dtype):
     # aot_eager: dynamo + AOTAutograd graphs (what train.compile traces) without inductor's C++ build
