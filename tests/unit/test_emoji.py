@@ -20,6 +20,7 @@ from clipjob.datasets.styles import FLUENT_VARIANTS, ICONIFY_SETS, SKIN_TONES, i
 from clipjob.errors import ClipjobError
 
 CAPTIONS = 4
+SIZE = 24  # the fixture's picture size: rendering every source at 72 px took twice as long, and tests no more
 
 
 def read_samples(url: str) -> list[dict]:
@@ -43,7 +44,8 @@ SUBS = ("", "heldout", "seen_eval", "unseen/heldout", "unseen/seen_eval")
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("emoji"))
-    summary = build_emoji_dataset(out, seed=0, captions_per_concept=CAPTIONS, styles=STYLES)  # openmoji left out
+    summary = build_emoji_dataset(out, seed=0, captions_per_concept=CAPTIONS, styles=STYLES,  # openmoji left out
+                                  image_size=SIZE)
     data = {sub: read_samples(fs.join(out, sub) if sub else out) for sub in SUBS}
     return out, summary, data
 
@@ -161,7 +163,7 @@ def test_should_store_rgb_images_of_the_requested_size(built):
     corners = defaultdict(list)
     for s in data["heldout"] + data["unseen/heldout"] + data[""][:4000]:
         img = Image.open(io.BytesIO(s["png"]))
-        assert (img.format, img.mode, img.size) == ("PNG", "RGB", (72, 72))
+        assert (img.format, img.mode, img.size) == ("PNG", "RGB", (SIZE, SIZE))
         corners[s["json"]["style"]].append(img.getpixel((0, 0)) == (255, 255, 255))
         assert img.getextrema() != ((255, 255),) * 3, s["json"]["source"]  # never blank
     # transparency composited on white, not black: a corner is white but in full-bleed squares (keycaps, flags)
