@@ -57,6 +57,7 @@ class TextConfig:
     ln_eps: float = F(1e-5, "LayerNorm epsilon")
     freeze: bool = F(False, "Freeze the text tower (LiT-style; only the projection trains)")
     lock_proj: bool = F(False, "With freeze: keep the text projection fixed too (the identity when model.embed_dim equals the tower's width, else a fixed orthonormal map), so the image tower learns to land on the frozen tower's own sentence space")
+    proj_init: Literal["random", "sentence"] = F("random", "Initial text projection: random, or sentence (lock_proj's fixed map, so training starts from the tower's own sentence space; it trains unless lock_proj)")
     trim_padding: bool = F(True, "Drop the padding columns every caption of a batch ends with, to a multiple of 8 (same outputs: both text towers are causal or padding-masked)")
 
 

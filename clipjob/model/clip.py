@@ -42,7 +42,7 @@ class CLIP(nn.Module):
             self.text = MiniLMText(cfg.text, cfg.embed_dim, pretrained=pretrained_text)
         else:
             self.text = TextTransformer(cfg.text, cfg.embed_dim)
-            if cfg.text.lock_proj:
+            if cfg.text.lock_proj or cfg.text.proj_init == "sentence":
                 with torch.no_grad():
                     self.text.proj.copy_(locked_projection(cfg.text.width, cfg.embed_dim))
             if cfg.text.freeze:  # LiT-style: only the projection of a frozen text tower trains

@@ -100,7 +100,7 @@ class MiniLMText(nn.Module):
         self._cache: dict[bytes, torch.Tensor] = {}  # frozen tower: caption tokens -> pooled embedding
         if pretrained:
             self.load_pretrained()
-        if cfg.lock_proj:
+        if cfg.lock_proj or cfg.proj_init == "sentence":
             self.proj.data.copy_(locked_projection(d, embed_dim))
         if self.frozen:
             for name, p in self.named_parameters():

@@ -214,6 +214,10 @@ def test_should_keep_the_frozen_sentence_space_when_the_text_projection_is_locke
         torch.testing.assert_close(feats, sentences)
     assert not any(p.requires_grad for p in m.text.parameters())
     torch.testing.assert_close(build_model(cfg.model).text.proj, m.text.proj, atol=0, rtol=0)  # same every run
+    start = build_model(build_config("tiny-cpu", None, [f"model.embed_dim={embed_dim}",
+                                                        "model.text.proj_init=sentence"]).model).text
+    torch.testing.assert_close(start.proj.detach(), m.text.proj.detach(), atol=0, rtol=0)  # starts there, trains
+    assert [n for n, p in start.named_parameters() if p.requires_grad] == ["proj"]
     with pytest.raises(ConfigError, match="lock_proj: needs model.text.freeze"):
         build_config("tiny-cpu", None, ["model.text.freeze=false", "model.text.lock_proj=true"])
 
