@@ -17,7 +17,7 @@ from torch import nn
 from clipjob.config import ModelConfig
 from clipjob.model.range_augment import RangeAugment
 from clipjob.model.resnet import ModifiedResNet
-from clipjob.model.text import MiniLMText, MiniLMTokenizer, TextTransformer, locked_projection
+from clipjob.model.text import MiniLMText, MiniLMTokenizer, TextTransformer, set_text_projection
 from clipjob.model.vit import VisionTransformer
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -42,12 +42,7 @@ class CLIP(nn.Module):
             self.text = MiniLMText(cfg.text, cfg.embed_dim, pretrained=pretrained_text)
         else:
             self.text = TextTransformer(cfg.text, cfg.embed_dim)
-            if cfg.text.lock_proj or cfg.text.proj_init == "sentence":
-                with torch.no_grad():
-                    self.text.proj.copy_(locked_projection(cfg.text.width, cfg.embed_dim))
-            if cfg.text.freeze:  # LiT-style: only the projection of a frozen text tower trains
-                for name, p in self.text.named_parameters():
-                    p.requires_grad_(name == "proj" and not cfg.text.lock_proj)
+            set_text_projection(self.text, cfg.text)  # LiT-style freeze: only the projection trains
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.logit_scale_init)))
         self.image_augmentor = RangeAugment() if cfg.range_augment else None  # runs in training only
         normalise = cfg.vision.family in ("openai", "resnet")

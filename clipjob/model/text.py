@@ -80,6 +80,17 @@ def locked_projection(width: int, embed_dim: int) -> torch.Tensor:
     return (q if width > embed_dim else q.T).float()
 
 
+def set_text_projection(text: nn.Module, cfg: TextConfig) -> None:
+    """Both text towers' projection options: start `text.proj` at `locked_projection` (lock_proj, proj_init=sentence)
+    and, for a frozen tower, train only the projection, unless it is locked too."""
+    if cfg.lock_proj or cfg.proj_init == "sentence":
+        with torch.no_grad():
+            text.proj.copy_(locked_projection(*text.proj.shape))
+    if cfg.freeze:
+        for name, p in text.named_parameters():
+            p.requires_grad_(name == "proj" and not cfg.lock_proj)
+
+
 class MiniLMText(nn.Module):
     """Pretrained MiniLM-L6 sentence encoder + mean pooling + a trainable projection to embed_dim.
     Token ids are WordPiece ids (pad 0), produced by `MiniLMTokenizer`."""
@@ -100,11 +111,7 @@ class MiniLMText(nn.Module):
         self._cache: dict[bytes, torch.Tensor] = {}  # frozen tower: caption tokens -> pooled embedding
         if pretrained:
             self.load_pretrained()
-        if cfg.lock_proj or cfg.proj_init == "sentence":
-            self.proj.data.copy_(locked_projection(d, embed_dim))
-        if self.frozen:
-            for name, p in self.named_parameters():
-                p.requires_grad_(name == "proj" and not cfg.lock_proj)
+        set_text_projection(self, cfg)
 
     def load_pretrained(self) -> None:
         from safetensors.torch import load_file
