@@ -45,6 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from bench.common import machine_info  # noqa: E402
+
 WORDS = ("a photo of the red blue green small large old new dog cat car house tree river mountain street "
          "person child bird flower city night day beach snow field kitchen table chair book window sky "
          "wooden metal bright dark close-up view with and on in near under standing sitting running").split()
@@ -358,16 +360,15 @@ def main() -> None:
     draft = {"dataset_256_640px_to_224": decode_times([p.read_bytes() for p in sample_files], args.image_size),
              "large_2048x1536_to_224": decode_times([synthetic_jpeg(rng, 2048, 1536) for _ in range(8)],
                                                     args.image_size)}
-    from bench.common import machine_info
-
+    machine = machine_info()
+    machine["loadavg_after"] = machine.pop("loadavg")  # machine_info reads it now, after the runs
     report = {
         "what": "training data pipeline samples/s: clipjob vs OpenCLIP-style webdataset pipeline",
         "command": "python bench/data_bench.py " + " ".join(sys.argv[1:]),
         "setup": {"host_malloc": host_malloc, "images": args.images, "image_px": "256..640 JPEG q90",
                   "shards": args.images // args.per_shard, "workers": args.workers, "batch_size": args.batch_size,
                   "image_size": args.image_size, "shuffle_buffer": args.shuffle, "batches_timed": args.batches, "repeats": args.repeats},
-        "machine": {**machine_info(), "loadavg_before": [round(x, 2) for x in load_before],
-                    "loadavg_after": [round(x, 2) for x in os.getloadavg()]},
+        "machine": {**machine, "loadavg_before": [round(x, 2) for x in load_before]},
         "results": {k: {kk: vv for kk, vv in v.items() if kk != "runs"} for k, v in results.items()},
         "runs": {k: v["runs"] for k, v in results.items()},
         "jpeg_decode": draft,
