@@ -4,7 +4,9 @@ from PIL import Image
 
 from clipjob.config import resolve
 from clipjob.errors import ConfigError
-from clipjob.data.transforms import Augment, StyleJitter, outline, train_transform
+from torchvision.transforms import v2 as T
+
+from clipjob.data.transforms import Augment, StyleJitter, outline, random_resized_crop, train_transform
 
 
 def red_square() -> Image.Image:
@@ -30,6 +32,28 @@ def test_should_jitter_colours_on_most_images_when_color_jitter_is_set():
     changed = sum(tf(red_square())[:, 16, 16].tolist() != [220, 30, 30] for _ in range(200))
     # applied to 80 % of images (binomial: mean 160, sd 5.7); an applied jitter almost never keeps the exact colour
     assert 130 <= changed <= 185, changed
+
+
+@pytest.mark.parametrize("scale", [(0.6, 1.0), (0.08, 1.0), (0.9, 1.0)])
+def test_should_crop_exactly_as_torchvision_for_the_same_seed(scale):
+    # the lean crop must draw torchvision's boxes from the same RNG state and resize with its kernel: the
+    # pictures are compared bit for bit, on square, wide, tall and tiny sources (tall/wide ones past the aspect
+    # range and small scales reach the centred fallback box)
+    gen = torch.Generator().manual_seed(1)
+    sizes = [(72, 72), (40, 120), (150, 30), (5, 7), (64, 64)]
+    pictures = [Image.fromarray(torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=gen).numpy())
+                for h, w in sizes]
+    reference = T.Compose([T.ToImage(), random_resized_crop(32, scale)])
+    ours = train_transform(32, scale)
+    for seed in range(40):
+        for pic in pictures:
+            torch.manual_seed(seed)
+            want = reference(pic)
+            torch.manual_seed(seed)
+            got = ours(pic)
+            assert torch.equal(got, want.as_subclass(torch.Tensor)), (seed, pic.size)
+            torch.manual_seed(seed)
+            assert torch.equal(ours(T.functional.pil_to_tensor(pic)), got)  # a decoded tensor gives the same
 
 
 def flag() -> torch.Tensor:
