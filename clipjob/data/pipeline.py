@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from clipjob import fs
 from clipjob.config import DataConfig
-from clipjob.data.decode import BadSample, decode_caption, decode_image, group_id
+from clipjob.data.decode import IMAGE_KEYS, BadSample, decode_caption, decode_image, group_id
 from clipjob.data.device_decode import EncodedJpegs, plan_jpeg
 from clipjob.data.shards import (Source, derive_seed, draw_shards, equal_size_note, parse_sources,
                                  read_tar_samples)
@@ -46,6 +47,7 @@ BatchSchedule = Callable[[int], tuple[int, int]]  # step -> (image_size, batch_s
 MIN_HOPELESS = 10_000  # bad samples/shards in a row, with nothing good in between, before giving up
 POLL_S = 1.0  # how often a trainer waiting for its DataLoader workers looks at its stop flag
 _END: dict = {}  # shuffle_samples' end-of-stream marker: compared by identity, never yielded
+DECODED = "__decoded__"  # a sample of data.cache_mb's cache: its picture, decoded once (uint8 (3, H, W))
 
 
 @dataclass
@@ -77,7 +79,7 @@ class ShardStream(IterableDataset):
                  seed: int = 0, rank: int = 0, start_step: int = 0, shuffle_buffer: int = 1000,
                  rrc_scale: tuple[float, float] = (0.9, 1.0), caption_key: str = "txt",
                  augment: Augment = Augment(), batch_schedule: BatchSchedule | None = None,
-                 stall_s: float | None = None, decode: str = "cpu", positives_key: str = ""):
+                 stall_s: float | None = None, decode: str = "cpu", positives_key: str = "", cache_mb: int = 0):
         if urls and isinstance(urls[0], str):
             urls = [Source("", tuple(urls), 1.0, None)]  # type: ignore[arg-type]
         self.sources: list[Source] = list(urls)  # type: ignore[arg-type]
@@ -91,12 +93,47 @@ class ShardStream(IterableDataset):
         self.schedule = batch_schedule or ConstantSchedule(image_size, batch_size)
         self.n_shards = sum(len(s.urls) for s in self.sources)
         self.stall_s = stall_s  # longest wait for storage that does not answer (None: the process's bound)
+        self.cache_mb = cache_mb  # data.cache_mb: decoded shards kept in each worker's memory (0 = none)
+        # a cached picture serves every size of the schedule: JPEGs are decoded (draft mode) for the largest
+        self.cache_target = max(getattr(self.schedule, "sizes", None) or (image_size,))
         self.in_process = True  # read by the trainer process (num_workers=0): reads stop on a stop request
 
     def _samples(self, rng: random.Random, bad: Counter) -> Iterator[dict]:
+        cache = ShardCache(self.cache_mb) if self.cache_mb else None
         for url in draw_shards(self.sources, rng):
-            yield from read_tar_samples(url, bad, self.stall_s, interruptible=self.in_process)
+            kept = cache.get(url) if cache else None
+            if kept is not None:
+                yield from kept
+            elif cache is None:
+                yield from read_tar_samples(url, bad, self.stall_s, interruptible=self.in_process)
+            else:
+                yield from self._read_decoded(url, bad, cache)
             yield {}  # end of shard: lets the consumer notice shards that gave nothing
+
+    def _read_decoded(self, url: str, bad: Counter, cache: "ShardCache") -> Iterator[dict]:
+        """The shard's samples with their pictures decoded here (a bad one is counted and skipped); the shard
+        goes into `cache` when it was read whole with nothing bad in it."""
+        mine: Counter = Counter()  # this shard's bad counts (the consumer clears `bad` at every batch)
+        kept, nbytes, clean = [], 0, True
+        for sample in read_tar_samples(url, mine, self.stall_s, interruptible=self.in_process):
+            try:
+                img = pil_to_tensor(decode_image(sample, self.cache_target))
+            except BadSample as e:
+                mine[e.reason] += 1
+                img = None
+            if mine:  # a bad picture, or one the shard reader counted (a duplicate key)
+                bad.update(mine)
+                mine.clear()
+                clean = False
+            if img is not None:
+                sample = {k: v for k, v in sample.items() if k not in IMAGE_KEYS}
+                sample[DECODED] = img
+                kept.append(sample)
+                nbytes += img.numel()
+                yield sample
+        bad.update(mine)
+        if clean and not mine:
+            cache.add(url, kept, nbytes)
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -151,13 +188,14 @@ class ShardStream(IterableDataset):
     def _image(self, sample: dict, size: int, transforms: dict[int, Callable]) -> torch.Tensor | tuple:
         """The sample's image as a transformed uint8 (3, size, size) tensor, or with data.decode=gpu for a JPEG
         the device decodes, (its bytes, its crop box)."""
-        if self.decode == "gpu":
+        cached = sample.get(DECODED)
+        if cached is None and self.decode == "gpu":
             planned = plan_jpeg(sample, self.crop)
             if planned is not None:
                 return planned
         if size not in transforms:
             transforms[size] = train_transform(size, self.rrc_scale, self.augment)
-        return transforms[size](decode_image(sample, size))
+        return transforms[size](cached if cached is not None else decode_image(sample, size))
 
     def _batch(self, images: list, tokens: torch.Tensor, bad: dict[str, int], size: int) -> Batch:
         encoded = [k for k, im in enumerate(images) if isinstance(im, tuple)]
@@ -168,6 +206,25 @@ class ShardStream(IterableDataset):
         jpegs = EncodedJpegs.pack(encoded, [images[k][0] for k in encoded], [images[k][1] for k in encoded], size, seed)
         stacked = torch.stack(decoded) if decoded else torch.empty((0, 3, size, size), dtype=torch.uint8)
         return Batch(stacked, tokens, bad, jpegs)
+
+
+class ShardCache:
+    """Shards decoded once and kept in one worker's memory (data.cache_mb): URL -> its samples, each with its
+    picture decoded (a uint8 tensor under DECODED, instead of its encoded bytes). Shards are added while the
+    pictures' bytes stay within the cap; none is evicted (every shard is drawn alike, so any that fit serve as
+    well as any other)."""
+
+    def __init__(self, cap_mb: int):
+        self.cap, self.used = cap_mb * 2**20, 0
+        self.shards: dict[str, list[dict]] = {}
+
+    def get(self, url: str) -> list[dict] | None:
+        return self.shards.get(url)
+
+    def add(self, url: str, samples: list[dict], nbytes: int) -> None:
+        if self.used + nbytes <= self.cap:
+            self.shards[url] = samples
+            self.used += nbytes
 
 
 def shuffle_samples(samples: Iterator[dict], size: int, initial: int, rng: random.Random) -> Iterator[dict]:
@@ -286,7 +343,8 @@ def build_train_loader(data: DataConfig, *, batch_size: int, image_size: int, to
     stream = ShardStream(sources, batch_size, image_size, tokenizer, seed=seed, rank=rank,
                          start_step=start_step, shuffle_buffer=data.shuffle_buffer, rrc_scale=data.rrc_scale,
                          augment=Augment.of(data), caption_key=data.caption_key, batch_schedule=batch_schedule,
-                         stall_s=data.stall_timeout_s, decode=data.decode, positives_key=data.positives_key)
+                         stall_s=data.stall_timeout_s, decode=data.decode, positives_key=data.positives_key,
+                         cache_mb=data.cache_mb)
     workers = data.num_workers
     return TrainLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                        timeout=POLL_S if workers > 0 else 0,

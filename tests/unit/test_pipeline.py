@@ -39,7 +39,8 @@ def tokenize(captions: list[str]) -> torch.Tensor:
 
 
 def loader(spec: str, batch: int = 4, size: int = 16, workers: int = 0, rank: int = 0, seed: int = 0, **kw):
-    data = DataConfig(train=spec, num_workers=workers, shuffle_buffer=kw.pop("shuffle_buffer", 8), rrc_scale=(0.9, 1.0))
+    data = DataConfig(train=spec, num_workers=workers, shuffle_buffer=kw.pop("shuffle_buffer", 8), rrc_scale=(0.9, 1.0),
+                      cache_mb=kw.pop("cache_mb", 0))
     return build_train_loader(data, batch_size=batch, image_size=size, tokenizer=tokenize, seed=seed, rank=rank,
                               start_step=0, **kw)
 
@@ -236,3 +237,80 @@ def test_should_give_one_loss_group_per_json_value_and_its_own_to_a_sample_witho
     plain = take(loader(out, batch=8, workers=2), 6)
     assert all(b.groups is None for b in plain)
     assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(plain, batches, strict=True))
+
+
+def write_noise_shards(out: str, shards: int, per_shard: int, corrupt: tuple[int, ...] = ()) -> str:
+    """Shards of random-noise pictures (every crop box gives other pixels); samples numbered in `corrupt` get
+    bytes that are no image."""
+    gen = torch.Generator().manual_seed(0)
+    with ShardWriter(out, prefix="s", max_samples=per_shard) as w:
+        for i in range(shards * per_shard):
+            buf = io.BytesIO()
+            Image.fromarray(torch.randint(0, 256, (24, 24, 3), dtype=torch.uint8, generator=gen).numpy()).save(buf, "PNG")
+            w.write(f"{i:06d}", {"png": b"not a png" if i in corrupt else buf.getvalue(), "txt": f"a {i}"})
+    return out
+
+
+def counting_reads(monkeypatch) -> Counter:
+    reads: Counter = Counter()
+    real = pipeline.read_tar_samples
+
+    def read(url, *a, **kw):
+        reads[url] += 1
+        return real(url, *a, **kw)
+
+    monkeypatch.setattr(pipeline, "read_tar_samples", read)
+    return reads
+
+
+@pytest.mark.timeout(120)
+def test_should_give_the_same_batches_bit_for_bit_with_the_decoded_cache_as_without(tmp_path):
+    # 3 shards of 5 samples, 2 workers, 12 batches of 4: every worker draws its shards many times, so most
+    # batches come from the cache's replays; pictures and captions must be those of the uncached stream
+    d = write_noise_shards(str(tmp_path / "ds"), 3, 5)
+    plain = take(loader(d, workers=2), 12)
+    cached = take(loader(d, workers=2, cache_mb=64), 12)
+    for a, b in zip(plain, cached, strict=True):
+        assert torch.equal(a.images, b.images) and torch.equal(a.tokens, b.tokens) and a.bad == b.bad == {}
+    assert len({int(t) for b in cached for t in b.tokens[:, 1]}) == 15  # every sample seen
+
+
+def test_should_read_each_shard_once_when_the_decoded_cache_holds_it(tmp_path, monkeypatch):
+    d = write_noise_shards(str(tmp_path / "ds"), 3, 5)
+    reads = counting_reads(monkeypatch)
+    take(loader(d, cache_mb=64), 12)
+    assert sorted(reads.values()) == [1, 1, 1]
+    reads.clear()
+    take(loader(d), 12)  # without the cache every draw reads its shard
+    assert sum(reads.values()) > 6
+
+
+def test_should_stop_adding_shards_at_the_cache_cap(tmp_path, monkeypatch):
+    # 24x24x3 = 1,728 bytes a picture: a 1 MiB cap holds 606 pictures, so 600-sample shards fit one at a time
+    d = write_noise_shards(str(tmp_path / "ds"), 2, 600)
+    reads = counting_reads(monkeypatch)
+    take(loader(d, batch=100, cache_mb=1, shuffle_buffer=0), 40)  # 4,000 samples: ~6.7 draws of 600
+    read_more = [u for u, n in reads.items() if n > 1]
+    assert len(reads) == 2 and len(read_more) == 1, reads  # the first shard in stays; the other is read each time
+
+
+def test_should_count_a_bad_picture_on_every_read_and_not_cache_its_shard(tmp_path, monkeypatch):
+    d = write_noise_shards(str(tmp_path / "ds"), 2, 5, corrupt=(7,))  # sample 7: the second shard
+    for cache_mb in (0, 64):
+        reads = counting_reads(monkeypatch)
+        batches = take(loader(d, cache_mb=cache_mb), 10)
+        bad = sum(b.bad.get("corrupt_image", 0) for b in batches)
+        assert bad >= 2, (cache_mb, bad)  # counted again on later reads, not cached away
+        assert all(7 not in b.tokens[:, 1].tolist() for b in batches)
+        if cache_mb:
+            clean, dirty = sorted(reads.values())
+            assert clean == 1 and bad <= dirty, reads  # the clean shard read once, the other on each draw
+
+
+@pytest.mark.parametrize("value, message", [("-1", "must be >= 0"), ("64", "needs data.decode=cpu")])
+def test_should_reject_a_bad_cache_setting_in_one_line(value, message):
+    from clipjob.config import build_config
+    from clipjob.errors import ConfigError
+    sets = [f"data.cache_mb={value}"] + (["data.decode=gpu"] if value == "64" else [])
+    with pytest.raises(ConfigError, match=message):
+        build_config("tiny-cpu-scratch", None, sets)
