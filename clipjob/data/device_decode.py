@@ -64,8 +64,8 @@ class EncodedJpegs:
 
 def plan_jpeg(sample: dict, crop) -> tuple[bytes, tuple[int, int, int, int]] | None:
     """(the JPEG's bytes, its crop box) when the device should decode this sample's image, else None (the
-    worker decodes it as with decode=cpu). `crop` is the train transform's RandomResizedCrop: the box comes
-    from its `make_params` on the declared size, the same torch RNG calls as the CPU path's transform.
+    worker decodes it as with decode=cpu). `crop` is a transforms.RandomResizedCrop: the box is its `box` on the
+    declared size, the same torch RNG calls as the CPU path's transform makes on the decoded picture.
     Raises BadSample for what `open_image` refuses (bombs, unparseable headers)."""
     key = next((k for k in IMAGE_KEYS if k in sample), None)
     if key not in ("jpg", "jpeg"):
@@ -75,8 +75,7 @@ def plan_jpeg(sample: dict, crop) -> tuple[bytes, tuple[int, int, int, int]] | N
     if img.format != "JPEG" or img.mode not in DEVICE_MODES or not data.endswith(EOI):
         return None
     w, h = img.size
-    p = crop.make_params([torch.zeros((), dtype=torch.uint8).expand(3, h, w)])  # only the shape is read
-    return data, (p["top"], p["left"], p["height"], p["width"])
+    return data, crop.box(h, w)
 
 
 def materialize(batch, device: torch.device | str, augment: Augment = Augment()):  # pipeline.Batch -> Batch

@@ -40,7 +40,7 @@ from clipjob.data.decode import IMAGE_KEYS, BadSample, decode_caption, decode_im
 from clipjob.data.device_decode import EncodedJpegs, plan_jpeg
 from clipjob.data.shards import (Source, derive_seed, draw_shards, equal_size_note, parse_sources,
                                  read_tar_samples)
-from clipjob.data.transforms import Augment, augment_steps, random_resized_crop, train_transform
+from clipjob.data.transforms import Augment, RandomResizedCrop, augment_steps, train_transform
 from clipjob.errors import ClipjobError, ConfigError, RetryableError
 
 BatchSchedule = Callable[[int], tuple[int, int]]  # step -> (image_size, batch_size)
@@ -89,7 +89,7 @@ class ShardStream(IterableDataset):
         self.augment = augment
         self.decode = decode  # "gpu": JPEGs travel encoded, with their crop box (device_decode)
         self.positives_key = positives_key  # a .json field: samples sharing its value are positives (loss groups)
-        self.crop = random_resized_crop(1, rrc_scale)  # draws decode=gpu's boxes (its size is not used)
+        self.crop = RandomResizedCrop(1, rrc_scale)  # draws decode=gpu's boxes (its size is not used)
         self.schedule = batch_schedule or ConstantSchedule(image_size, batch_size)
         self.n_shards = sum(len(s.urls) for s in self.sources)
         self.stall_s = stall_s  # longest wait for storage that does not answer (None: the process's bound)

@@ -91,12 +91,6 @@ class TrainTransform:
         return img
 
 
-def random_resized_crop(size: int, scale: tuple[float, float]) -> T.RandomResizedCrop:
-    """torchvision's RandomResizedCrop with the training crop's settings (data.decode=gpu draws its boxes with
-    `make_params`, the same RNG calls as RandomResizedCrop.box)."""
-    return T.RandomResizedCrop(size, scale=scale, ratio=(3 / 4, 4 / 3), interpolation=BILINEAR, antialias=True)
-
-
 def augment_steps(augment: Augment) -> list[torch.nn.Module]:
     """The augmentations after the crop, on a uint8 (3, H, W) tensor on any device; their random decisions come
     from torch's CPU generator."""

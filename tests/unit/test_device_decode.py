@@ -21,12 +21,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import v2 as T
 
 from clipjob.config import DataConfig
 from clipjob.data.decode import decode_image
 from clipjob.data.device_decode import materialize, plan_jpeg
 from clipjob.data.pipeline import build_train_loader
-from clipjob.data.transforms import Augment, random_resized_crop
+from clipjob.data.transforms import Augment, RandomResizedCrop
 from clipjob.errors import ConfigError
 from shard_samples import jpeg, png, write
 
@@ -79,12 +80,13 @@ def test_should_give_the_images_of_decode_cpu_within_the_decoders_tolerance(mixe
 
 def test_should_draw_the_crop_boxes_of_the_cpu_transform_for_the_same_seed(mixed):
     files = [jpeg(i) for i in range(300)]
-    crop = random_resized_crop(SIZE, (0.5, 1.0))
+    crop = RandomResizedCrop(SIZE, (0.5, 1.0))
     torch.manual_seed(7)
     planned = [plan_jpeg({"jpg": f}, crop)[1] for f in files]
-    torch.manual_seed(7)  # the CPU transform's crop on the decoded images draws the same boxes
-    drawn = [tuple(crop.make_params([torch.from_numpy(np.array(decode_image({"jpg": f}, SIZE)))
-                                     .permute(2, 0, 1)]).values()) for f in files]
+    torch.manual_seed(7)  # torchvision's crop on the decoded images draws the same boxes
+    reference = T.RandomResizedCrop(SIZE, scale=(0.5, 1.0), ratio=(3 / 4, 4 / 3))
+    drawn = [tuple(reference.make_params([torch.from_numpy(np.array(decode_image({"jpg": f}, SIZE)))
+                                          .permute(2, 0, 1)]).values()) for f in files]
     assert planned == drawn
     for f, (top, left, h, w) in zip(files, planned):  # scale 0.5..1 of the area, ratio 3/4..4/3, up to rounding
         W, H = Image.open(io.BytesIO(f)).size
@@ -111,7 +113,7 @@ def test_should_keep_the_order_and_size_of_a_mixed_png_and_jpeg_batch(mixed):
 
 def test_should_replace_and_count_a_corrupt_jpeg_that_passes_the_header_check(tmp_path):
     bad = undefined_quant_table(jpeg(5))
-    assert plan_jpeg({"jpg": bad}, random_resized_crop(SIZE, (0.5, 1.0))) is not None  # it goes to the device
+    assert plan_jpeg({"jpg": bad}, RandomResizedCrop(SIZE, (0.5, 1.0))) is not None  # it goes to the device
     d = write(tmp_path / "ds", [{"jpg": bad if i == 5 else jpeg(i), "txt": f"jpeg {i}"} for i in range(8)])
     (b,) = batches(d, "gpu", 1, shuffle_buffer=1)  # in shard order: the corrupt image is row 5
     got = materialize(b, "cpu")

@@ -6,7 +6,7 @@ from clipjob.config import resolve
 from clipjob.errors import ConfigError
 from torchvision.transforms import v2 as T
 
-from clipjob.data.transforms import Augment, StyleJitter, outline, random_resized_crop, train_transform
+from clipjob.data.transforms import BILINEAR, Augment, StyleJitter, outline, train_transform
 
 
 def red_square() -> Image.Image:
@@ -43,7 +43,8 @@ def test_should_crop_exactly_as_torchvision_for_the_same_seed(scale):
     sizes = [(72, 72), (40, 120), (150, 30), (5, 7), (64, 64)]
     pictures = [Image.fromarray(torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=gen).numpy())
                 for h, w in sizes]
-    reference = T.Compose([T.ToImage(), random_resized_crop(32, scale)])
+    reference = T.Compose([T.ToImage(), T.RandomResizedCrop(32, scale=scale, ratio=(3 / 4, 4 / 3), interpolation=BILINEAR,
+                                                         antialias=True)])
     ours = train_transform(32, scale)
     for seed in range(40):
         for pic in pictures:
