@@ -258,7 +258,7 @@ def log_step(metrics: MetricsLogger, speed: Throughput, state: TrainState, out: 
     if out.aux_loss is not None:
         record["aux_loss"] = aux
     if parts.loss_fn.logit_bias is not None:
-        record["logit_bias"] = float(parts.loss_fn.logit_bias)
+        record["logit_bias"] = parts.loss_fn.logit_bias.item()
     if grad_norm is not None:
         record["grad_norm"] = float(grad_norm)
     if state.ckpt_stall_s:
