@@ -39,7 +39,7 @@ DEFAULT_DATA_STYLES = "twemoji,openmoji,glyph"
 
 
 def one(style: str, seed: int, sets: list[str], preset: str, log: Path, data_styles: str = DEFAULT_DATA_STYLES,
-        named: int = -1, out: str = "loso") -> dict:
+        named: int = -1, out: str = "loso", ema: bool = False) -> dict:
     tag = "" if data_styles == DEFAULT_DATA_STYLES else "-" + data_styles.replace(",", "-")
     tag += f"-named{named}" if named >= 0 else ""
     data = TMP / f"loso-{style}{tag}"
@@ -52,26 +52,32 @@ def one(style: str, seed: int, sets: list[str], preset: str, log: Path, data_sty
     clipjob("train", "--preset", preset, "--set", f"data.train={data}", "--set", f"train.seed={seed}",
             "--set", "train.ckpt_every_steps=1000000", *sets, "--run-dir", str(run), log=log)
     train_s = time.monotonic() - t0
-    out = run / "loso-eval.json"
     args = [a for _, spec in SETS for a in ("--data", spec.format(d=data))]
-    clipjob("eval", "zeroshot", "--checkpoint", str(run), *args, "--out", str(out), log=log)
-    results = json.loads(out.read_text())  # one result per --data, in order
-    return {"style": style, "seed": seed, "data_styles": data_styles, "train_s": round(train_s, 1),
-            "sets": {name: {k: r[k] for k in ("top1", "top5", "classes")} for (name, _), r in zip(SETS, results)}}
+    row = {"style": style, "seed": seed, "data_styles": data_styles, "train_s": round(train_s, 1)}
+    for key, flags in (("sets", []), ("ema_sets", ["--ema"]))[:2 if ema else 1]:
+        out = run / f"loso-eval{'-ema' if flags else ''}.json"
+        clipjob("eval", "zeroshot", "--checkpoint", str(run), *args, *flags, "--out", str(out), log=log)
+        results = json.loads(out.read_text())  # one result per --data, in order
+        row[key] = {name: {k: r[k] for k in ("top1", "top5", "classes")} for (name, _), r in zip(SETS, results)}
+    return row
 
 
 def table(rows: list[dict]) -> str:
+    """One line per left-out style (and one more for its EMA weights, when evaluated): mean of the seeds."""
     lines = ["| left-out style | seeds | " + " | ".join(f"{n} top-1 / top-5" for n, _ in SETS) + " | chance top-1 |",
              "|---|---|" + "---|" * (len(SETS) + 1)]
     for style in dict.fromkeys(r["style"] for r in rows):
         mine = [r for r in rows if r["style"] == style]
-        cells = []
-        for name, _ in SETS:
-            t1 = statistics.mean(r["sets"][name]["top1"] for r in mine)
-            t5 = statistics.mean(r["sets"][name]["top5"] for r in mine)
-            cells.append(f"{t1:.2f} / {t5:.2f}")
-        chance = 100 / mine[0]["sets"][SETS[1][0]]["classes"]
-        lines.append(f"| {style} | {len(mine)} | " + " | ".join(cells) + f" | {chance:.2f} |")
+        for key, label in (("sets", style), ("ema_sets", f"{style}, EMA weights")):
+            if key not in mine[0]:
+                continue
+            cells = []
+            for name, _ in SETS:
+                t1 = statistics.mean(r[key][name]["top1"] for r in mine)
+                t5 = statistics.mean(r[key][name]["top5"] for r in mine)
+                cells.append(f"{t1:.2f} / {t5:.2f}")
+            chance = 100 / mine[0][key][SETS[1][0]]["classes"]
+            lines.append(f"| {label} | {len(mine)} | " + " | ".join(cells) + f" | {chance:.2f} |")
     return "\n".join(lines)
 
 
@@ -87,6 +93,8 @@ def main() -> None:
                     help="training samples per icon / symbol concept (clipjob data emoji --named-captions-per-concept)")
     ap.add_argument("--out", default="loso", help="Result name under bench/results/ (e.g. loso-resnet: a variant's "
                     "rows beside the demo's, not over them)")
+    ap.add_argument("--ema", action="store_true", help="Also evaluate the EMA weights (needs --set "
+                    "train.ema_momentum=M): the same run's raw and averaged weights side by side")
     a = ap.parse_args()
     TMP.mkdir(parents=True, exist_ok=True)
     log = TMP / f"{a.out}.log"
@@ -95,7 +103,7 @@ def main() -> None:
     rows = []
     for style in a.styles:
         for seed in a.seeds:
-            rows.append(one(style, seed, sets, a.preset, log, a.data_styles, a.named_captions, a.out))
+            rows.append(one(style, seed, sets, a.preset, log, a.data_styles, a.named_captions, a.out, a.ema))
             print(json.dumps(rows[-1]), flush=True)
     print(table(rows))
     write_result(a.out, {"machine": machine_info(), "preset": a.preset, "sets": a.sets,
