@@ -105,10 +105,10 @@ def main() -> None:
         for seed in a.seeds:
             rows.append(one(style, seed, sets, a.preset, log, a.data_styles, a.named_captions, a.out, a.ema))
             print(json.dumps(rows[-1]), flush=True)
+            # written after every run, so a stopped check keeps the runs it finished
+            write_result(a.out, {"machine": machine_info(), "preset": a.preset, "sets": a.sets,
+                                  "named_captions": a.named_captions, "rows": rows, "table": table(rows)})
     print(table(rows))
-    write_result(a.out, {"machine": machine_info(), "preset": a.preset, "sets": a.sets,
-                          "named_captions": a.named_captions, "rows": rows,
-                          "table": table(rows)})
 
 
 if __name__ == "__main__":
