@@ -6,6 +6,7 @@ concepts in the left-out style. Mean of the seeds given. Noto Color Emoji is nev
     .venv/bin/python bench/loso.py                                   # both styles, seeds 0 1 (~30 min, 2 cores)
     .venv/bin/python bench/loso.py --styles openmoji --seeds 0 --set data.grayscale_p=0.2
     .venv/bin/python bench/loso.py --data-styles twemoji,openmoji,fluent,glyph --out loso-fluent
+    .venv/bin/python bench/loso.py --styles twemoji --seeds 0 --ema --set train.ema_momentum=0.004  # raw and EMA
 
 Writes bench/results/loso.json (`--out NAME`: NAME.json) and prints a markdown table (top-1 / top-5 beside chance).
 """
