@@ -101,11 +101,10 @@ class ShardStream(IterableDataset):
     def _samples(self, rng: random.Random, bad: Counter) -> Iterator[dict]:
         cache = ShardCache(self.cache_mb) if self.cache_mb else None
         for url in draw_shards(self.sources, rng):
-            kept = cache.get(url) if cache else None
-            if kept is not None:
-                yield from kept
-            elif cache is None:
+            if cache is None:
                 yield from read_tar_samples(url, bad, self.stall_s, interruptible=self.in_process)
+            elif (kept := cache.get(url)) is not None:
+                yield from kept
             else:
                 yield from self._read_decoded(url, bad, cache)
             yield {}  # end of shard: lets the consumer notice shards that gave nothing
