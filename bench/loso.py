@@ -55,7 +55,8 @@ def one(style: str, seed: int, sets: list[str], preset: str, log: Path, data_sty
     train_s = time.monotonic() - t0
     args = [a for _, spec in SETS for a in ("--data", spec.format(d=data))]
     row = {"style": style, "seed": seed, "data_styles": data_styles, "train_s": round(train_s, 1)}
-    for key, flags in (("sets", []), ("ema_sets", ["--ema"]))[:2 if ema else 1]:
+    evals = [("sets", [])] + ([("ema_sets", ["--ema"])] if ema else [])
+    for key, flags in evals:
         out = run / f"loso-eval{'-ema' if flags else ''}.json"
         clipjob("eval", "zeroshot", "--checkpoint", str(run), *args, *flags, "--out", str(out), log=log)
         results = json.loads(out.read_text())  # one result per --data, in order
