@@ -124,3 +124,55 @@ def test_should_not_push_apart_two_pictures_of_one_concept_when_they_share_a_gro
     # rows 0 and 1 are the same picture: with one group their targets (and so their gradients) are the same
     assert torch.allclose(g_grouped[0], g_grouped[1], atol=1e-12)
     assert not torch.allclose(g_plain[0], g_plain[1], atol=1e-6)
+
+
+def _bank(k: int = 5, seed: int = 1, ids=(1, 40, 3, 41, 42)):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(k, 8, generator=g, dtype=torch.float64), dim=-1), torch.tensor(ids)
+
+
+def test_should_score_images_against_the_bank_as_more_caption_columns_when_a_text_bank_is_given():
+    """Image -> text: a cross-entropy over the batch's captions and the bank's, each row's target spread over the
+    captions of its group in both (bank row 0 is group 1's, rows 2 and 5 of the batch are group 3's); text ->
+    image as without the bank. SigLIP: every bank column is one more binary pair per image."""
+    img, txt = _features()
+    scale, bias = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-3.0, dtype=torch.float64)
+    groups = torch.tensor([1, 2, 3, 4, 5, 3])
+    bank = _bank()
+    cols, col_groups = torch.cat([txt, bank[0]]), torch.cat([groups, bank[1]])
+    n = len(img)
+    members = [[j for j in range(len(cols)) if col_groups[j] == groups[i]] for i in range(n)]
+    ce_img = -sum(sum(torch.log_softmax(scale * img[i] @ cols.T, 0)[j] for j in members[i]) / len(members[i])
+                  for i in range(n)) / n
+    members_txt = [[j for j in range(n) if groups[j] == groups[i]] for i in range(n)]
+    ce_txt = -sum(sum(torch.log_softmax(scale * txt[i] @ img.T, 0)[j] for j in members_txt[i]) / len(members_txt[i])
+                  for i in range(n)) / n
+    got = clip_loss(img, txt, scale, groups, bank)
+    assert got.item() == pytest.approx(0.5 * (ce_img + ce_txt).item(), rel=1e-9)
+    assert got.item() != pytest.approx(clip_loss(img, txt, scale, groups).item(), rel=1e-3)
+    total = sum(math.log1p(math.exp(-(1.0 if col_groups[j] == groups[i] else -1.0) * (scale * img[i] @ cols[j] + bias).item()))
+                for i in range(n) for j in range(len(cols)))
+    assert siglip_loss(img, txt, scale, bias, groups, bank).item() == pytest.approx(total / n, rel=1e-9)
+    empty = (bank[0][:0], bank[1][:0])  # a bank with nothing in it yet: the loss without one
+    assert clip_loss(img, txt, scale, groups, empty).item() == pytest.approx(clip_loss(img, txt, scale, groups).item(), rel=1e-12)
+
+
+def test_should_keep_each_groups_latest_caption_and_drop_the_oldest_group_when_the_bank_is_full():
+    bank = build_loss("clip", bank_size=3, bank_dim=2).bank
+    rows = torch.arange(12, dtype=torch.float32).view(6, 2)
+    bank.add(torch.tensor([7, 8, 7]), rows[:3])  # group 7 twice in one batch: its later row
+    assert bank.ids[:2].tolist() == [7, 8] and bank.pooled[0].tolist() == rows[2].tolist() and int(bank.count) == 2
+    bank.add(torch.tensor([8, 9]), rows[3:5])  # 8 seen again: its slot is overwritten, 9 fills the last slot
+    assert bank.ids.tolist() == [7, 8, 9] and bank.pooled[1].tolist() == rows[3].tolist()
+    bank.add(torch.tensor([10]), rows[5:])  # full: the oldest slot (group 7's) goes
+    assert bank.ids.tolist() == [10, 8, 9] and bank.pooled[0].tolist() == rows[5].tolist() and int(bank.next) == 1
+    proj = torch.tensor([[3.0, 0.0, 0.0], [0.0, 4.0, 0.0]], requires_grad=True)
+    features, ids = bank.columns(proj)
+    assert ids.tolist() == [10, 8, 9] and not features.requires_grad  # constants: DDP never sees them
+    torch.testing.assert_close(features, F.normalize(bank.pooled @ proj.detach(), dim=-1))
+    # the checkpoint's train state carries it; a loaded bank goes on where the saved one was
+    again = build_loss("clip", bank_size=3, bank_dim=2)
+    again.bank.add(torch.tensor([99]), rows[:1])  # its own slot map, built before the load, must not survive it
+    again.load_state_dict({f"bank.{k}": v for k, v in bank.state_dict().items()})
+    again.bank.add(torch.tensor([11, 9]), rows[:2])  # 9 is known; 11 takes the oldest slot, now group 8's
+    assert again.bank.ids.tolist() == [10, 11, 9] and int(again.bank.count) == 3
