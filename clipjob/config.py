@@ -119,7 +119,6 @@ class TrainConfig:
     accum_steps: int = F(1, "Micro-batches per step; features are cached so the contrastive batch stays whole")
     compile: bool = F(False, "torch.compile the model")
     loss: Literal["clip", "siglip"] = F("clip", "Contrastive loss: clip (softmax InfoNCE) or siglip (sigmoid, learnable logit bias init -10; logit scale starts at ln 10 unless model.logit_scale_init is changed)")
-    text_bank: int = F(0, "Score every image each step also against the latest caption of each of up to N loss groups seen so far (e.g. every concept of the emoji data), not only the batch's: extra image -> text columns, negatives, positives for the image's own group. The frozen text tower's embeddings are kept and mapped through the current projection (cheap: N x embed_dim per step); saved in checkpoints. Needs data.positives_key and model.text.kind=minilm with model.text.freeze=true. 0 = off")
     peak_flops: float = F(0.0, "Peak FLOP/s of one device for the MFU estimate (0 = known GPU table, else a matmul measured at startup)")
     agree_every: int = F(0, "Steps between the ranks' agreement on the stop and clock-save flags, a tiny all-reduce whose result the host waits for (on a GPU that drains the launch queue); 0 = every step on the CPU, every 10 on GPUs")
     dist_timeout_s: float = F(1800.0, "Timeout of process-group init and collectives (a checkpoint save must finish within it)")
@@ -365,10 +364,6 @@ def validate(cfg: Config) -> None:
     _check(0 <= d.max_bad_fraction <= 1, f"data.max_bad_fraction: must be in [0, 1], got {d.max_bad_fraction}")
     _check(cfg.model.logit_scale_max > 0, "model.logit_scale_max: must be > 0")
     _check(tr.ema_momentum >= 0 and tr.ema_momentum < 1, f"train.ema_momentum: must be in [0, 1), got {tr.ema_momentum}")
-    _check(tr.text_bank >= 0, f"train.text_bank: must be >= 0, got {tr.text_bank}")
-    _check(not tr.text_bank or (d.positives_key and t.kind == "minilm" and t.freeze),
-           "train.text_bank: needs data.positives_key (the bank's groups) and a frozen minilm text tower "
-           "(model.text.kind=minilm, model.text.freeze=true), whose caption embeddings do not change")
     _check(tr.accum_steps >= 1, f"train.accum_steps: must be >= 1, got {tr.accum_steps}")
     _check(tr.accum_steps <= tr.batch_size, f"train.accum_steps: {tr.accum_steps} micro-batches do not fit in train.batch_size={tr.batch_size}")
     _check(tr.peak_flops >= 0, f"train.peak_flops: must be >= 0, got {tr.peak_flops}")
@@ -425,7 +420,7 @@ SCHEMA_BOUNDS: dict[str, dict[str, float]] = {
         "train.accum_steps", "eval.batch_size")},
     **{key: {"minimum": 0} for key in (
         "train.min_lr", "train.warmup_steps", "train.weight_decay", "train.grad_clip", "train.ckpt_every_steps",
-        "train.ckpt_every_minutes", "train.budget_minutes", "train.threads", "train.text_bank", "train.peak_flops", "train.agree_every",
+        "train.ckpt_every_minutes", "train.budget_minutes", "train.threads", "train.peak_flops", "train.agree_every",
         "data.num_workers", "data.shuffle_buffer", "storage.stop_wait_s", "eval.resolution")},
     **{key: {"exclusiveMinimum": 0} for key in (
         "train.lr", "train.dist_timeout_s", "model.logit_scale_max", "data.stall_timeout_s",

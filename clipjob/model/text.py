@@ -153,11 +153,8 @@ class MiniLMText(nn.Module):
         return F.normalize((x * w).sum(1) / w.sum(1).clamp(min=1e-9), dim=-1)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.pooled(tokens).to(self.proj.dtype) @ self.proj
-
-    def pooled(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The sentence embeddings the projection maps (a frozen tower's from its cache)."""
-        return self._cached_embed(tokens) if self.frozen else self.embed(tokens)
+        pooled = self._cached_embed(tokens) if self.frozen else self.embed(tokens)
+        return pooled.to(self.proj.dtype) @ self.proj
 
     CACHE_MAX = 200_000
     CHUNK = 32  # captions embedded at a time by _cached_embed

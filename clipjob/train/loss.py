@@ -68,11 +68,10 @@ def gather_features(x: torch.Tensor) -> torch.Tensor:
 
 
 def gather_groups(groups: torch.Tensor) -> torch.Tensor:
-    """All ranks' rows concatenated along dim 0 in rank order, without gradient (group ids are labels; the text
-    bank's rows are constants)."""
+    """All ranks' group ids concatenated in rank order (no gradient: ids are labels)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return groups
-    out = groups.new_empty((dist.get_world_size() * groups.shape[0], *groups.shape[1:]))
+    out = groups.new_empty((dist.get_world_size() * groups.shape[0],))
     _all_gather(out, groups.contiguous())
     return out
 
@@ -87,50 +86,33 @@ def _positives(n: int, groups: torch.Tensor | None, device: torch.device) -> tup
     return labels, groups[:, None] == gather_groups(groups)[None, :]
 
 
-def _spread(same: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Soft targets: each row's weight spread evenly over its positive columns (each row holds its own pair, so
-    every row has at least one)."""
-    labels = same.to(dtype)
-    return labels / labels.sum(dim=1, keepdim=True)
-
-
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-              groups: torch.Tensor | None = None, bank: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+              groups: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE: 0.5 * (CE(image -> text) + CE(text -> image)), local rows x global columns.
 
     With `groups` (one int64 id per local sample, `data.positives_key`), the target of each row is spread
     evenly over every column of its group (UniCL's multi-positive InfoNCE): two pictures of one concept in a
-    batch are no longer pushed apart as negatives of each other's captions. All-distinct groups give CLIP's loss.
-    `bank` (text features (K, E), their group ids (K,); train.text_bank, needs groups) adds K caption columns to
-    the image -> text side: negatives, and positives of the images of their own group."""
+    batch are no longer pushed apart as negatives of each other's captions. All-distinct groups give CLIP's loss."""
     n = image_features.shape[0]
     all_img, all_txt = gather_features(image_features), gather_features(text_features)
     labels, same = _positives(n, groups, image_features.device)
-    dtype = at_least_fp32(image_features).dtype
-    labels_img = labels_txt = labels if same is None else _spread(same, dtype)
-    if bank is not None and bank[0].shape[0]:
-        all_txt = torch.cat([all_txt, bank[0].to(all_txt.dtype)])
-        labels_img = _spread(torch.cat([same, groups.to(same.device)[:, None] == bank[1][None, :]], dim=1), dtype)
+    if same is not None:
+        labels = same.to(at_least_fp32(image_features).dtype)
+        labels = labels / labels.sum(dim=1, keepdim=True)  # each row holds its own pair: the sum is >= 1
     logits_img = logit_scale * image_features @ all_txt.T
     logits_txt = logit_scale * text_features @ all_img.T
-    return 0.5 * (F.cross_entropy(at_least_fp32(logits_img), labels_img)
-                  + F.cross_entropy(at_least_fp32(logits_txt), labels_txt))
+    return 0.5 * (F.cross_entropy(at_least_fp32(logits_img), labels) + F.cross_entropy(at_least_fp32(logits_txt), labels))
 
 
 def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                logit_bias: torch.Tensor, groups: torch.Tensor | None = None,
-                bank: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                logit_bias: torch.Tensor, groups: torch.Tensor | None = None) -> torch.Tensor:
     """Sigmoid loss (SigLIP): every (image, text) pair is a binary problem; positives on the diagonal (and,
     with `groups`, every pair of one group). Local images against all gathered texts, normalised by the local
-    batch size, so the global loss (normalised by the global batch) is again the mean of the local ones.
-    `bank` as in clip_loss: more text columns, positive for the images of their group."""
+    batch size, so the global loss (normalised by the global batch) is again the mean of the local ones."""
     n = image_features.shape[0]
     all_txt = gather_features(text_features)
-    labels, same = _positives(n, groups, image_features.device)
-    if bank is not None and bank[0].shape[0]:
-        all_txt = torch.cat([all_txt, bank[0].to(all_txt.dtype)])
-        same = torch.cat([same, groups.to(same.device)[:, None] == bank[1][None, :]], dim=1)
     logits = at_least_fp32(logit_scale * image_features @ all_txt.T + logit_bias)
+    labels, same = _positives(n, groups, logits.device)
     targets = -torch.ones_like(logits)
     if same is not None:
         targets[same] = 1.0
@@ -138,82 +120,28 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
     return -F.logsigmoid(targets * logits).sum() / n
 
 
-class TextBank(nn.Module):
-    """train.text_bank: the frozen text tower's sentence embedding (before the projection) of the latest caption
-    of each of up to `size` loss groups seen in training, oldest group out first when full. Each step scores every
-    image against all of them through the current projection, so the image tower meets the whole concept
-    vocabulary as negatives, not only the ~batch's. Buffers, so the checkpoint's train state carries the bank and
-    a resumed run goes on with the same one; every rank adds the global batch, so all ranks hold the same bank."""
-
-    def __init__(self, size: int, dim: int):
-        super().__init__()
-        self.size = size
-        self.register_buffer("pooled", torch.zeros(size, dim))
-        self.register_buffer("ids", torch.zeros(size, dtype=torch.int64))
-        self.register_buffer("count", torch.zeros((), dtype=torch.int64))  # slots filled
-        self.register_buffer("next", torch.zeros((), dtype=torch.int64))  # the oldest slot, once full
-        self._slots: dict[int, int] | None = None  # group id -> slot, rebuilt from the buffers after a load
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._slots = None
-        super()._load_from_state_dict(*args, **kwargs)
-
-    @torch.no_grad()
-    def add(self, groups: torch.Tensor, pooled: torch.Tensor) -> None:
-        """Put each group's embedding in its slot (a group seen again: its slot is overwritten; later rows win)."""
-        n = int(self.count)
-        if self._slots is None:
-            self._slots = {g: i for i, g in enumerate(self.ids[:n].tolist())}
-        last = {g: i for i, g in enumerate(groups.tolist())}  # each group's last row
-        slots, rows = [], []
-        for g, row in last.items():
-            slot = self._slots.get(g)
-            if slot is None:
-                if n < self.size:
-                    slot, n = n, n + 1
-                else:
-                    slot = int(self.next)
-                    self.next.fill_((slot + 1) % self.size)
-                    del self._slots[int(self.ids[slot])]
-                self._slots[g] = slot
-            slots.append(slot)
-            rows.append(row)
-        slots_t = torch.tensor(slots, device=self.ids.device)
-        self.ids[slots_t] = groups[rows].to(self.ids.device)
-        self.pooled[slots_t] = pooled[rows].to(self.pooled.dtype)
-        self.count.fill_(n)
-
-    def columns(self, proj: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(text features through the current projection, detached: (K, E) L2-normalised; their group ids (K,))."""
-        n = int(self.count)
-        return F.normalize(self.pooled[:n] @ proj.detach().to(self.pooled.dtype), dim=-1), self.ids[:n]
-
-
 class ContrastiveLoss(nn.Module):
     """`train.loss` as a module. SigLIP's learnable logit bias lives here: it trains with the model (same
     optimizer, no weight decay), its gradient is averaged over ranks by the trainer (it is outside DDP), and
-    its state is saved in the checkpoint's train state; so is the text bank (train.text_bank)."""
+    its state is saved in the checkpoint's train state."""
 
-    def __init__(self, kind: str = "clip", bank_size: int = 0, bank_dim: int = 0):
+    def __init__(self, kind: str = "clip"):
         super().__init__()
         if kind not in ("clip", "siglip"):
             raise ValueError(f"unknown loss {kind!r}")
         self.kind = kind
         self.logit_bias = nn.Parameter(torch.tensor(SIGLIP_LOGIT_BIAS_INIT)) if kind == "siglip" else None
-        self.bank = TextBank(bank_size, bank_dim) if bank_size else None
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                learn_params: bool = True, groups: torch.Tensor | None = None,
-                bank: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                learn_params: bool = True, groups: torch.Tensor | None = None) -> torch.Tensor:
         """`learn_params=False` keeps the loss's own parameters out of this backward (used by gradient
         accumulation, where the full loss is evaluated once per micro-batch but must count once). `groups`:
-        one id per row, rows of one id are positives of each other (data.positives_key); None = CLIP's pairs.
-        `bank`: the text bank's columns for this step (TextBank.columns)."""
+        one id per row, rows of one id are positives of each other (data.positives_key); None = CLIP's pairs."""
         if self.logit_bias is None:
-            return clip_loss(image_features, text_features, logit_scale, groups, bank)
+            return clip_loss(image_features, text_features, logit_scale, groups)
         bias = self.logit_bias if learn_params else self.logit_bias.detach()
-        return siglip_loss(image_features, text_features, logit_scale, bias, groups, bank)
+        return siglip_loss(image_features, text_features, logit_scale, bias, groups)
 
 
-def build_loss(kind: str, bank_size: int = 0, bank_dim: int = 0) -> ContrastiveLoss:
-    return ContrastiveLoss(kind, bank_size, bank_dim)
+def build_loss(kind: str) -> ContrastiveLoss:
+    return ContrastiveLoss(kind)

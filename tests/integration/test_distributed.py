@@ -21,28 +21,10 @@ WORLD, PER_RANK = 2, 4
 # (and gloo's all-reduce adds in its own), so they agree to float64 rounding (~1e-15 of each tensor's scale)
 # on any CPU; float32 leaves ~1e-6 that depends on the CPU's kernels
 RTOL, ATOL = 1e-9, 1e-12
-# (loss, accum_steps, loss groups): groups shared within and across ranks (data.positives_key); "bank": those
-# groups and a text bank (train.text_bank) holding some of them and others
+# (loss, accum_steps, loss groups): groups shared within and across ranks (data.positives_key)
 CASES = [("clip", 1, False), ("siglip", 1, False), ("clip", 2, False), ("siglip", 2, False),
-         ("clip", 1, True), ("clip", 2, True), ("siglip", 2, True), ("clip", 1, "bank"), ("clip", 2, "bank"),
-         ("siglip", 1, "bank")]
+         ("clip", 1, True), ("clip", 2, True), ("siglip", 2, True)]
 GROUPS = torch.tensor([0, 1, 0, 2, 1, 3, 3, 0])
-BANK_GROUPS, BANK_SIZE = torch.tensor([3, 9, 0, 7]), 6  # the step adds 0-3 (known: 0, 3; new: 1, 2): 6 groups
-
-
-class Text(nn.Module):
-    """A frozen text tower's contract (MiniLMText): sentence embeddings (here the tokens themselves) and a
-    trainable projection."""
-
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Parameter(torch.randn(3, 5))
-
-    def pooled(self, tokens):
-        return tokens
-
-    def forward(self, tokens):
-        return self.pooled(tokens) @ self.proj
 
 
 class TwoTowers(nn.Module):
@@ -52,14 +34,14 @@ class TwoTowers(nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.img = nn.Linear(6, 5)
-        self.text = Text()
+        self.txt = nn.Linear(3, 5)
         self.logit_scale = nn.Parameter(torch.tensor(2.0))
         self.double()
 
     def forward(self, images, tokens):
         from clipjob.model import CLIPOutput
 
-        return CLIPOutput(F.normalize(self.img(images), dim=-1), F.normalize(self.text(tokens), dim=-1),
+        return CLIPOutput(F.normalize(self.img(images), dim=-1), F.normalize(self.txt(tokens), dim=-1),
                           self.logit_scale.exp())
 
 
@@ -69,22 +51,19 @@ def _global_batch():
             torch.randn(WORLD * PER_RANK, 3, generator=g, dtype=torch.float64))
 
 
-def _step(net, model, kind: str, accum: int, images, tokens, groups=None, bank: bool = False):
-    """One step's gradients as the trainer computes them; returns (loss, {name: grad}, the bank after it)."""
+def _step(net, model, kind: str, accum: int, images, tokens, groups=None):
+    """One step's gradients as the trainer computes them; returns (loss, {name: grad})."""
     from clipjob import dist as cdist
     from clipjob.train.loss import build_loss
     from clipjob.train.step import forward_backward
 
-    loss_fn = build_loss(kind, BANK_SIZE if bank else 0, 3).double()
-    if bank:  # the same earlier captions on every rank
-        loss_fn.bank.add(BANK_GROUPS, torch.randn(len(BANK_GROUPS), 3, dtype=torch.float64,
-                                                  generator=torch.Generator().manual_seed(7)))
+    loss_fn = build_loss(kind).double()
     out = forward_backward(net, model, loss_fn, images, tokens, accum_steps=accum, precision="fp32", scaler=None,
                            groups=groups)
     cdist.average_grads(list(loss_fn.parameters()))
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     grads.update({f"loss.{n}": p.grad.clone() for n, p in loss_fn.named_parameters()})
-    return out.loss.item(), grads, {k: v.clone() for k, v in loss_fn.named_buffers()} if bank else {}
+    return out.loss.item(), grads
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
@@ -100,7 +79,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         model = TwoTowers()
         groups = GROUPS[local] if grouped else None
         results[f"{kind}-{accum}-{grouped}"] = _step(DDP(model), model, kind, accum, images[local], tokens[local],
-                                                     groups, grouped == "bank")
+                                                     groups)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -111,8 +90,7 @@ def test_should_equal_the_single_process_loss_and_gradients_when_gathered_over_t
     images, tokens = _global_batch()
     for kind, accum, grouped in CASES:
         model = TwoTowers()
-        ref_loss, ref_grads, ref_bank = _step(model, model, kind, 1, images, tokens, GROUPS if grouped else None,
-                                              grouped == "bank")
+        ref_loss, ref_grads = _step(model, model, kind, 1, images, tokens, GROUPS if grouped else None)
         local_losses = [r[f"{kind}-{accum}-{grouped}"][0] for r in ranks]
         # the global loss is the mean of the local ones (equal local batches)
         assert sum(local_losses) / WORLD == pytest.approx(ref_loss, rel=RTOL), (kind, accum)
@@ -123,11 +101,6 @@ def test_should_equal_the_single_process_loss_and_gradients_when_gathered_over_t
                 assert grads[name].dtype == torch.float64
                 torch.testing.assert_close(grads[name], g, rtol=RTOL, atol=ATOL * (g.abs().max().item() or 1.0),
                                            msg=f"{kind} accum={accum} groups={grouped} {name}")
-            # the text bank took the global batch: every rank holds the single process's bank
-            bank = r[f"{kind}-{accum}-{grouped}"][2]
-            assert bank.keys() == ref_bank.keys() and all(torch.equal(bank[k], ref_bank[k]) for k in bank)
-        if grouped == "bank":
-            assert ref_bank["bank.ids"].tolist() == [3, 9, 0, 7, 1, 2] and int(ref_bank["bank.count"]) == BANK_SIZE
 
 
 def _metrics(run: Path) -> list[dict]:

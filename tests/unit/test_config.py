@@ -32,7 +32,6 @@ def test_should_parse_yaml_values_when_overriding():
     ("model.vision.image_size=65", "model.vision.image_size"),
     ("eval.worker_nice=20", "eval.worker_nice: must be 0..19"),
     ("data.worker_nice=-1", "data.worker_nice: must be 0..19"),
-    ("train.text_bank=-1", "train.text_bank: must be >= 0"),
     ("nope=1", "nope: unknown key"),
     ("train.lr", "expected key=value"),
 ])
@@ -41,17 +40,6 @@ def test_should_name_the_key_when_a_value_is_bad(override, fragment):
         build_config("tiny-cpu", None, [override])
     assert fragment in str(e.value)
     assert "\n" not in str(e.value)
-
-
-@pytest.mark.parametrize("preset, overrides", [
-    ("tiny-cpu", ["data.positives_key="]),  # the bank's entries are groups
-    ("tiny-cpu", ["model.text.freeze=false"]),  # a trained tower's old caption embeddings go stale
-    ("tiny-cpu-scratch", ["data.positives_key=concept"]),  # the from-scratch transformer tower
-])
-def test_should_refuse_a_text_bank_without_groups_or_a_frozen_minilm_tower(preset, overrides):
-    assert build_config("tiny-cpu", None, ["train.text_bank=64"]).train.text_bank == 64
-    with pytest.raises(ConfigError, match="^train.text_bank: needs data.positives_key"):
-        build_config(preset, None, ["train.text_bank=64", *overrides])
 
 
 def test_should_round_trip_through_yaml_when_every_preset_is_dumped(tmp_path):
