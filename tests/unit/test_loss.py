@@ -124,3 +124,51 @@ def test_should_not_push_apart_two_pictures_of_one_concept_when_they_share_a_gro
     # rows 0 and 1 are the same picture: with one group their targets (and so their gradients) are the same
     assert torch.allclose(g_grouped[0], g_grouped[1], atol=1e-12)
     assert not torch.allclose(g_plain[0], g_plain[1], atol=1e-6)
+
+
+def test_should_move_part_of_each_target_to_rows_whose_text_is_alike_when_soft_targets_are_on():
+    """train.soft_targets: each row's target is (1 - w) x its hard target (own pair, or spread over its group)
+    + w x softmax of its text's cosines to every column's text / temp, in both directions (the matrix is
+    symmetric); w = 0 or no texts give the plain loss back."""
+    img, txt = _features()
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    emb = F.normalize(torch.randn(6, 5, generator=g, dtype=torch.float64), dim=-1)
+    groups = torch.tensor([1, 2, 1, 3, 4, 1])
+    w, temp, n = 0.3, 0.1, 6
+    for grp in (None, groups):
+        hard = torch.eye(n, dtype=torch.float64) if grp is None else (grp[:, None] == grp[None, :]).double()
+        hard = hard / hard.sum(1, keepdim=True)
+        soft = torch.softmax(emb @ emb.T / temp, dim=1)
+        target = (1 - w) * hard + w * soft
+        logits = scale * img @ txt.T
+
+        def ce(lg):
+            return -sum((target[i] * torch.log_softmax(lg[i], 0)).sum() for i in range(n)) / n
+
+        expected = 0.5 * (ce(logits) + ce(logits.T))
+        got = clip_loss(img, txt, scale, grp, emb, w, temp)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-9)
+        plain = clip_loss(img, txt, scale, grp)
+        assert got.item() != pytest.approx(plain.item(), rel=1e-3)  # the targets did change
+        assert clip_loss(img, txt, scale, grp, emb, 0.0, temp).item() == pytest.approx(plain.item(), rel=1e-12)
+    loss = build_loss("clip", w, temp)
+    assert loss(img, txt, scale, groups=groups, text_embed=emb).item() == pytest.approx(
+        clip_loss(img, txt, scale, groups, emb, w, temp).item(), rel=1e-12)
+    with pytest.raises(ValueError, match="clip loss option"):
+        build_loss("siglip", w, temp)
+
+
+def test_should_pull_a_picture_toward_the_caption_of_a_like_named_concept_when_soft_targets_are_on():
+    """The gradient's direction: with soft targets an image moves toward the caption whose name is near its
+    own (cosine 0.9) more than toward an unrelated one (cosine 0); without, both are only negatives."""
+    img, txt = _features(n=3)
+    img = img.clone().requires_grad_()
+    scale = torch.tensor(10.0, dtype=torch.float64)
+    emb = torch.tensor([[1.0, 0.0, 0.0], [0.9, 0.19**0.5, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    (g_soft,) = torch.autograd.grad(clip_loss(img, txt, scale, None, emb, 0.5, 0.1), img)
+    (g_plain,) = torch.autograd.grad(clip_loss(img, txt, scale), img)
+    # descending the loss moves image 0 along -grad; its pull toward caption 1 grows with soft targets
+    toward1 = (-(g_soft[0]) @ txt[1]).item() - (-(g_plain[0]) @ txt[1]).item()
+    toward2 = (-(g_soft[0]) @ txt[2]).item() - (-(g_plain[0]) @ txt[2]).item()
+    assert toward1 > 0 and toward1 > toward2
