@@ -119,8 +119,6 @@ class TrainConfig:
     accum_steps: int = F(1, "Micro-batches per step; features are cached so the contrastive batch stays whole")
     compile: bool = F(False, "torch.compile the model")
     loss: Literal["clip", "siglip"] = F("clip", "Contrastive loss: clip (softmax InfoNCE) or siglip (sigmoid, learnable logit bias init -10; logit scale starts at ln 10 unless model.logit_scale_init is changed)")
-    soft_targets: float = F(0.0, "Share of each row's clip target spread over the batch's columns by how alike the frozen text tower finds the text of their data.positives_key field (e.g. concept names: softmax of name-name cosine / train.soft_targets_temp), the rest on its own pair or group: pictures of neighbouring concepts are not pushed as far apart as unrelated ones. Names, not captions: caption templates would dominate the cosines. Needs data.positives_key, train.loss=clip and model.text.kind=minilm with model.text.freeze=true. 0 = off")
-    soft_targets_temp: float = F(0.1, "Temperature of train.soft_targets' softmax over the texts' cosines (smaller: only the nearest captions share the target)")
     peak_flops: float = F(0.0, "Peak FLOP/s of one device for the MFU estimate (0 = known GPU table, else a matmul measured at startup)")
     agree_every: int = F(0, "Steps between the ranks' agreement on the stop and clock-save flags, a tiny all-reduce whose result the host waits for (on a GPU that drains the launch queue); 0 = every step on the CPU, every 10 on GPUs")
     dist_timeout_s: float = F(1800.0, "Timeout of process-group init and collectives (a checkpoint save must finish within it)")
@@ -366,11 +364,6 @@ def validate(cfg: Config) -> None:
     _check(0 <= d.max_bad_fraction <= 1, f"data.max_bad_fraction: must be in [0, 1], got {d.max_bad_fraction}")
     _check(cfg.model.logit_scale_max > 0, "model.logit_scale_max: must be > 0")
     _check(tr.ema_momentum >= 0 and tr.ema_momentum < 1, f"train.ema_momentum: must be in [0, 1), got {tr.ema_momentum}")
-    _check(0 <= tr.soft_targets < 1, f"train.soft_targets: must be in [0, 1), got {tr.soft_targets}")
-    _check(tr.soft_targets_temp > 0, f"train.soft_targets_temp: must be > 0, got {tr.soft_targets_temp}")
-    _check(not tr.soft_targets or (d.positives_key and tr.loss == "clip" and t.kind == "minilm" and t.freeze),
-           "train.soft_targets: needs data.positives_key (its field is the text compared), train.loss=clip and a frozen minilm "
-           "text tower (model.text.kind=minilm, model.text.freeze=true), whose embeddings give the targets")
     _check(tr.accum_steps >= 1, f"train.accum_steps: must be >= 1, got {tr.accum_steps}")
     _check(tr.accum_steps <= tr.batch_size, f"train.accum_steps: {tr.accum_steps} micro-batches do not fit in train.batch_size={tr.batch_size}")
     _check(tr.peak_flops >= 0, f"train.peak_flops: must be >= 0, got {tr.peak_flops}")
@@ -430,13 +423,12 @@ SCHEMA_BOUNDS: dict[str, dict[str, float]] = {
         "train.ckpt_every_minutes", "train.budget_minutes", "train.threads", "train.peak_flops", "train.agree_every",
         "data.num_workers", "data.shuffle_buffer", "storage.stop_wait_s", "eval.resolution")},
     **{key: {"exclusiveMinimum": 0} for key in (
-        "train.lr", "train.soft_targets_temp", "train.dist_timeout_s", "model.logit_scale_max", "data.stall_timeout_s",
+        "train.lr", "train.dist_timeout_s", "model.logit_scale_max", "data.stall_timeout_s",
         "storage.stall_timeout_s")},
     "data.worker_nice": {"minimum": 0, "maximum": 19},
     "eval.worker_nice": {"minimum": 0, "maximum": 19},
     "data.max_bad_fraction": {"minimum": 0, "maximum": 1},
     "train.ema_momentum": {"minimum": 0, "exclusiveMaximum": 1},
-    "train.soft_targets": {"minimum": 0, "exclusiveMaximum": 1},
 }
 
 _JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string", type(None): "null"}

@@ -51,16 +51,6 @@ def group_id(sample: dict, key: str) -> int | None:
     return int.from_bytes(digest, "little", signed=True)
 
 
-def group_text(sample: dict, key: str) -> str | None:
-    """The sample's `.json` field `key` as text (train.soft_targets embeds it: e.g. the concept's name); None
-    when the field is missing, is not a non-empty string, or the JSON does not parse."""
-    try:
-        value = json.loads(sample.get("json") or b"{}").get(key)
-    except (ValueError, AttributeError):
-        return None
-    return (" ".join(value.split()) or None) if isinstance(value, str) else None
-
-
 def open_image(data: bytes) -> Image.Image:
     """Parse an image's header only (no pixels decoded), refusing declared sizes above MAX_PIXELS."""
     try:

@@ -36,7 +36,7 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 
 from clipjob import fs
 from clipjob.config import DataConfig
-from clipjob.data.decode import IMAGE_KEYS, BadSample, decode_caption, decode_image, group_id, group_text
+from clipjob.data.decode import IMAGE_KEYS, BadSample, decode_caption, decode_image, group_id
 from clipjob.data.device_decode import EncodedJpegs, plan_jpeg
 from clipjob.data.shards import (Source, derive_seed, draw_shards, equal_size_note, parse_sources,
                                  read_tar_samples)
@@ -59,8 +59,6 @@ class Batch:
     jpegs: EncodedJpegs | None = None  # data.decode=gpu: the JPEG rows, still encoded (None: all in `images`)
     replaced: int = 0  # rows holding a copy of another row (a corrupt JPEG found on the device), also in `bad`
     groups: torch.Tensor | None = None  # (B,) int64 with data.positives_key: equal ids are positives in the loss
-    group_tokens: torch.Tensor | None = None  # (B, context_length) the positives_key field's text, tokenized
-    # (train.soft_targets; a sample without the field brings its caption)
 
 
 class ConstantSchedule:
@@ -81,8 +79,7 @@ class ShardStream(IterableDataset):
                  seed: int = 0, rank: int = 0, start_step: int = 0, shuffle_buffer: int = 1000,
                  rrc_scale: tuple[float, float] = (0.9, 1.0), caption_key: str = "txt",
                  augment: Augment = Augment(), batch_schedule: BatchSchedule | None = None,
-                 stall_s: float | None = None, decode: str = "cpu", positives_key: str = "", cache_mb: int = 0,
-                 group_text: bool = False):
+                 stall_s: float | None = None, decode: str = "cpu", positives_key: str = "", cache_mb: int = 0):
         if urls and isinstance(urls[0], str):
             urls = [Source("", tuple(urls), 1.0, None)]  # type: ignore[arg-type]
         self.sources: list[Source] = list(urls)  # type: ignore[arg-type]
@@ -92,7 +89,6 @@ class ShardStream(IterableDataset):
         self.augment = augment
         self.decode = decode  # "gpu": JPEGs travel encoded, with their crop box (device_decode)
         self.positives_key = positives_key  # a .json field: samples sharing its value are positives (loss groups)
-        self.group_text = group_text and bool(positives_key)  # batches also carry that field's text, tokenized
         self.crop = RandomResizedCrop(1, rrc_scale)  # draws decode=gpu's boxes (its size is not used)
         self.schedule = batch_schedule or ConstantSchedule(image_size, batch_size)
         self.n_shards = sum(len(s.urls) for s in self.sources)
@@ -157,7 +153,7 @@ class ShardStream(IterableDataset):
         hopeless = max(MIN_HOPELESS, 20 * self.n_shards)
         step = self.start_step + worker
         size, batch_size = self.schedule(step)
-        images, captions, groups, texts = [], [], [], []
+        images, captions, groups = [], [], []
         # ids for samples without the field: distinct across ranks and workers (a 64-bit hash hits one with odds ~2^-40)
         own = -(2**62) - (self.rank << 48) - (worker << 40)
         bad_before, bad_at_last_good = 0, 0  # bad counts of earlier batches; the total when last good
@@ -171,8 +167,6 @@ class ShardStream(IterableDataset):
                         gid = group_id(sample, self.positives_key)
                         own, gid = (own, gid) if gid is not None else (own + 1, own)
                         groups.append(gid)
-                    if self.group_text:
-                        texts.append(group_text(sample, self.positives_key) or caption)
                     bad_at_last_good = bad_before + sum(bad.values())
                 except BadSample as e:
                     bad[e.reason] += 1
@@ -183,12 +177,10 @@ class ShardStream(IterableDataset):
                 batch = self._batch(images, self.tokenizer(captions), dict(bad), size)
                 if self.positives_key:
                     batch.groups = torch.tensor(groups, dtype=torch.int64)
-                if self.group_text:
-                    batch.group_tokens = self.tokenizer(texts)
                 yield batch
                 bad_before += sum(bad.values())
                 bad.clear()
-                images, captions, groups, texts = [], [], [], []
+                images, captions, groups = [], [], []
                 step += n_workers
                 size, batch_size = self.schedule(step)
 
@@ -338,12 +330,11 @@ def next_batch(batches: Iterator[Batch], stop_requested: Callable[[], bool], sta
 
 def build_train_loader(data: DataConfig, *, batch_size: int, image_size: int, tokenizer: Callable, seed: int,
                        rank: int, start_step: int, batch_schedule: BatchSchedule | None = None,
-                       prefetch_factor: int = 4, group_text: bool = False) -> DataLoader:
+                       prefetch_factor: int = 4) -> DataLoader:
     """The training loader of one rank: endless, in step order, batches built inside `data.num_workers` workers.
     `data` gives the shards and how to read them; the keywords are facts of the run (train.batch_size, the
     model's image size, train.seed, this rank, the step it starts at). `batch_schedule(step) -> (image_size,
-    batch_size)` varies the batch shape per step (multi-scale). `group_text`: batches carry the tokenized text of
-    data.positives_key's field (train.soft_targets)."""
+    batch_size)` varies the batch shape per step (multi-scale)."""
     sources = parse_sources(data.train)
     note = equal_size_note(sources)
     if note and rank == 0:
@@ -352,7 +343,7 @@ def build_train_loader(data: DataConfig, *, batch_size: int, image_size: int, to
                          start_step=start_step, shuffle_buffer=data.shuffle_buffer, rrc_scale=data.rrc_scale,
                          augment=Augment.of(data), caption_key=data.caption_key, batch_schedule=batch_schedule,
                          stall_s=data.stall_timeout_s, decode=data.decode, positives_key=data.positives_key,
-                         cache_mb=data.cache_mb, group_text=group_text)
+                         cache_mb=data.cache_mb)
     workers = data.num_workers
     return TrainLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
                        timeout=POLL_S if workers > 0 else 0,

@@ -156,11 +156,6 @@ class MiniLMText(nn.Module):
         pooled = self._cached_embed(tokens) if self.frozen else self.embed(tokens)
         return pooled.to(self.proj.dtype) @ self.proj
 
-    def frozen_embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The captions' sentence embeddings (unit length, no grad) of a frozen tower, from its cache."""
-        assert self.frozen, "frozen_embed needs model.text.freeze=true"
-        return self._cached_embed(tokens)
-
     CACHE_MAX = 200_000
     CHUNK = 32  # captions embedded at a time by _cached_embed
 

@@ -87,32 +87,18 @@ def _positives(n: int, groups: torch.Tensor | None, device: torch.device) -> tup
 
 
 def clip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-              groups: torch.Tensor | None = None, text_embed: torch.Tensor | None = None,
-              soft_weight: float = 0.0, soft_temp: float = 0.1) -> torch.Tensor:
+              groups: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE: 0.5 * (CE(image -> text) + CE(text -> image)), local rows x global columns.
 
     With `groups` (one int64 id per local sample, `data.positives_key`), the target of each row is spread
     evenly over every column of its group (UniCL's multi-positive InfoNCE): two pictures of one concept in a
-    batch are no longer pushed apart as negatives of each other's captions. All-distinct groups give CLIP's loss.
-
-    With `text_embed` (one unit vector per local row from a frozen text encoder: its concept's name, say) and
-    soft_weight w > 0, each row's target is (1 - w) x that hard target + w x softmax_j(cos(e_i, e_j) / soft_temp)
-    over the global columns: pairs whose names the frozen encoder finds alike share some of the target, so
-    pictures of neighbouring concepts are not pushed as far apart as unrelated ones. The matrix is symmetric,
-    so both directions use it."""
+    batch are no longer pushed apart as negatives of each other's captions. All-distinct groups give CLIP's loss."""
     n = image_features.shape[0]
     all_img, all_txt = gather_features(image_features), gather_features(text_features)
     labels, same = _positives(n, groups, image_features.device)
-    dtype = at_least_fp32(image_features).dtype
     if same is not None:
-        labels = same.to(dtype)
+        labels = same.to(at_least_fp32(image_features).dtype)
         labels = labels / labels.sum(dim=1, keepdim=True)  # each row holds its own pair: the sum is >= 1
-    if text_embed is not None and soft_weight > 0:
-        with torch.no_grad():
-            emb = text_embed.to(image_features.device, dtype)
-            hard = labels if same is not None else F.one_hot(labels, all_txt.shape[0]).to(dtype)
-            soft = torch.softmax(emb @ gather_features(emb).T / soft_temp, dim=1)
-            labels = (1 - soft_weight) * hard + soft_weight * soft
     logits_img = logit_scale * image_features @ all_txt.T
     logits_txt = logit_scale * text_features @ all_img.T
     return 0.5 * (F.cross_entropy(at_least_fp32(logits_img), labels) + F.cross_entropy(at_least_fp32(logits_txt), labels))
@@ -137,30 +123,25 @@ def siglip_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit
 class ContrastiveLoss(nn.Module):
     """`train.loss` as a module. SigLIP's learnable logit bias lives here: it trains with the model (same
     optimizer, no weight decay), its gradient is averaged over ranks by the trainer (it is outside DDP), and
-    its state is saved in the checkpoint's train state. `soft_weight` / `soft_temp`: train.soft_targets (clip)."""
+    its state is saved in the checkpoint's train state."""
 
-    def __init__(self, kind: str = "clip", soft_weight: float = 0.0, soft_temp: float = 0.1):
+    def __init__(self, kind: str = "clip"):
         super().__init__()
         if kind not in ("clip", "siglip"):
             raise ValueError(f"unknown loss {kind!r}")
-        if soft_weight and kind != "clip":
-            raise ValueError("soft targets are a clip loss option")
-        self.kind, self.soft_weight, self.soft_temp = kind, soft_weight, soft_temp
+        self.kind = kind
         self.logit_bias = nn.Parameter(torch.tensor(SIGLIP_LOGIT_BIAS_INIT)) if kind == "siglip" else None
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                learn_params: bool = True, groups: torch.Tensor | None = None,
-                text_embed: torch.Tensor | None = None) -> torch.Tensor:
+                learn_params: bool = True, groups: torch.Tensor | None = None) -> torch.Tensor:
         """`learn_params=False` keeps the loss's own parameters out of this backward (used by gradient
         accumulation, where the full loss is evaluated once per micro-batch but must count once). `groups`:
-        one id per row, rows of one id are positives of each other (data.positives_key); None = CLIP's pairs.
-        `text_embed`: the rows' captions embedded by the frozen text encoder (soft targets; else ignored)."""
+        one id per row, rows of one id are positives of each other (data.positives_key); None = CLIP's pairs."""
         if self.logit_bias is None:
-            return clip_loss(image_features, text_features, logit_scale, groups, text_embed,
-                             self.soft_weight, self.soft_temp)
+            return clip_loss(image_features, text_features, logit_scale, groups)
         bias = self.logit_bias if learn_params else self.logit_bias.detach()
         return siglip_loss(image_features, text_features, logit_scale, bias, groups)
 
 
-def build_loss(kind: str, soft_weight: float = 0.0, soft_temp: float = 0.1) -> ContrastiveLoss:
-    return ContrastiveLoss(kind, soft_weight, soft_temp)
+def build_loss(kind: str) -> ContrastiveLoss:
+    return ContrastiveLoss(kind)

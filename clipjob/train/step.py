@@ -54,27 +54,24 @@ def _set_rng_state(state: tuple, device: torch.device) -> None:
 
 def forward_backward(net: nn.Module, model: nn.Module, loss_fn: nn.Module, images: torch.Tensor,
                      tokens: torch.Tensor, *, accum_steps: int, precision: str,
-                     scaler: torch.amp.GradScaler | None, groups: torch.Tensor | None = None,
-                     text_embed: torch.Tensor | None = None) -> StepResult:
+                     scaler: torch.amp.GradScaler | None, groups: torch.Tensor | None = None) -> StepResult:
     """Accumulate this step's gradients into .grad. `net` is the (DDP-wrapped) model used with grad; `model`
-    the bare one, used for the no-grad caching pass. `groups`: the batch's loss groups (data.positives_key);
-    `text_embed`: its captions' frozen-encoder embeddings (train.soft_targets)."""
+    the bare one, used for the no-grad caching pass. `groups`: the batch's loss groups (data.positives_key)."""
     if accum_steps == 1:
         with autocast(precision, images.device):
             out = net(images, tokens)
         img, txt, scale = (at_least_fp32(t) for t in (out.image_features, out.text_features, out.logit_scale))
-        loss = loss_fn(img, txt, scale, groups=groups, text_embed=text_embed)
+        loss = loss_fn(img, txt, scale, groups=groups)
         total = loss if out.aux_loss is None else loss + at_least_fp32(out.aux_loss)
         _backward(total, scaler)
         aux = None if out.aux_loss is None else out.aux_loss.detach()
         return StepResult(loss.detach(), aux, out.logit_scale.detach())
     return _accumulate(net, model, loss_fn, images.chunk(accum_steps), tokens.chunk(accum_steps),
-                       precision, scaler, groups, text_embed)
+                       precision, scaler, groups)
 
 
 def _accumulate(net, model, loss_fn, images: tuple[torch.Tensor, ...], tokens: tuple[torch.Tensor, ...],
-                precision: str, scaler, groups: torch.Tensor | None = None,
-                text_embed: torch.Tensor | None = None) -> StepResult:
+                precision: str, scaler, groups: torch.Tensor | None = None) -> StepResult:
     device, k = images[0].device, len(images)
     # pass 1: every micro-batch's features, no grad, remembering the RNG state each one started from. Batch
     # norm (the CoreNet stem) normalises with batch statistics in both passes; its running statistics are put
@@ -102,7 +99,7 @@ def _accumulate(net, model, loss_fn, images: tuple[torch.Tensor, ...], tokens: t
             img = torch.cat(cached_img[:j] + [at_least_fp32(out.image_features)] + cached_img[j + 1:])
             txt = torch.cat(cached_txt[:j] + [at_least_fp32(out.text_features)] + cached_txt[j + 1:])
             scale = at_least_fp32(out.logit_scale) if last else at_least_fp32(out.logit_scale).detach()
-            loss = loss_fn(img, txt, scale, learn_params=last, groups=groups, text_embed=text_embed)  # whole batch
+            loss = loss_fn(img, txt, scale, learn_params=last, groups=groups)  # the whole batch's groups
             total = loss if out.aux_loss is None else loss + at_least_fp32(out.aux_loss) / k
             _backward(total, scaler)
         if out.aux_loss is not None:

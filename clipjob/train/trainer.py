@@ -104,7 +104,7 @@ class StopFlag:
 def build_parts(cfg: Config, d: dist.DistInfo) -> Parts:
     torch.manual_seed(cfg.train.seed)  # same init on every rank (DDP broadcasts rank 0's anyway)
     model = build_model(cfg.model).to(d.device)
-    loss_fn = build_loss(cfg.train.loss, cfg.train.soft_targets, cfg.train.soft_targets_temp).to(d.device)
+    loss_fn = build_loss(cfg.train.loss).to(d.device)
     opt = build_optimizer(model, cfg.train, loss_fn)
     scaler = torch.amp.GradScaler(d.device.type) if cfg.train.precision == "fp16" else None
     return Parts(model, loss_fn, opt, scaler)
@@ -126,8 +126,7 @@ def build_loader(cfg: Config, d: dist.DistInfo, start_step: int):
                                   cfg.train.seed)
     return build_train_loader(cfg.data, batch_size=cfg.train.batch_size, image_size=cfg.model.vision.image_size,
                               tokenizer=build_tokenizer(cfg.model), seed=cfg.train.seed, rank=d.rank,
-                              start_step=start_step, batch_schedule=schedule,
-                              group_text=cfg.train.soft_targets > 0)
+                              start_step=start_step, batch_schedule=schedule)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -479,10 +478,8 @@ def run(cfg: Config, stop: StopFlag, saver: CheckpointSaver) -> TrainState:
         lr = begin_step(cfg, parts, state.step, d.rank)
         # forward + backward (micro-batches with cached features when train.accum_steps > 1)
         groups = None if batch.groups is None else batch.groups.to(d.device, non_blocking=True)
-        # soft targets: the frozen text tower's embeddings of the groups' text (its cache: each text once)
-        embed = None if batch.group_tokens is None else parts.model.text.frozen_embed(batch.group_tokens)
         out = forward_backward(net, parts.model, parts.loss_fn, images, tokens, accum_steps=cfg.train.accum_steps,
-                               precision=cfg.train.precision, scaler=parts.scaler, groups=groups, text_embed=embed)
+                               precision=cfg.train.precision, scaler=parts.scaler, groups=groups)
         # clip, optimizer step, logit-scale clamp, EMA
         grad_norm = optimizer_step(parts.opt, parts.scaler, parts.params, list(parts.loss_fn.parameters()),
                                    cfg.train.grad_clip)

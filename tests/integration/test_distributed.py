@@ -21,13 +21,10 @@ WORLD, PER_RANK = 2, 4
 # (and gloo's all-reduce adds in its own), so they agree to float64 rounding (~1e-15 of each tensor's scale)
 # on any CPU; float32 leaves ~1e-6 that depends on the CPU's kernels
 RTOL, ATOL = 1e-9, 1e-12
-# (loss, accum_steps, loss groups, soft targets): groups shared within and across ranks (data.positives_key);
-# soft targets from one text vector per row (train.soft_targets), compared with every rank's rows
-CASES = [("clip", 1, False, 0.0), ("siglip", 1, False, 0.0), ("clip", 2, False, 0.0), ("siglip", 2, False, 0.0),
-         ("clip", 1, True, 0.0), ("clip", 2, True, 0.0), ("siglip", 2, True, 0.0),
-         ("clip", 1, False, 0.3), ("clip", 2, True, 0.3)]
+# (loss, accum_steps, loss groups): groups shared within and across ranks (data.positives_key)
+CASES = [("clip", 1, False), ("siglip", 1, False), ("clip", 2, False), ("siglip", 2, False),
+         ("clip", 1, True), ("clip", 2, True), ("siglip", 2, True)]
 GROUPS = torch.tensor([0, 1, 0, 2, 1, 3, 3, 0])
-EMBED = F.normalize(torch.randn(8, 4, generator=torch.Generator().manual_seed(7), dtype=torch.float64), dim=-1)
 
 
 class TwoTowers(nn.Module):
@@ -54,15 +51,15 @@ def _global_batch():
             torch.randn(WORLD * PER_RANK, 3, generator=g, dtype=torch.float64))
 
 
-def _step(net, model, kind: str, accum: int, images, tokens, groups=None, soft=0.0, embed=None):
+def _step(net, model, kind: str, accum: int, images, tokens, groups=None):
     """One step's gradients as the trainer computes them; returns (loss, {name: grad})."""
     from clipjob import dist as cdist
     from clipjob.train.loss import build_loss
     from clipjob.train.step import forward_backward
 
-    loss_fn = build_loss(kind, soft).double()
+    loss_fn = build_loss(kind).double()
     out = forward_backward(net, model, loss_fn, images, tokens, accum_steps=accum, precision="fp32", scaler=None,
-                           groups=groups, text_embed=embed if soft else None)
+                           groups=groups)
     cdist.average_grads(list(loss_fn.parameters()))
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     grads.update({f"loss.{n}": p.grad.clone() for n, p in loss_fn.named_parameters()})
@@ -78,11 +75,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     images, tokens = _global_batch()
     local = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
     results = {}
-    for kind, accum, grouped, soft in CASES:
+    for kind, accum, grouped in CASES:
         model = TwoTowers()
         groups = GROUPS[local] if grouped else None
-        results[f"{kind}-{accum}-{grouped}-{soft}"] = _step(DDP(model), model, kind, accum, images[local],
-                                                            tokens[local], groups, soft, EMBED[local])
+        results[f"{kind}-{accum}-{grouped}"] = _step(DDP(model), model, kind, accum, images[local], tokens[local],
+                                                     groups)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -91,20 +88,19 @@ def test_should_equal_the_single_process_loss_and_gradients_when_gathered_over_t
     mp.start_processes(_worker, args=(free_port(), str(tmp_path)), nprocs=WORLD, start_method="spawn")
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     images, tokens = _global_batch()
-    for kind, accum, grouped, soft in CASES:
+    for kind, accum, grouped in CASES:
         model = TwoTowers()
-        ref_loss, ref_grads = _step(model, model, kind, 1, images, tokens, GROUPS if grouped else None, soft, EMBED)
-        key = f"{kind}-{accum}-{grouped}-{soft}"
-        local_losses = [r[key][0] for r in ranks]
+        ref_loss, ref_grads = _step(model, model, kind, 1, images, tokens, GROUPS if grouped else None)
+        local_losses = [r[f"{kind}-{accum}-{grouped}"][0] for r in ranks]
         # the global loss is the mean of the local ones (equal local batches)
         assert sum(local_losses) / WORLD == pytest.approx(ref_loss, rel=RTOL), (kind, accum)
         for r in ranks:  # DDP's average of the per-rank gradients = the full-batch gradient, on every rank
-            grads = r[key][1]
+            grads = r[f"{kind}-{accum}-{grouped}"][1]
             assert set(grads) == set(ref_grads)
             for name, g in ref_grads.items():
                 assert grads[name].dtype == torch.float64
                 torch.testing.assert_close(grads[name], g, rtol=RTOL, atol=ATOL * (g.abs().max().item() or 1.0),
-                                           msg=f"{key} {name}")
+                                           msg=f"{kind} accum={accum} groups={grouped} {name}")
 
 
 def _metrics(run: Path) -> list[dict]:
