@@ -17,7 +17,7 @@ from trainrun import Run, free_port, make_shards, train_argv
 
 DELAY = {"CLIPJOB_TEST_STEP_DELAY_S": "0.2"}
 BUDGET_S = 30
-PLAN = r"^train\.budget_minutes=0\.5: ([\d.]+) s/step over steps (\d+)-(\d+), [\d.]+ min left -> train\.steps (\d+) -> (\d+)$"
+PLAN = rf"^train\.budget_minutes={re.escape(str(BUDGET_S / 60))}: " r"([\d.]+) s/step over steps (\d+)-(\d+), [\d.]+ min left -> train\.steps (\d+) -> (\d+)$"
 
 
 @pytest.fixture(scope="module")
