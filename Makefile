@@ -61,7 +61,8 @@ demo: venv
 	$(CLIPJOB) train --preset tiny-cpu --set data.train=$(DEMO_DATA) --set train.budget_minutes=$$budget \
 		--run-dir $(DEMO_RUN) && \
 	$(CLIPJOB) eval zeroshot --watch $(DEMO_RUN) --max-polls 1 --retrieval --data emoji-heldout:$(DEMO_DATA) \
-		--data emoji-heldout:$(DEMO_DATA)/unseen --data emoji-seen:$(DEMO_DATA)/unseen && \
+		--data emoji-heldout-styles:$(DEMO_DATA) --data emoji-heldout:$(DEMO_DATA)/unseen \
+		--data emoji-seen:$(DEMO_DATA)/unseen && \
 	$(CLIPJOB) report $(DEMO_RUN) && \
 	echo "demo finished in $$(( $$(date +%s) - start )) s, $$(( $$(date +%s) - $(DEMO_T0) )) s since make started (report: $(DEMO_RUN)/report.png)"
 

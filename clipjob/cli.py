@@ -158,7 +158,7 @@ def config_from_corenet(file: Annotated[str, typer.Argument(help="CoreNet CLIP Y
 
 @eval_app.command("zeroshot")
 def eval_zeroshot(
-    data: Annotated[list[str], typer.Option("--data", "-d", help="emoji-heldout:DIR, emoji-seen:DIR, folder:PATH, imagenet:PATH, captions:URL (shards with a .txt caption per image: retrieval only) (repeatable)")],
+    data: Annotated[list[str], typer.Option("--data", "-d", help="emoji-heldout:DIR, emoji-heldout-styles:DIR, emoji-seen:DIR, folder:PATH, imagenet:PATH, captions:URL (shards with a .txt caption per image: retrieval only) (repeatable)")],
     checkpoint: Annotated[Optional[str], typer.Option(help="Run dir (newest committed step), step folder or weights file")] = None,
     watch: Annotated[Optional[str], typer.Option(help="Run dir: evaluate each newly committed checkpoint once, until the run's final step (train.steps) is evaluated")] = None,
     preset: Preset = None, config: ConfigFile = None, set_: Sets = None,
@@ -173,7 +173,7 @@ def eval_zeroshot(
     max_polls: Annotated[Optional[int], typer.Option(help="--watch: stop after this many polls")] = None,
     wait_for_run: Annotated[float, typer.Option(help="--watch: seconds to wait for the run dir to appear (training not started yet) before failing")] = 0.0,
     ema: Annotated[bool, typer.Option("--ema", help="Evaluate the EMA weights (ema.safetensors, train.ema_momentum > 0)")] = False,
-    retrieval: Annotated[bool, typer.Option("--retrieval", help="Also image->text and text->image recall@1/5/10 over each set's (image, caption) pairs (emoji-heldout:, emoji-seen:; captions: sets always)")] = False,
+    retrieval: Annotated[bool, typer.Option("--retrieval", help="Also image->text and text->image recall@1/5/10 over each set's (image, caption) pairs (the emoji-*: sets; captions: sets always)")] = False,
 ) -> None:
     """Zero-shot classification accuracy (top-1/top-5) and retrieval recall@K of a checkpoint. SIGTERM abandons
     the evaluation under way (nothing partial is written) and exits 143."""

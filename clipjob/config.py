@@ -126,7 +126,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    data: str = F("", "Zero-shot data run after training, comma-separated: emoji-heldout:DIR, emoji-seen:DIR, folder:PATH, imagenet:PATH, or captions:URL (shards with a .txt per image: retrieval only) ('' = none)")
+    data: str = F("", "Zero-shot data run after training, comma-separated: emoji-heldout:DIR, emoji-heldout-styles:DIR, emoji-seen:DIR, folder:PATH, imagenet:PATH, or captions:URL (shards with a .txt per image: retrieval only) ('' = none)")
     batch_size: int = F(256, "Images per eval batch")
     resolution: int = F(0, "Eval resolution (0 = the model's image_size)")
     worker_nice: int = F(19, "Niceness added to the eval DataLoader workers: when they share the cores with the model's threads, the model runs first and the workers take the spare cycles (0 = same priority)")

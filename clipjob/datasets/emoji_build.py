@@ -18,6 +18,7 @@ Layout under `out`:
                                             style that draws it, shuffled together
     heldout/, seen_eval/, heldout_concepts.json, seen_concepts.json
                                             held-out / seen emoji concepts in the first training emoji style
+    heldout_styles/                         the held-out concepts of heldout/ in every training emoji style
     unseen/{heldout,seen_eval}/, unseen/{heldout,seen}_concepts.json
                                             the same concepts drawn in the left-out style (if any)
     dataset.json                            styles, sources, licences, parameters and counts
@@ -177,6 +178,8 @@ def build_emoji_dataset(out: str, seed: int = 0, heldout_fraction: float = 0.1, 
     emoji_held = [n for n in held_names if concepts[n].codepoints]
     seen_style = next(s for s in train_styles if s in EMOJI_STYLES)
     evals = {"": _write_evals(out, seen_style, pics, emoji_train, emoji_held, seed)}
+    emoji_styles = [s for s in train_styles if s in EMOJI_STYLES]
+    evals[""]["heldout_styles"] = _write_heldout_styles(out, emoji_styles, pics, [n for n in emoji_held if n in pics[seen_style]])
     if leave_out != "none":
         evals["unseen"] = _write_evals(fs.join(out, "unseen"), leave_out, pics, emoji_train, emoji_held, seed)
 
@@ -192,6 +195,25 @@ def build_emoji_dataset(out: str, seed: int = 0, heldout_fraction: float = 0.1, 
             **{k: v for k, v in summary.items() if k != "out"}}
     fs.write_text(fs.join(out, "dataset.json"), json.dumps(info, indent=1) + "\n")
     return {**summary, "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def _write_heldout_styles(out: str, styles: list[str], pics: Pictures, held: list[str]) -> dict[str, int]:
+    """heldout_styles/ under `out`: the held-out concepts of heldout/ (same names, same labels) in every training
+    emoji style that draws them, one picture (the primary) per concept and style: ~7x the images of heldout/, so
+    a model's top-1 on unseen concepts in the training styles moves by ~0.1 point per image instead of ~0.65."""
+    per_style = {}
+    with ShardWriter(fs.join(out, "heldout_styles"), prefix="heldout_styles", max_samples=TRAIN_SHARD_SAMPLES) as w:
+        for style in styles:
+            drawn = pics[style]
+            per_style[style] = 0
+            for label, name in enumerate(held):
+                if name not in drawn:
+                    continue
+                source, png = drawn[name][0]
+                w.write(f"heldout_styles_{style}_{label:05d}", {"png": png, "txt": name, "json": {
+                    "concept": name, "style": style, "source": source, "split": "heldout", "label": label}})
+                per_style[style] += 1
+    return per_style
 
 
 def _write_evals(out: str, style: str, pics: Pictures, train: list[str], held: list[str], seed: int) -> dict:

@@ -3,6 +3,7 @@
 Protocol (OpenAI / CoreNet): per class, L2-normalise each prompt embedding, average, renormalise; logits are
 100 * image_features @ classifier. Data sources:
 - `emoji-heldout:DIR` / `emoji-seen:DIR`: the embedded emoji dataset's held-out (unseen) or seen concepts;
+  `emoji-heldout-styles:DIR`: its held-out concepts in every training emoji style (same classes as emoji-heldout);
 - `folder:PATH`: any ImageFolder layout (class = folder name, or names from --classnames JSON);
 - `imagenet:PATH`: an ImageFolder-layout ImageNet validation set (the 1000 wnid folders, sorted, give the labels;
   OpenAI class names and 80 templates), or its webdataset shards (`{key}.jpg` + `{key}.cls`, the label index
@@ -10,7 +11,7 @@ Protocol (OpenAI / CoreNet): per class, L2-normalise each prompt embedding, aver
 - `captions:URL`: any shard set whose samples hold an image and a `.txt` caption (a directory with
   manifest.json or *.tar, a brace pattern or a glob): retrieval only, no classes.
 Retrieval (eval/retrieval.py: image->text and text->image recall@1/5/10) runs on the sets with captions: always
-on `captions:`, on `emoji-heldout:` / `emoji-seen:` when asked (`retrieval=True`, `clipjob eval zeroshot
+on `captions:`, on the `emoji-*:` sets when asked (`retrieval=True`, `clipjob eval zeroshot
 --retrieval`); the other kinds have no captions, and asking them for retrieval is an error.
 Shards are read as training reads them (clipjob.data.shards.read_tar_samples): bad samples and unreadable shards
 are skipped and counted by reason (`bad_samples_by_reason` in the result); so are a folder's files that do not
@@ -49,8 +50,10 @@ GENERIC_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}
                      "a close-up photo of a {}.", "a cropped photo of a {}.", "a good photo of a {}.", "{}"]
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".JPEG", ".JPG", ".PNG")
 FULL_DECODE = 1 << 16  # decode target for ImageNet: no JPEG draft-mode reduction, as the reference protocol decodes
-KINDS = ("emoji-heldout", "emoji-seen", "folder", "imagenet", "captions")
-CAPTION_KINDS = ("emoji-heldout", "emoji-seen", "captions")  # the kinds whose samples carry a caption
+EMOJI_SETS = {"emoji-heldout": ("heldout", "heldout_concepts.json"), "emoji-seen": ("seen_eval", "seen_concepts.json"),
+              "emoji-heldout-styles": ("heldout_styles", "heldout_concepts.json")}  # kind -> (folder, class names)
+KINDS = (*EMOJI_SETS, "folder", "imagenet", "captions")
+CAPTION_KINDS = (*EMOJI_SETS, "captions")  # the kinds whose samples carry a caption
 
 
 @dataclass
@@ -172,11 +175,11 @@ def check_spec(spec: str, retrieval: bool = False) -> tuple[str, str]:
     without captions."""
     kind, _, root = spec.partition(":")
     if kind not in KINDS or not root:
-        raise ClipjobError(f"--data {spec!r}: expected emoji-heldout:DIR, emoji-seen:DIR, folder:PATH, imagenet:PATH "
-                           "or captions:URL")
+        raise ClipjobError(f"--data {spec!r}: expected emoji-heldout:DIR, emoji-heldout-styles:DIR, emoji-seen:DIR, "
+                           "folder:PATH, imagenet:PATH or captions:URL")
     if retrieval and kind not in CAPTION_KINDS:
         raise ClipjobError(f"--retrieval: --data {spec!r} has no captions; retrieval runs on emoji-heldout:, "
-                           "emoji-seen: and captions:URL (shards with a .txt per image)")
+                           "emoji-heldout-styles:, emoji-seen: and captions:URL (shards with a .txt per image)")
     return kind, root
 
 
@@ -190,10 +193,13 @@ def build_eval_set(spec: str, image_size: int, family: str, classnames_file: str
 
         ds = ShardImages(expand_shard_urls(root), lambda s: -1, tf, image_size, caption_key="txt")
         return EvalSet(spec, [], [], ds, manifest_sample_count(root), retrieval=True)
-    if kind.startswith("emoji"):
+    if kind in EMOJI_SETS:
         from clipjob.data.manifest import read_manifest
 
-        sub, names_file = ("heldout", "heldout_concepts.json") if kind == "emoji-heldout" else ("seen_eval", "seen_concepts.json")
+        sub, names_file = EMOJI_SETS[kind]
+        if not fs.exists(fs.join(root, sub, "manifest.json")):
+            raise ClipjobError(f"--data {spec!r}: {fs.join(root, sub)}/manifest.json not found: not a `clipjob data "
+                               f"emoji` dataset, or one built before clipjob wrote {sub}/ (rebuild it)")
         names = json.loads(fs.read_text(fs.join(root, names_file)))
         index = {n: i for i, n in enumerate(names)}
         man = read_manifest(fs.join(root, sub))

@@ -15,7 +15,7 @@ from PIL import Image
 from clipjob import fs
 from clipjob.data.manifest import read_manifest
 from clipjob.datasets.emoji import _norm, _twemoji_dir, load_concepts, render, split_concepts
-from clipjob.datasets.emoji_build import STYLES, build_emoji_dataset
+from clipjob.datasets.emoji_build import EMOJI_STYLES, STYLES, build_emoji_dataset
 from clipjob.datasets.styles import FLUENT_VARIANTS, ICONIFY_SETS, SKIN_TONES, icon_name, npm_package
 from clipjob.errors import ClipjobError
 
@@ -38,7 +38,7 @@ def read_samples(url: str) -> list[dict]:
     return samples
 
 
-SUBS = ("", "heldout", "seen_eval", "unseen/heldout", "unseen/seen_eval")
+SUBS = ("", "heldout", "seen_eval", "heldout_styles", "unseen/heldout", "unseen/seen_eval")
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +104,25 @@ def test_should_leave_the_left_out_style_out_of_training_and_evaluate_it_under_u
     assert sum(tw[c] != om[c] for c in set(tw) & set(om)) == len(set(tw) & set(om)) > 100
 
 
+def test_should_draw_the_held_out_concepts_in_every_training_emoji_style_for_the_larger_eval_set(built):
+    out, summary, data = built
+    heldout = names(out, "heldout_concepts.json")
+    every = data["heldout_styles"]
+    emoji_styles = [s for s in summary["train_styles"] if s in EMOJI_STYLES]
+    by_style = defaultdict(list)
+    for s in every:
+        by_style[s["json"]["style"]].append(s)
+        assert heldout[s["json"]["label"]] == s["json"]["concept"] == s["txt"]  # heldout/'s classes and labels
+    assert set(by_style) == set(emoji_styles) and len(emoji_styles) > 1 and "openmoji" not in by_style  # left out
+    assert summary["eval"]["seen_style"]["heldout_styles"] == {k: len(v) for k, v in by_style.items()}
+    assert all(len(v) > 20 for v in by_style.values()) and len(every) > 3 * len(heldout)  # streamline: ~400 concepts
+    assert len({(s["json"]["style"], s["json"]["concept"]) for s in every}) == len(every)  # one picture per style
+    # the first training emoji style's part is heldout/ itself, picture for picture
+    assert [(s["json"]["concept"], s["png"]) for s in by_style[emoji_styles[0]]] == \
+        [(s["json"]["concept"], s["png"]) for s in data["heldout"]]
+    assert len(every) == read_manifest(fs.join(out, "heldout_styles"))["total_samples"]
+
+
 def test_should_merge_icons_named_like_an_emoji_into_that_emoji_concept(built):
     _, _, data = built
     by_concept = defaultdict(set)
@@ -129,7 +148,7 @@ def test_should_build_identical_datasets_when_seed_is_the_same(tmp_path):
     try:
         build_emoji_dataset(out, **kw)
         build_emoji_dataset(other, **kw)
-        for sub in ("", "heldout", "seen_eval"):
+        for sub in ("", "heldout", "seen_eval", "heldout_styles"):
             a, b = (fs.join(out, sub) if sub else out), (fs.join(other, sub) if sub else other)
             assert read_manifest(a) == read_manifest(b)
             for s in read_manifest(a)["shards"]:

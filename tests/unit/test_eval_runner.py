@@ -31,13 +31,14 @@ def test_should_take_the_eval_batch_size_from_the_config_unless_the_command_line
     assert seen == [7, 5]
 
 
-def _emoji_layout(root: Path, captions: list[str]) -> None:
-    """An emoji-heldout layout (heldout/ shards, heldout_concepts.json): one picture per caption, in 2 shards."""
-    rng = random.Random(0)
+def _emoji_layout(root: Path, captions: list[str], sub: str = "heldout") -> None:
+    """An emoji-heldout layout (heldout/ shards, heldout_concepts.json): one picture per caption, in 2 shards.
+    A picture's colour is a function of its caption, so a caption written twice has the same picture."""
     names = sorted(set(captions))
-    with ShardWriter(str(root / "heldout"), prefix="heldout", max_samples=(len(captions) + 1) // 2) as w:
+    with ShardWriter(str(root / sub), prefix=sub, max_samples=(len(captions) + 1) // 2) as w:
         for i, text in enumerate(captions):
             buf = io.BytesIO()
+            rng = random.Random(text)
             Image.new("RGB", (16, 16), tuple(rng.randrange(256) for _ in range(3))).save(buf, "PNG")
             w.write(f"k{i:03d}", {"png": buf.getvalue(), "txt": text, "json": {"concept": text}})
     (root / "heldout_concepts.json").write_text(json.dumps(names))
@@ -65,6 +66,29 @@ def test_should_give_zero_shot_top1_and_top5_as_image_to_text_recall_when_captio
     assert "top-1" in lines[0] and "retrieval R@1/5/10 image->text" in lines[0] and lines[1].startswith("top1=")
     assert lines[3].startswith(f"captions:{tmp_path}/heldout: retrieval R@1/5/10 image->text ")
     assert lines[3].endswith("over 12 images, 12 distinct captions")
+
+
+def test_should_score_held_out_concepts_in_every_style_on_the_held_out_classes(tmp_path, tiny_cfg, capsys):
+    """emoji-heldout-styles: reads heldout_styles/ with heldout_concepts.json's classes. Written here as the
+    held-out pictures twice over (two "styles" drawing alike), so it must score exactly as
+    emoji-heldout on twice the images; a label taken from the wrong list or by position would not."""
+    names = [f"thing {i}" for i in range(10)]
+    _emoji_layout(tmp_path, names)
+    _emoji_layout(tmp_path, names + names, sub="heldout_styles")
+    cfg = tiny_cfg("model.text.context_length=16")
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    one, every = runner.evaluate_model(model, cfg, "run", [f"emoji-heldout:{tmp_path}", f"emoji-heldout-styles:{tmp_path}"],
+                                       batch_size=32, workers=0)
+    assert (every["images"], every["classes"]) == (2 * one["images"], one["classes"]) == (20, 10)
+    assert (every["top1"], every["top5"]) == pytest.approx((one["top1"], one["top5"]))
+    assert 0 < one["top5"] < 100  # an untrained model: neither all nor nothing, so a wrong label would show
+    capsys.readouterr()
+    (tmp_path / "old").mkdir()
+    _emoji_layout(tmp_path / "old", names)  # a dataset built before heldout_styles/ existed
+    with pytest.raises(ClipjobError, match=r"heldout_styles/manifest.json not found: not a `clipjob data emoji` "
+                                           r"dataset, or one built before clipjob wrote heldout_styles/ \(rebuild it\)"):
+        runner.evaluate_model(model, cfg, "run", [f"emoji-heldout-styles:{tmp_path / 'old'}"], workers=0)
 
 
 def test_should_embed_a_shared_caption_once_when_samples_share_it(tmp_path, tiny_cfg):
