@@ -1,8 +1,8 @@
 """Leave-one-style-out check of the demo recipe: for each emoji style in turn, build the embedded dataset with
 that style left out of training (`clipjob data emoji --leave-out STYLE`), train the demo preset on everything
 else, and evaluate held-out concepts in the seen style, held-out concepts in the left-out style, seen
-concepts in the left-out style, and the held-out concepts in every training emoji style (the larger set: ~0.1
-point per picture against ~0.65). Mean of the seeds given. Noto Color Emoji is never a style here (reserved).
+concepts in the left-out style, and the held-out concepts in every training emoji style (the larger set: 0.15
+point per picture against 0.65). Mean of the seeds given. Noto Color Emoji is never a style here (reserved).
 
     .venv/bin/python bench/loso.py                                   # both styles, seeds 0 1 (~30 min, 2 cores)
     .venv/bin/python bench/loso.py --styles openmoji --seeds 0 --set data.grayscale_p=0.2

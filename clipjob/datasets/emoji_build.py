@@ -199,8 +199,8 @@ def build_emoji_dataset(out: str, seed: int = 0, heldout_fraction: float = 0.1, 
 
 def _write_heldout_styles(out: str, styles: list[str], pics: Pictures, held: list[str]) -> dict[str, int]:
     """heldout_styles/ under `out`: the held-out concepts of heldout/ (same names, same labels) in every training
-    emoji style that draws them, one picture (the primary) per concept and style: ~7x the images of heldout/, so
-    a model's top-1 on unseen concepts in the training styles moves by ~0.1 point per image instead of ~0.65."""
+    emoji style that draws them, one picture (the primary) per concept and style: in the demo's data 672 pictures
+    against heldout/'s 153, so one picture is 0.15 point of top-1 instead of 0.65."""
     per_style = {}
     with ShardWriter(fs.join(out, "heldout_styles"), prefix="heldout_styles", max_samples=TRAIN_SHARD_SAMPLES) as w:
         for style in styles:
