@@ -45,6 +45,8 @@ def one(style: str, seed: int, sets: list[str], preset: str, log: Path, data_sty
         named: int = -1, out: str = "loso", ema: bool = False, eval_only: bool = False, data: Path | None = None) -> dict:
     tag = "" if data_styles == DEFAULT_DATA_STYLES else "-" + data_styles.replace(",", "-")
     tag += f"-named{named}" if named >= 0 else ""
+    if data and not (data / "heldout_styles" / "manifest.json").exists():  # a variant is never rebuilt here
+        raise SystemExit(f"--data {data}: no heldout_styles/ (built before it existed?); rebuild the variant")
     data = data or TMP / f"loso-{style}{tag}"
     if not (data / "heldout_styles" / "manifest.json").exists():  # built deterministically: older builds gain the set
         clipjob("data", "emoji", "--out", str(data), "--leave-out", style, "--styles", data_styles,
