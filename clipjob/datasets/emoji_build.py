@@ -197,6 +197,13 @@ def build_emoji_dataset(out: str, seed: int = 0, heldout_fraction: float = 0.1, 
     return {**summary, "seconds": round(time.perf_counter() - t0, 2)}
 
 
+def _write_primary(w: ShardWriter, prefix: str, split: str, style: str, drawn: dict, name: str, label: int) -> None:
+    """One eval sample: the concept's primary picture in `style`, captioned with its name, labelled `label`."""
+    source, png = drawn[name][0]
+    w.write(f"{prefix}_{style}_{label:05d}", {"png": png, "txt": name, "json": {
+        "concept": name, "style": style, "source": source, "split": split, "label": label}})
+
+
 def _write_heldout_styles(out: str, styles: list[str], pics: Pictures, held: list[str]) -> dict[str, int]:
     """heldout_styles/ under `out`: the held-out concepts of heldout/ (same names, same labels) in every training
     emoji style that draws them, one picture (the primary) per concept and style: in the demo's data 672 pictures
@@ -209,9 +216,7 @@ def _write_heldout_styles(out: str, styles: list[str], pics: Pictures, held: lis
             for label, name in enumerate(held):
                 if name not in drawn:
                     continue
-                source, png = drawn[name][0]
-                w.write(f"heldout_styles_{style}_{label:05d}", {"png": png, "txt": name, "json": {
-                    "concept": name, "style": style, "source": source, "split": "heldout", "label": label}})
+                _write_primary(w, "heldout_styles", "heldout", style, drawn, name, label)
                 per_style[style] += 1
     return per_style
 
@@ -225,8 +230,6 @@ def _write_evals(out: str, style: str, pics: Pictures, train: list[str], held: l
     for sub, names_file, names in (("heldout", "heldout_concepts.json", held), ("seen_eval", "seen_concepts.json", seen)):
         with ShardWriter(fs.join(out, sub), prefix=sub, max_samples=TRAIN_SHARD_SAMPLES) as w:
             for label, name in enumerate(names):
-                source, png = drawn[name][0]
-                w.write(f"{sub}_{style}_{label:05d}", {"png": png, "txt": name, "json": {
-                    "concept": name, "style": style, "source": source, "split": sub, "label": label}})
+                _write_primary(w, sub, sub, style, drawn, name, label)
         fs.write_text(fs.join(out, names_file), json.dumps(names, ensure_ascii=False, indent=0) + "\n")
     return {"style": style, "heldout": len(held), "seen": len(seen)}
