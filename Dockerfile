@@ -28,8 +28,9 @@ RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 # ---- stage 2: the runtime image ----
 FROM ${BASE_IMAGE}
 ARG BASE_IMAGE
-# Extras baked into the image: emoji (demo dataset), minilm (pretrained text tower), tensorboard.
-ARG CLIPJOB_EXTRAS=emoji,minilm,tensorboard
+# Extras baked into the image: emoji (demo dataset), minilm (pretrained text tower), effnet (pretrained image tower),
+# tensorboard.
+ARG CLIPJOB_EXTRAS=emoji,minilm,effnet,tensorboard
 ARG VERSION=0.1.0
 ARG REVISION=unknown
 ARG CREATED=unknown

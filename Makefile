@@ -36,9 +36,9 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q uv > /dev/null 2>&1 || echo "note: uv could not be installed; pip installs instead (slower)"
-	@echo "venv: installing $(TORCH_PINS) and clipjob[emoji,minilm] into $(VENV)$$(test -x $(UV) && echo ' with uv')"
+	@echo "venv: installing $(TORCH_PINS) and clipjob[emoji,minilm,effnet] into $(VENV)$$(test -x $(UV) && echo ' with uv')"
 	@$(call install,$(TORCH_PINS))
-	@$(call install,-e '.[emoji$(comma)minilm]')
+	@$(call install,-e '.[emoji$(comma)minilm$(comma)effnet]')
 	@touch $@
 
 venv-dev: $(VENV)/.installed-dev

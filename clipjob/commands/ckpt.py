@@ -72,9 +72,13 @@ def describe_model(m) -> str:
     stem = "conv stem" if v.family == "corenet" else f"patch {v.patch_size}"
     text = MINILM if t.kind == "minilm" else (f"{t.kind} text (width {t.width}, {t.layers} layers, {t.heads} heads, "
                                               f"context {t.context_length}, {t.act})")
-    image = (f"ResNet (stem width {v.width}, blocks {'-'.join(map(str, v.resnet_layers))}, {v.heads} pool heads, "
-             f"{v.image_size}px)" if v.family == "resnet" else
-             f"{v.family} ViT (width {v.width}, {v.layers} layers, {v.heads} heads, {stem}, {v.image_size}px, {v.act})")
+    if v.family == "efficientnet-lite0":
+        head = f"MLP head {v.head_hidden} wide" if v.head_hidden else "linear head"
+        image = f"EfficientNet-Lite0 ({'frozen' if v.freeze else 'tuned'} ImageNet trunk, {head}, {v.image_size}px)"
+    else:
+        image = (f"ResNet (stem width {v.width}, blocks {'-'.join(map(str, v.resnet_layers))}, {v.heads} pool heads, "
+                 f"{v.image_size}px)" if v.family == "resnet" else
+                 f"{v.family} ViT (width {v.width}, {v.layers} layers, {v.heads} heads, {stem}, {v.image_size}px, {v.act})")
     return f"{image} + {text}, embed {m.embed_dim}{', RangeAugment' if m.range_augment else ''}"
 
 

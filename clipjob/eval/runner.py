@@ -54,7 +54,7 @@ def _load_model(url: str, preset: str | None, config_file: str | None, overrides
     from clipjob.checkpoint import load_any_weights
 
     cfg = config_for_checkpoint(url, preset, config_file, overrides)
-    model = build_model(cfg.model, pretrained_text=False)
+    model = build_model(cfg.model, pretrained=False)
     model.load_state_dict(load_any_weights(ckpt.ema_weights_url(url) if ema else url, cfg.model))
     return model.to(device).eval(), cfg, url
 

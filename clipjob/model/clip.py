@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipjob.config import ModelConfig
+from clipjob.model.efficientnet import EfficientNetLite
 from clipjob.model.range_augment import RangeAugment
 from clipjob.model.resnet import ModifiedResNet
 from clipjob.model.text import MiniLMText, MiniLMTokenizer, TextTransformer, set_text_projection
@@ -33,13 +34,16 @@ class CLIPOutput:
 
 
 class CLIP(nn.Module):
-    def __init__(self, cfg: ModelConfig, pretrained_text: bool = True):
+    def __init__(self, cfg: ModelConfig, pretrained: bool = True):
         super().__init__()
         self.cfg = cfg
-        tower = ModifiedResNet if cfg.vision.family == "resnet" else VisionTransformer
-        self.visual = tower(cfg.vision, cfg.embed_dim)
+        if cfg.vision.family == "efficientnet-lite0":
+            self.visual = EfficientNetLite(cfg.vision, cfg.embed_dim, pretrained=pretrained)
+        else:
+            tower = ModifiedResNet if cfg.vision.family == "resnet" else VisionTransformer
+            self.visual = tower(cfg.vision, cfg.embed_dim)
         if cfg.text.kind == "minilm":
-            self.text = MiniLMText(cfg.text, cfg.embed_dim, pretrained=pretrained_text)
+            self.text = MiniLMText(cfg.text, cfg.embed_dim, pretrained=pretrained)
         else:
             self.text = TextTransformer(cfg.text, cfg.embed_dim)
             set_text_projection(self.text, cfg.text)  # LiT-style freeze: only the projection trains
@@ -78,8 +82,10 @@ class CLIP(nn.Module):
         self.logit_scale.clamp_(0, math.log(self.cfg.logit_scale_max))
 
 
-def build_model(cfg: ModelConfig, pretrained_text: bool = True) -> CLIP:
-    return CLIP(cfg, pretrained_text=pretrained_text)
+def build_model(cfg: ModelConfig, pretrained: bool = True) -> CLIP:
+    """`pretrained`: load the shipped weights of the pretrained towers (MiniLM, EfficientNet-Lite0); False where a
+    checkpoint overwrites them anyway (eval, conversion), so their packages need not be installed there."""
+    return CLIP(cfg, pretrained=pretrained)
 
 
 def build_tokenizer(cfg: ModelConfig):

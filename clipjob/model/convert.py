@@ -133,8 +133,8 @@ def detect_layout(sd: Tensors) -> str:
     if any(k.startswith("visual.layer1.") for k in keys):
         raise ClipjobError("this is an OpenAI/OpenCLIP ResNet CLIP checkpoint; from those layouts clipjob reads "
                            "ViT towers only (its own model.vision.family=resnet checkpoints load as they are)")
-    if "visual.cls_token" in keys or "visual.attn_pool.pos_embed" in keys:
-        return "clipjob"
+    if "visual.cls_token" in keys or "visual.attn_pool.pos_embed" in keys or "visual.conv_head.weight" in keys:
+        return "clipjob"  # ViT, ResNet, EfficientNet-Lite0 towers
     raise ClipjobError(f"unrecognised checkpoint layout (keys such as {', '.join(sorted(keys)[:3])}); "
                        f"expected clipjob, CoreNet or OpenCLIP/OpenAI ViT weights")
 
@@ -237,7 +237,7 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     from clipjob.model.clip import CLIP
 
     with torch.device("meta"):
-        model = CLIP(cfg, pretrained_text=False)
+        model = CLIP(cfg, pretrained=False)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
@@ -269,7 +269,7 @@ def count_parameters(cfg: ModelConfig) -> int:
     from clipjob.model.clip import CLIP
 
     with torch.device("meta"):
-        return sum(p.numel() for p in CLIP(cfg, pretrained_text=False).parameters())
+        return sum(p.numel() for p in CLIP(cfg, pretrained=False).parameters())
 
 
 _INIT_FNS = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "trunc_normal_", "xavier_uniform_",
@@ -287,7 +287,7 @@ def model_with_weights(cfg: ModelConfig, sd: Tensors):
     try:
         for n in _INIT_FNS:
             setattr(nn.init, n, lambda t, *a, **k: t)
-        model = CLIP(cfg, pretrained_text=False)
+        model = CLIP(cfg, pretrained=False)
     finally:
         for n, fn in saved.items():
             setattr(nn.init, n, fn)

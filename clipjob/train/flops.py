@@ -10,6 +10,7 @@ import time
 import torch
 
 from clipjob.config import ModelConfig, VisionConfig
+from clipjob.model import efficientnet
 
 # dense bf16/fp16 tensor-core peaks (FLOP/s) by device-name fragment, most specific first
 GPU_PEAK_FLOPS = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
@@ -57,9 +58,14 @@ def resnet_flops(v: VisionConfig, embed_dim: int, image_size: int) -> float:
 
 def flops_per_sample(cfg: ModelConfig, image_size: int) -> float:
     """Training FLOPs (forward + backward = 3x forward) of one image-caption pair at a resolution;
-    a frozen text tower costs its forward only, and a frozen MiniLM (cached features) nothing."""
+    a frozen tower costs its forward only, and a frozen MiniLM (cached features) nothing."""
     v, t, e = cfg.vision, cfg.text, cfg.embed_dim
-    vision = resnet_flops(v, e, image_size) if v.family == "resnet" else vit_flops(v, e, image_size)
+    if v.family == "efficientnet-lite0":  # a frozen trunk costs its forward only (nothing with its feature cache:
+        # the pictures return, as the MiniLM captions do); the head always trains
+        trunk, head = efficientnet.trunk_flops(image_size), efficientnet.head_flops(v, e)
+        vision = (0 if v.feature_cache else trunk / 3 if v.freeze else trunk) + head
+    else:
+        vision = resnet_flops(v, e, image_size) if v.family == "resnet" else vit_flops(v, e, image_size)
     tw, tl, tm = MINILM_DIMS if t.kind == "minilm" else (t.width, t.layers, t.mlp_ratio)
     text = transformer_flops(tw, tl, tm, t.context_length) + 2 * tw * e
     if t.freeze and t.kind == "minilm":

@@ -31,7 +31,7 @@ def clipjob(*args: str, timeout: int = 60) -> subprocess.CompletedProcess:
 def save_step(run: str, step: int) -> str:
     cfg = tiny_config("train.steps=4", f"storage.run_dir={run}")
     torch.manual_seed(step)
-    model = build_model(cfg.model, pretrained_text=False)
+    model = build_model(cfg.model, pretrained=False)
     return ckpt.save_checkpoint(run, step, model.state_dict(), {"step": step}, to_yaml(cfg), {})
 
 

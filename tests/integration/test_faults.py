@@ -59,7 +59,7 @@ def assert_all_load(run: str) -> None:
     for step in committed(run):
         url = ckpt.step_url(run, step)
         cfg = from_dict(Config, yaml.safe_load(ckpt.load_config_yaml(url)))
-        build_model(cfg.model, pretrained_text=False).load_state_dict(ckpt.load_weights(url))
+        build_model(cfg.model, pretrained=False).load_state_dict(ckpt.load_weights(url))
         ts = ckpt.load_train_state(url)
         assert ts["step"] == step and ts["optimizer"]["state"], url
 

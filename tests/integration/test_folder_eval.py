@@ -26,7 +26,7 @@ def clipjob(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
 def save_final_step(run: str, step: int = 4) -> str:
     cfg = tiny_config(f"train.steps={step}", f"storage.run_dir={run}")  # the default tiny preset
     torch.manual_seed(0)
-    model = build_model(cfg.model, pretrained_text=False)
+    model = build_model(cfg.model, pretrained=False)
     return ckpt.save_checkpoint(run, step, model.state_dict(), {"step": step}, to_yaml(cfg), {})
 
 

@@ -136,7 +136,7 @@ def _tiny_run(tmp_path, ema_momentum: float, run_config: bool = True) -> str:
     run = str(tmp_path / "run")
     cfg = tiny_config("train.steps=4", f"train.ema_momentum={ema_momentum}", f"storage.run_dir={run}")
     for step in (2, 4):
-        weights = build_model(cfg.model, pretrained_text=False).state_dict()
+        weights = build_model(cfg.model, pretrained=False).state_dict()
         ckpt.save_checkpoint(run, step, weights, {}, to_yaml(cfg), {},
                              {ckpt.EMA_FILE: weights} if ema_momentum > 0 else None)
     if run_config:

@@ -88,7 +88,7 @@ def test_should_evaluate_the_ema_weights_when_asked(tmp_path):
     from clipjob.model import build_model
 
     cfg = tiny_config(*TINY)
-    model = build_model(cfg.model, pretrained_text=False)
+    model = build_model(cfg.model, pretrained=False)
     ema = {k: v + 1.0 if v.is_floating_point() else v for k, v in model.state_dict().items()}
     run = str(tmp_path / "run")
     ckpt.save_checkpoint(run, 5, model.state_dict(), {}, to_yaml(cfg), {}, {ckpt.EMA_FILE: ema})

