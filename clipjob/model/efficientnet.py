@@ -140,6 +140,8 @@ class EfficientNetLite(nn.Module):
                 f = self.features(images)
         return self.head(self.feature_norm(f.float()).to(f.dtype))
 
+    CHUNK = 64  # pictures through the trunk at a time when filling the cache
+
     @torch.no_grad()
     def _cached_features(self, images: torch.Tensor) -> torch.Tensor:
         """A frozen trunk maps a picture to the same features every time: compute each distinct picture once.
@@ -152,9 +154,11 @@ class EfficientNetLite(nn.Module):
         if len(self._cache) + len(todo) > self.cache_max:
             self._cache.clear()
             todo = list(first.values())
-        if todo:
-            for i, f in zip(todo, self.features(images[todo]).float().cpu()):
-                self._cache[keys[i]] = f
+        for c in range(0, len(todo), self.CHUNK):  # in chunks: the first blocks' activations are large (a
+            # 96-channel 112x112 map is 4.8 MB per picture at 224 px)
+            chunk = todo[c:c + self.CHUNK]
+            for i, f in zip(chunk, self.features(images[chunk]).float().cpu()):
+                self._cache[keys[i]] = f.clone()  # its own 5 KiB, not a view that keeps the chunk's tensor
         return torch.stack([self._cache[k] for k in keys]).to(images.device)
 
 

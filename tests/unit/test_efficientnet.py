@@ -88,10 +88,11 @@ def test_should_send_gradients_into_the_trunk_when_not_frozen():
 
 def test_should_give_the_computed_features_when_the_cache_answers():
     """The cache returns each picture's own features, whether the picture is new, repeated in the batch, or seen
-    in an earlier batch; it holds one entry per distinct picture and empties itself when full."""
+    in an earlier batch, filled in chunks; it holds one entry per distinct picture and empties itself when full."""
     torch.manual_seed(0)
     vision = lit_config("model.vision.freeze=true", "model.vision.feature_cache=5").model.vision
     tower = EfficientNetLite(vision, 16).eval()
+    tower.CHUNK = 2  # the trunk fills the cache two pictures at a time
     pics = (torch.randint(0, 256, (6, 3, 64, 64)).float() / 255)
     with torch.no_grad():
         direct = tower.features(pics)
