@@ -11,8 +11,10 @@ here the consumer does that conversion (timed, in one thread: see main), so both
 directory and the loopback S3 server (moto). The peer reads s3:// through a webdataset gopen handler on the
 same fsspec stream clipjob reads with (webdataset has none of its own; OpenCLIP shells out to `aws s3 cp`,
 which does not exist here). Samples/s are
-measured after a warm-up (workers started, shuffle buffer filled); each configuration runs `--repeats` times
-alternating sides, the best run counts.
+measured after a warm-up (workers started, shuffle buffer filled). Per source, one untimed pair of runs warms the
+page cache and the imports, then `--repeats` timed pairs follow, the side that goes first alternating; each side's
+samples/s is the median of its runs and the ratio the median of the pairs' ratios (a pair shares the machine's
+state of the moment). The local runs come first, the loopback S3 server starts after them.
 
 Samples/s depend on everything else running on the machine. So each side's CPU cost per sample is also
 measured with the whole pipeline in one process (num_workers=0, one torch thread, process CPU time), which
@@ -34,6 +36,7 @@ import io
 import json
 import os
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -285,6 +288,36 @@ def decode_times(images: list[bytes], target: int, repeats: int = 5) -> dict:
 # -- main ----------------------------------------------------------------------------------------------------
 
 
+def compare(where: str, spec: str, args: argparse.Namespace) -> dict:
+    """`args.repeats` timed pairs of runs, the two sides alternating first (ABBA...), after one untimed pair that
+    warms the page cache, the allocator and the imports. Each side's samples/s is the median of its runs, and the
+    ratio is the median of the pairs' ratios: a pair shares the machine's state of the moment, so a slow spell of
+    the shared 2 cores moves both of its runs, and one disturbed pair moves the median little."""
+    order = [("clipjob", clipjob_loader), ("openclip_wds", openclip_loader)]
+    warm = argparse.Namespace(**{**vars(args), "batches": max(2, args.batches // 10)})
+    for _, make in order:
+        measure(make, spec, warm)
+    runs: dict[str, list[dict]] = {"clipjob": [], "openclip_wds": []}
+    pair_ratios = []
+    for r in range(args.repeats):
+        for name, make in (order if r % 2 == 0 else order[::-1]):
+            runs[name].append(measure(make, spec, args))
+            print(f"  {where:5s} {name:13s} run {r + 1}: {runs[name][-1]['samples_per_s']:8.1f} samples/s",
+                  flush=True)
+        pair_ratios.append(round(runs["clipjob"][-1]["samples_per_s"] / runs["openclip_wds"][-1]["samples_per_s"], 3))
+    cpu = {"clipjob": measure_cpu(clipjob_loader, spec, args), "openclip_wds": measure_cpu(openclip_loader, spec, args)}
+    out: dict = {}
+    for name, rs in runs.items():
+        speeds = [x["samples_per_s"] for x in rs]
+        out[name] = {"samples_per_s": round(statistics.median(speeds), 1), "best_samples_per_s": max(speeds),
+                     "worst_samples_per_s": min(speeds), "samples_per_run": rs[0]["samples"], **cpu[name]}
+    return {**out, "runs": runs, "pair_ratios": pair_ratios,
+            "ratio_clipjob_over_peer": round(statistics.median(pair_ratios), 2),
+            "ratio_range": [min(pair_ratios), max(pair_ratios)],
+            "cpu_ratio_peer_over_clipjob": round(cpu["openclip_wds"]["cpu_ms_per_sample"]
+                                                 / cpu["clipjob"]["cpu_ms_per_sample"], 2)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=2000)
@@ -294,8 +327,8 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--shuffle", type=int, default=1000)
     ap.add_argument("--warmup", type=int, default=4)
-    ap.add_argument("--batches", type=int, default=60, help="Batches timed after the warm-up (20 read +-30 percent run to run)")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--batches", type=int, default=100, help="Batches timed per run after the warm-up (20 read +-30 percent run to run)")
+    ap.add_argument("--repeats", type=int, default=5, help="Timed pairs of runs per source; the median pair ratio counts")
     ap.add_argument("--no-s3", action="store_true", help="Skip the loopback S3 runs")
     ap.add_argument("--tmp", default=str(ROOT / "bench" / "results" / "tmp" / "data"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "data.json"), help="Result file ('' = do not write)")
@@ -321,38 +354,18 @@ def main() -> None:
     local = make_shards(images, tmp / f"shards-{args.images}-{args.per_shard}", args.per_shard)
     if args.only == "decode-gpu":
         return decode_gpu_only(local, args)
-    sources = {"local": local}
-    server = None
+    load_before = os.getloadavg()
+    results: dict[str, dict] = {"local": compare("local", local, args)}
     if not args.no_s3:
+        # the S3 server starts after the local runs, so neither the upload nor the moto process shares the 2 cores
+        # with them (session 17's local runs, made after both, spread 259-779 samples/s for clipjob)
         from s3server import S3Server, apply_env
 
         server = S3Server().start()
-        apply_env(server.env())
-        sources["s3"] = upload(local, server.make_bucket("bench-data") + "/shards")
-
-    load_before = os.getloadavg()
-    results: dict[str, dict] = {}
-    try:
-        for where, spec in sources.items():
-            runs: dict[str, list[dict]] = {"clipjob": [], "openclip_wds": []}
-            for r in range(args.repeats):
-                order = [("clipjob", clipjob_loader), ("openclip_wds", openclip_loader)]
-                for name, make in (order if r % 2 == 0 else order[::-1]):
-                    runs[name].append(measure(make, spec, args))
-                    print(f"  {where:5s} {name:13s} run {r + 1}: {runs[name][-1]['samples_per_s']:8.1f} samples/s",
-                          flush=True)
-            best = {k: max(v, key=lambda x: x["samples_per_s"]) for k, v in runs.items()}
-            cpu = {"clipjob": measure_cpu(clipjob_loader, spec, args),
-                   "openclip_wds": measure_cpu(openclip_loader, spec, args)}
-            for name in best:
-                best[name] = {**best[name], **cpu[name]}
-            results[where] = {**best, "runs": runs,
-                              "ratio_clipjob_over_peer": round(best["clipjob"]["samples_per_s"]
-                                                               / best["openclip_wds"]["samples_per_s"], 2),
-                              "cpu_ratio_peer_over_clipjob": round(cpu["openclip_wds"]["cpu_ms_per_sample"]
-                                                                   / cpu["clipjob"]["cpu_ms_per_sample"], 2)}
-    finally:
-        if server:
+        try:
+            apply_env(server.env())
+            results["s3"] = compare("s3", upload(local, server.make_bucket("bench-data") + "/shards"), args)
+        finally:
             server.stop()
 
     rng = np.random.default_rng(1)
@@ -378,13 +391,13 @@ def main() -> None:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(f"\n{'source':8s} {'clipjob':>10s} {'openclip+wds':>13s} {'ratio':>6s}  |  {'CPU ms/sample':>13s} "
-          f"{'(clipjob':>9s} {'peer)':>6s} {'ratio':>6s}   samples/s: {args.workers} workers, batch "
-          f"{args.batch_size}, {args.image_size} px")
+          f"{'(clipjob':>9s} {'peer)':>6s} {'ratio':>6s}   samples/s: median of {args.repeats} runs, "
+          f"{args.workers} workers, batch {args.batch_size}, {args.image_size} px; ratio: median of the pairs'")
     for where, r in results.items():
         c, p = r["clipjob"], r["openclip_wds"]
         print(f"{where:8s} {c['samples_per_s']:10.1f} {p['samples_per_s']:13.1f} {r['ratio_clipjob_over_peer']:6.2f}  |  "
               f"{'':13s} {c['cpu_ms_per_sample']:9.2f} {p['cpu_ms_per_sample']:6.2f} "
-              f"{r['cpu_ratio_peer_over_clipjob']:6.2f}")
+              f"{r['cpu_ratio_peer_over_clipjob']:6.2f}   pairs {r['ratio_range'][0]:.2f}-{r['ratio_range'][1]:.2f}")
     for k, v in draft.items():
         print(f"jpeg {k}: decode full {v['full_ms']} ms / draft {v['draft_ms']} ms ({v['decode_speedup']}x); "
               f"decode+crop {v['full_crop_ms']} / {v['draft_crop_ms']} ms ({v['decode_crop_speedup']}x)")

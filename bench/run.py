@@ -47,7 +47,7 @@ def part_commands(a: argparse.Namespace) -> dict[str, list[str]]:
     return {"mfu": [py, "bench/mfu.py", "cpu", "--threads", t, "--steps", "4", "--warmup", "1"],
             "train": [py, "bench/train_bench.py", "--threads", t, "--warmup", "3", "--timed", "10",
                       "--repeats", str(a.train_repeats)],
-            "data": [py, "bench/data_bench.py", "--repeats", "2"],
+            "data": [py, "bench/data_bench.py", "--repeats", "5"],
             "eval": [py, "bench/eval_bench.py", "--threads", t, "--repeats", "2"],
             "ablate": [py, "bench/ablate.py", "--threads", t]}
 
