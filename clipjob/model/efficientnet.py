@@ -145,10 +145,11 @@ class EfficientNetLite(nn.Module):
     @torch.no_grad()
     def _cached_features(self, images: torch.Tensor) -> torch.Tensor:
         """A frozen trunk maps a picture to the same features every time: compute each distinct picture once.
-        The key is a hash of the picture at 8 bits per channel (the precision the data pipeline delivers); the
-        cache is emptied when it would pass `cache_max` entries."""
+        The key is a hash of the picture's shape and its pixels at 8 bits per channel (the precision the data
+        pipeline delivers); the cache is emptied when it would pass `cache_max` entries."""
         q = images.detach().mul(255).round_().to(torch.uint8).cpu().numpy()
-        keys = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in q]
+        shape = repr(q.shape[1:]).encode()  # the multi-scale sampler varies it: the same bytes at another shape differ
+        keys = [hashlib.blake2b(shape + row.tobytes(), digest_size=16).digest() for row in q]
         first = {k: i for i, k in enumerate(keys)}
         todo = [i for k, i in first.items() if k not in self._cache]
         if len(self._cache) + len(todo) > self.cache_max:

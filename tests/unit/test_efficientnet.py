@@ -103,6 +103,9 @@ def test_should_give_the_computed_features_when_the_cache_answers():
     assert len(tower._cache) == 4
     tower._cached_features(pics[[4, 5]])  # 4 + 2 > 5: emptied, then the batch's own pictures
     assert len(tower._cache) == 2
+    wide = pics[[4]].reshape(1, 3, 32, 128)  # the same bytes at another shape: another picture
+    torch.testing.assert_close(tower._cached_features(wide), tower.features(wide), atol=1e-5, rtol=1e-5)
+    assert len(tower._cache) == 3
     with torch.no_grad():
         torch.testing.assert_close(tower(pics[[4]]), tower.head(tower.feature_norm(direct[[4]])), atol=1e-5,
                                    rtol=1e-5)
