@@ -191,3 +191,20 @@ def test_should_differ_from_tiny_cpu_in_the_tower_and_its_schedule_when_using_th
         for k in ("steps", "lr", "ckpt_every_steps"):
             d["train"].pop(k)
     assert lit == vit
+
+
+def test_should_count_a_frozen_trunk_once_and_a_cached_one_not_at_all_in_the_training_flops():
+    """Forward + backward = 3 forwards for a trained trunk, its forward only when frozen, nothing when its features
+    are cached; the head always trains. The text tower's share is the same in every config here, so differences
+    between configs isolate the image tower's."""
+    from clipjob.model.efficientnet import head_flops
+    from clipjob.train.flops import flops_per_sample
+
+    tuned, frozen, cached, linear = (lit_config(*s).model for s in (
+        [], ["model.vision.freeze=true"], ["model.vision.freeze=true", "model.vision.feature_cache=9"],
+        ["model.vision.freeze=true", "model.vision.feature_cache=9", "model.vision.head_hidden=0"]))
+    assert flops_per_sample(tuned, 64) - flops_per_sample(frozen, 64) == pytest.approx(2 * trunk_flops(64))
+    assert flops_per_sample(frozen, 64) - flops_per_sample(cached, 64) == pytest.approx(trunk_flops(64))
+    assert flops_per_sample(cached, 64) - flops_per_sample(linear, 64) == pytest.approx(
+        3 * (head_flops(cached.vision, 16) - head_flops(linear.vision, 16)))
+    assert head_flops(cached.vision, 16) == 2 * (1280 * 32 + 32 * 16) and head_flops(linear.vision, 16) == 2 * 1280 * 16
