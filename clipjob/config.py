@@ -43,8 +43,10 @@ class VisionConfig:
     act: Literal["gelu", "quick_gelu"] = F("gelu", "FFN activation (quick_gelu for OpenAI weights)")
     ln_eps: float = F(1e-5, "LayerNorm epsilon (CoreNet image tower uses 1e-6)")
     freeze: bool = F(False, "efficientnet-lite0: keep the pretrained trunk fixed (locked-image tuning: no gradients, ImageNet BatchNorm statistics); only the head trains")
-    feature_cache: int = F(0, "efficientnet-lite0 with freeze: remember the frozen trunk's features of up to this many distinct input pictures (~5 KiB each) and compute each once; pays off where the same pictures return uncropped (data.rrc_scale=[1, 1] on square pictures, eval sets scored per checkpoint), not with random crops (0: off)")
-    head_hidden: int = F(0, "efficientnet-lite0: hidden width of the head's two-layer MLP from the 1,280 pooled features to model.embed_dim (0: one linear layer)")
+    feature_cache: int = F(0, "efficientnet-lite0 with freeze: remember the frozen trunk's features of up to this many distinct input pictures (~5 KiB each, ~8 KiB with pool=stages) and compute each once; pays off where the same pictures return uncropped (data.rrc_scale=[1, 1] on square pictures, eval sets scored per checkpoint), not with random crops (0: off)")
+    head_hidden: int = F(0, "efficientnet-lite0: hidden width of the head's two-layer MLP from the pooled features (model.vision.pool) to model.embed_dim (0: one linear layer)")
+    pool: Literal["head", "stages"] = F("head", "efficientnet-lite0: what the head reads. head: the conv head's 1,280 channels averaged over the picture (what ImageNet's classifier reads); stages: those beside each of the seven stages' last output averaged over the picture (2,064 numbers: the colour, edge and part statistics of the early stages as well as the ImageNet-level ones)")
+    feature_noise: float = F(0.0, "efficientnet-lite0: standard deviation of Gaussian noise added in training to the standardised pooled features before the head (feature-space augmentation: the head cannot memorise each seen picture's exact features; 0 = off)")
 
 
 @dataclass(frozen=True)
@@ -338,6 +340,7 @@ def validate(cfg: Config) -> None:
     elif v.family == "efficientnet-lite0":
         _check(v.head_hidden >= 0, f"model.vision.head_hidden: must be >= 0, got {v.head_hidden}")
         _check(v.feature_cache >= 0, f"model.vision.feature_cache: must be >= 0, got {v.feature_cache}")
+        _check(v.feature_noise >= 0, f"model.vision.feature_noise: must be >= 0, got {v.feature_noise}")
         _check(v.freeze or not v.feature_cache, "model.vision.feature_cache: needs model.vision.freeze=true (a trained trunk changes its features)")
     else:
         _check(v.width % v.heads == 0, f"model.vision.width: {v.width} is not divisible by model.vision.heads={v.heads}")

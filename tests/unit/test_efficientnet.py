@@ -126,6 +126,58 @@ def test_should_give_the_computed_features_when_the_cache_answers():
     assert_rows(got, want)  # two linear maps and a GELU carry the rounding through at the same order
 
 
+def test_should_add_feature_noise_of_the_asked_size_in_training_only():
+    """model.vision.feature_noise: in training the head sees the standardised features plus Gaussian noise of that
+    standard deviation, a fresh draw each step; in eval (and with 0) the head sees the features unchanged."""
+    torch.manual_seed(0)
+    vision = lit_config("model.vision.freeze=true", "model.vision.feature_noise=0.5").model.vision
+    tower = EfficientNetLite(vision, 16, pretrained=False)
+    seen = []
+    tower.head = torch.nn.Sequential(torch.nn.Identity())  # what reaches the head
+    tower.head.register_forward_hook(lambda m, i, o: seen.append(i[0].detach()))
+    pics = torch.rand(512, 3, 64, 64)
+    with torch.no_grad():
+        tower.train()
+        tower(pics), tower(pics)
+        clean = tower.feature_norm(tower.features(pics))  # train-mode BatchNorm: this batch's statistics
+        tower.eval()
+        tower(pics)
+    first, second = seen[0] - clean, seen[1] - clean
+    # 512 x 1,280 draws: the sample standard deviation of a N(0, 0.25) sample of n = 655,360 lies within
+    # 0.5 * (1 +- 5 / sqrt(2n)) = 0.5 +- 0.003 at five sigma; features the noise would miss show as a far larger gap
+    for d in (first, second):
+        assert abs(d.std().item() - 0.5) < 0.5 * 5 / (2 * d.numel()) ** 0.5 + 1e-4
+        assert abs(d.mean().item()) < 5 * 0.5 / d.numel() ** 0.5
+    assert (first - second).abs().mean() > 0.5  # a new draw each forward
+    eval_clean = tower.feature_norm(tower.features(pics))
+    torch.testing.assert_close(seen[2], eval_clean, rtol=0, atol=0)  # eval: no noise
+
+
+def test_should_read_each_stage_and_the_conv_head_when_pooling_stages():
+    """model.vision.pool=stages: the head reads each stage's last block output averaged over the picture (16, 24,
+    40, 80, 112, 192, 320 channels, in that order) and then the same 1,280 conv-head features pool=head reads;
+    the feature standardisation and the head take the 2,064 numbers; the cache keeps them whole."""
+    torch.manual_seed(0)
+    heads = EfficientNetLite(lit_config("model.vision.freeze=true").model.vision, 16).eval()
+    stages = EfficientNetLite(lit_config("model.vision.freeze=true", "model.vision.pool=stages",
+                                         "model.vision.feature_cache=8").model.vision, 16).eval()
+    outs = []
+    hooks = [b.register_forward_hook(lambda m, i, o: outs.append(o.mean((2, 3)))) for b in stages.blocks]
+    pics = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        got, want_head = stages.features(pics), heads.features(pics)
+    for h in hooks:
+        h.remove()
+    ends = [i for i, b in enumerate(stages.blocks) if i + 1 == len(stages.blocks)
+            or stages.blocks[i + 1].project_conv.out_channels != b.project_conv.out_channels]
+    assert [outs[i].shape[1] for i in ends] == [16, 24, 40, 80, 112, 192, 320]
+    assert got.shape == (3, 784 + 1280)
+    torch.testing.assert_close(got, torch.cat([outs[i] for i in ends] + [want_head], 1), atol=0, rtol=0)
+    assert stages.feature_norm.num_features == 2064 and stages.head[0].in_features == 2064
+    assert_rows(stages._cached_features(pics), got)
+    assert stages(pics).shape == (3, 16)
+
+
 def test_should_count_the_trunk_flops_as_torchs_counter_does():
     tower = EfficientNetLite(lit_config().model.vision, 16, pretrained=False).eval()
     for size in (64, 128, 96):
@@ -137,6 +189,7 @@ def test_should_count_the_trunk_flops_as_torchs_counter_does():
 @pytest.mark.parametrize("sets, message", [
     (["model.vision.image_size=80"], r"^model.vision.image_size: 80 is not a multiple of the efficientnet-lite0's stride 32$"),
     (["model.vision.head_hidden=-1"], r"^model.vision.head_hidden: must be >= 0, got -1$"),
+    (["model.vision.feature_noise=-0.1"], r"^model.vision.feature_noise: must be >= 0, got -0.1$"),
     (["model.vision.feature_cache=10"], r"^model.vision.feature_cache: needs model.vision.freeze=true"),
     (["model.vision.family=corenet", "model.vision.freeze=true", "model.vision.patch_size=16"],
      r"^model.vision.freeze: only a pretrained tower can be frozen .* not corenet$"),
@@ -178,6 +231,8 @@ def test_should_describe_the_efficientnet_tower_when_showing_a_checkpoint():
 
     assert describe_model(lit_config("model.vision.freeze=true").model).startswith(
         "EfficientNet-Lite0 (frozen ImageNet trunk, MLP head 32 wide, 64px) + transformer text")
+    assert describe_model(lit_config("model.vision.pool=stages").model).startswith(
+        "EfficientNet-Lite0 (tuned ImageNet trunk, MLP head 32 wide, on every stage's pooled output, 64px)")
 
 
 def test_should_differ_from_tiny_cpu_in_the_tower_and_its_schedule_when_using_the_lit_preset():
@@ -208,3 +263,5 @@ def test_should_count_a_frozen_trunk_once_and_a_cached_one_not_at_all_in_the_tra
     assert flops_per_sample(cached, 64) - flops_per_sample(linear, 64) == pytest.approx(
         3 * (head_flops(cached.vision, 16) - head_flops(linear.vision, 16)))
     assert head_flops(cached.vision, 16) == 2 * (1280 * 32 + 32 * 16) and head_flops(linear.vision, 16) == 2 * 1280 * 16
+    stages = lit_config("model.vision.pool=stages").model.vision
+    assert head_flops(stages, 16) == 2 * (2064 * 32 + 32 * 16)
