@@ -27,6 +27,7 @@ from torch import nn
 
 from clipjob.config import VisionConfig
 from clipjob.errors import ClipjobError
+from clipjob.model.rowcache import cached_rows
 
 # (expand ratio, kernel, stride of the first block, output channels, blocks) per stage
 STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3), (6, 5, 1, 112, 3),
@@ -165,17 +166,9 @@ class EfficientNetLite(nn.Module):
         q = images.detach().mul(255).round_().to(torch.uint8).cpu().numpy()
         shape = repr(q.shape[1:]).encode()  # the multi-scale sampler varies it: the same bytes at another shape differ
         keys = [hashlib.blake2b(shape + row.tobytes(), digest_size=16).digest() for row in q]
-        first = {k: i for i, k in enumerate(keys)}
-        todo = [i for k, i in first.items() if k not in self._cache]
-        if len(self._cache) + len(todo) > self.cache_max:
-            self._cache.clear()
-            todo = list(first.values())
-        for c in range(0, len(todo), self.CHUNK):  # in chunks: the first blocks' activations are large (a
-            # 96-channel 112x112 map is 4.8 MB per picture at 224 px)
-            chunk = todo[c:c + self.CHUNK]
-            for i, f in zip(chunk, self.features(images[chunk]).float().cpu()):
-                self._cache[keys[i]] = f.clone()  # its own 5-8 KiB, not a view that keeps the chunk's tensor
-        return torch.stack([self._cache[k] for k in keys]).to(images.device)
+        # in chunks: the first blocks' activations are large (a 96-channel 112x112 map is 4.8 MB per picture at 224 px)
+        rows = cached_rows(self._cache, keys, self.cache_max, lambda idx: self.features(images[idx]), self.CHUNK)
+        return rows.to(images.device)
 
 
 def weights_file() -> str:

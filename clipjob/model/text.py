@@ -14,6 +14,7 @@ from torch import nn
 
 from clipjob.config import TextConfig
 from clipjob.errors import ClipjobError
+from clipjob.model.rowcache import cached_rows
 from clipjob.model.tokenizer import trim_padding
 from clipjob.model.transformer import Transformer, attention, init_transformer
 
@@ -164,17 +165,11 @@ class MiniLMText(nn.Module):
         """A frozen tower maps a caption to the same vector every time: compute each distinct caption once
         (captions repeat across epochs and templates), keep up to CACHE_MAX of them."""
         keys = [np.trim_zeros(row, "b").tobytes() for row in tokens.cpu().numpy()]  # any padded length
-        first = {k: i for i, k in enumerate(keys)}  # each distinct caption once
-        if len(self._cache) + len(first) > self.CACHE_MAX:
-            self._cache.clear()
-        todo = sorted((i for k, i in first.items() if k not in self._cache), key=lambda i: len(keys[i]))
-        if todo:
-            # shortest captions first, in chunks each cut to its own longest caption: the padding a batch's longest
-            # caption forces on the others is not computed (features equal up to summation order)
-            for chunk in (todo[c:c + self.CHUNK] for c in range(0, len(todo), self.CHUNK)):
-                for i, f in zip(chunk, self.embed(trim_padding(tokens[chunk], multiple=1)).float()):
-                    self._cache[keys[i]] = f
-        return torch.stack([self._cache[k] for k in keys]).to(tokens.device)
+        # shortest captions first, in chunks each cut to its own longest caption: the padding a batch's longest
+        # caption forces on the others is not computed (features equal up to summation order)
+        rows = cached_rows(self._cache, keys, self.CACHE_MAX, chunk=self.CHUNK, order=lambda i: len(keys[i]),
+                           compute=lambda idx: self.embed(trim_padding(tokens[idx], multiple=1)))
+        return rows.to(tokens.device)
 
 
 class MiniLMTokenizer:

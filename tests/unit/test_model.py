@@ -305,9 +305,14 @@ def test_should_embed_uncached_minilm_captions_in_chunks_cut_to_their_own_length
     seen.clear()
     torch.testing.assert_close(m._cached_embed(toks), want, atol=1e-7, rtol=0)
     assert len(seen) == 5 and seen == sorted(seen) and seen[0] < seen[-1] == int((toks != 0).sum(1).max())
-    m.CACHE_MAX = 20  # a full cache starts over and still answers every caption of the batch
+    m.CACHE_MAX = 20  # 19 cached: a batch of cached captions leaves the cache as it is ...
     torch.testing.assert_close(m._cached_embed(toks[:3]), want[:3], atol=1e-7, rtol=0)
-    assert len(m._cache) == 3 and len(seen) == 6
+    assert len(m._cache) == 19 and len(seen) == 5
+    more = MiniLMTokenizer(24)(["a blue fish", "a blue fish", "two blue fish", "a red emoji"])
+    # ... and one whose new captions do not fit starts it over, then still answers every caption of the batch
+    torch.testing.assert_close(m._cached_embed(torch.cat([toks[:1], more])), embed(torch.cat([toks[:1], more])).float(),
+                               atol=1e-7, rtol=0)
+    assert len(m._cache) == 4 and len(seen) == 6
 
 
 def test_should_build_the_same_zero_shot_classifier_when_trimming_prompts():
