@@ -166,8 +166,9 @@ class EfficientNetLite(nn.Module):
         q = images.detach().mul(255).round_().to(torch.uint8).cpu().numpy()
         shape = repr(q.shape[1:]).encode()  # the multi-scale sampler varies it: the same bytes at another shape differ
         keys = [hashlib.blake2b(shape + row.tobytes(), digest_size=16).digest() for row in q]
-        # in chunks: the first blocks' activations are large (a 96-channel 112x112 map is 4.8 MB per picture at 224 px)
-        rows = cached_rows(self._cache, keys, self.cache_max, lambda idx: self.features(images[idx]), self.CHUNK)
+        # in chunks: the first blocks' activations are large (a 96-channel 112x112 map is 4.8 MB per picture at 224
+        # px); the features kept in host memory (50,000 pictures' take ~400 MB)
+        rows = cached_rows(self._cache, keys, self.cache_max, lambda idx: self.features(images[idx]).cpu(), self.CHUNK)
         return rows.to(images.device)
 
 
