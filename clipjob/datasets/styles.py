@@ -14,6 +14,8 @@
 - `emojione`, `emojione-v1`, `emojione-mono`, `fxemoji`, `streamline`: five more emoji sets, each one JSON file of
   SVG bodies in Iconify's format (npm `@iconify-json/*`, CC BY 4.0 / CC BY-SA 4.0 / Apache 2.0, see
   `ICONIFY_SETS`), matched by icon name (`iconify_pictures`).
+- `pictograms`: seven named pictogram sets in the same format (game-icons, IconPark, Streamline's colour sets,
+  Fluent colour, Flat Color Icons, Health Icons; `PICTOGRAM_SETS`): ~9,800 more named things, most in colour.
 
 Noto Color Emoji, in any form, is the project's reserved test style: no source here reads it.
 qtawesome and matplotlib are never imported (that would need Qt / be slow): their files are found by
@@ -317,9 +319,50 @@ def iconify_pictures(style: str, owner: dict[str, str], size: int) -> dict[str, 
             found.append((best[2], best[0], icon))
     out: dict[str, list[tuple[str, bytes]]] = {}
     for name, _, icon in sorted(found):
-        spec = data["icons"][icon]
-        box = [spec.get(k, data.get(k, d)) for k, d in (("left", 0), ("top", 0), ("width", 16), ("height", 16))]
-        svg = (f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" color="#000" '
-               f'viewBox="{" ".join(map(str, box))}">{spec["body"]}</svg>')
-        out.setdefault(name, []).append((f"{style}:{icon}", render(svg, size)))
+        out.setdefault(name, []).append((f"{style}:{icon}", render(_iconify_svg(data, icon), size)))
+    return out
+
+
+def _iconify_svg(data: dict, icon: str) -> str:
+    """One icon of an Iconify JSON set as a whole SVG document (monochrome icons draw in currentColor: black)."""
+    spec = data["icons"][icon]
+    box = [spec.get(k, data.get(k, d)) for k, d in (("left", 0), ("top", 0), ("width", 16), ("height", 16))]
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" xmlns:xlink="http://www.w3.org/1999/xlink" color="#000" '
+            f'viewBox="{" ".join(map(str, box))}">{spec["body"]}</svg>')
+
+
+# named pictogram sets in Iconify's format (npm), label -> (package, version): drawn things (animals, food, tools,
+# places, people) rather than user-interface glyphs, most in colour; the `pictograms` style
+PICTOGRAM_SETS = {
+    "game-icons": ("@iconify-json/game-icons", "1.2.4"),  # ~4,100 detailed silhouettes, CC BY 3.0
+    "icon-park": ("@iconify-json/icon-park", "1.2.4"),  # ~2,700 two-colour line drawings, Apache 2.0
+    "freehand-color": ("@iconify-json/streamline-freehand-color", "1.2.2"),  # 1,000 hand-drawn colour, CC BY 4.0
+    "ultimate-color": ("@iconify-json/streamline-ultimate-color", "1.2.2"),  # 1,000 flat colour, CC BY 4.0
+    "fluent-color": ("@iconify-json/fluent-color", "1.2.21"),  # ~300 colour UI drawings in 3-5 sizes, MIT
+    "flat-color": ("@iconify-json/flat-color-icons", "1.2.3"),  # 329 flat colour, MIT
+    "healthicons": ("@iconify-json/healthicons", "1.2.13"),  # ~1,000 health and body things, MIT
+}
+# trailing words of pictogram names that number or size a drawing ("history-24", "kidneys-24px", "film-1")
+_DRAWING_NUMBER = re.compile(r"(?:[-_](?:\d+(?:px)?|negative))+$")
+
+
+def pictogram_name(raw: str) -> str:
+    """'history-24' -> 'history'; 'kidneys-24px' / 'kidneys-negative' -> 'kidneys'; then as `icon_name`."""
+    return icon_name(_DRAWING_NUMBER.sub("", raw))
+
+
+def pictogram_pictures(size: int) -> list[Named]:
+    """Every icon of the `PICTOGRAM_SETS` whose name is a concept, one picture per name and set (of an icon
+    drawn in several sizes or numbered variants, the first by name)."""
+    render = svg_renderer("pictogram SVGs")
+    out = []
+    for label, (package, version) in PICTOGRAM_SETS.items():
+        data = json.loads((npm_package(package, version, "icons.json") / "icons.json").read_text())
+        seen: set[str] = set()
+        for icon, spec in sorted(data["icons"].items()):
+            name = pictogram_name(icon)
+            if not name or name in seen or spec.get("hidden") or {"hFlip", "vFlip", "rotate"} & set(spec):
+                continue
+            seen.add(name)
+            out.append(Named(name, f"{label}:{icon}", render(_iconify_svg(data, icon), size)))
     return out

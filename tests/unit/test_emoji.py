@@ -8,6 +8,7 @@ import unicodedata
 import uuid
 from collections import defaultdict
 
+import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
@@ -16,7 +17,7 @@ from clipjob import fs
 from clipjob.data.manifest import read_manifest
 from clipjob.datasets.emoji import _norm, _twemoji_dir, load_concepts, render, split_concepts
 from clipjob.datasets.emoji_build import EMOJI_STYLES, STYLES, build_emoji_dataset
-from clipjob.datasets.styles import FLUENT_VARIANTS, ICONIFY_SETS, SKIN_TONES, icon_name, npm_package
+from clipjob.datasets.styles import FLUENT_VARIANTS, ICONIFY_SETS, SKIN_TONES, icon_name, npm_package, pictogram_name
 from clipjob.errors import ClipjobError
 
 CAPTIONS = 4
@@ -57,6 +58,8 @@ def own_name(meta: dict, keys: set[str] = frozenset()) -> str:
     kind, _, ident = meta["source"].partition(":")
     if meta["style"] == "icons":
         return icon_name(ident)
+    if meta["style"] == "pictograms":
+        return pictogram_name(ident)
     if meta["style"] in ICONIFY_SETS:  # named icons: "baby-2" is a second drawing of a baby
         return ident if _norm(ident) in keys else re.sub(r"-\d+$", "", ident)
     return unicodedata.name(chr(int(kind[2:], 16))).lower() if meta["style"] == "symbols" else ""
@@ -140,6 +143,30 @@ def test_should_merge_icons_named_like_an_emoji_into_that_emoji_concept(built):
                                        ("fill", "fill"), ("24-hours-fill", "24 hours")])
 def test_should_name_icons_by_their_words_without_drawing_variants(raw, want):
     assert icon_name(raw) == want
+
+
+@pytest.mark.parametrize("raw, want", [("history-24", "history"), ("kidneys-24px", "kidneys"), ("hospital-1", "hospital"),
+                                       ("blood-bag-negative-outline", "blood bag negative"), ("o-negative", ""),
+                                       ("apple-core", "apple core"), ("3d-glasses", "3d glasses"), ("x-16", "")])
+def test_should_name_pictograms_without_their_size_or_drawing_number(raw, want):
+    assert pictogram_name(raw) == want
+
+
+def test_should_draw_pictograms_as_named_concepts_in_colour_merged_with_emoji_of_their_name(built):
+    _, summary, data = built
+    pics = [s for s in data[""] if s["json"]["style"] == "pictograms"]
+    sets = {s["json"]["source"].split(":")[0] for s in pics}
+    assert sets == {"game-icons", "icon-park", "freehand-color", "ultimate-color", "fluent-color", "flat-color",
+                    "healthicons"}
+    assert summary["pictograms_pictures"] > 9000  # one per name and set; the held-out concepts' are not written
+    coloured = 0
+    for s in pics[:300]:
+        rgb = np.asarray(Image.open(io.BytesIO(s["png"])).convert("RGB")).reshape(-1, 3).astype(int)
+        coloured += int(((rgb.max(1) - rgb.min(1)) > 60).sum() > 3)
+    assert coloured > 100  # most sets draw in colour (game-icons and healthicons in black)
+    emoji_concepts = {s["json"]["concept"] for s in data[""] if s["json"]["style"] == "twemoji"}
+    both = {s["json"]["concept"] for s in pics} & emoji_concepts  # "umbrella", "volcano": one concept
+    assert len(both) > 100, len(both)
 
 
 def test_should_build_identical_datasets_when_seed_is_the_same(tmp_path):
