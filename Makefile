@@ -23,12 +23,12 @@ DEMO_PRESET ?= tiny-cpu-lit
 # feature cache and run several times slower than the rest, and train.budget_minutes would plan the run from them
 # (then move the learning-rate schedule when it re-plans) where the measured schedule fits anyway
 DEMO_BUDGET ?= $(if $(filter tiny-cpu-lit,$(DEMO_PRESET)),0,1)
-# The demo fits in DEMO_MINUTES from the moment `make demo` starts (install included): training gets what is left
-# after the install and the data build, less DEMO_EVAL_RESERVE_S for the eval and the report (one checkpoint, the
-# three eval sets with retrieval and the plot took 19 s in fp32 on 2 cores at 96 px; three checkpoints and the plot
-# 41-69 s at 64 px, and the trainer's start and last save ~10 s more), as
-# train.budget_minutes (tiny-cpu asks for up to 1,800 steps of 256; each CPU runs what fits: more with bf16 on AMX or
-# AVX512-BF16, about 1,250 on a CPU that trains in fp32, e.g. an AVX2-only EPYC; tiny-cpu-lit's 500 steps fit on both)
+# With DEMO_BUDGET=1 (tiny-cpu) the demo fits in DEMO_MINUTES from the moment `make demo` starts (install
+# included): training gets what is left after the install and the data build, less DEMO_EVAL_RESERVE_S for the eval
+# and the report (tiny-cpu's three checkpoints, four eval sets with retrieval and the plot took 41-69 s at 64 px,
+# the trainer's start and last save ~10 s more), as train.budget_minutes (tiny-cpu asks for up to 1,800 steps of
+# 256; each CPU runs what fits: more with bf16 on AMX or AVX512-BF16, about 1,250 in fp32 on an AVX2-only EPYC).
+# tiny-cpu-lit ignores both: its fixed 500 steps and the eval of its two checkpoints fit on both CPUs.
 DEMO_MINUTES ?= 15
 DEMO_EVAL_RESERVE_S ?= 90
 DEMO_T0 := $(shell date +%s)
