@@ -75,6 +75,7 @@ class ModelConfig:
     logit_scale_max: float = F(100.0, "Clamp of exp(logit_scale)")
     grad_checkpointing: bool = F(False, "Recompute transformer blocks in backward to save memory")
     range_augment: bool = F(False, "RangeAugment: learnable brightness/contrast/noise ranges inside the image tower (training only)")
+    ensemble: int = F(1, "Members of the embedding: K image heads and K text projections over the frozen towers, each pair trained with its own contrastive loss; the embedding is the members' unit vectors side by side / sqrt(K), so a similarity is the mean of the members' cosines (efficientnet-lite0 with a frozen minilm text tower only)")
 
 
 @dataclass(frozen=True)
@@ -345,6 +346,12 @@ def validate(cfg: Config) -> None:
     else:
         _check(v.width % v.heads == 0, f"model.vision.width: {v.width} is not divisible by model.vision.heads={v.heads}")
     _check(t.freeze or not t.lock_proj, "model.text.lock_proj: needs model.text.freeze=true (a trained text tower moves its own space)")
+    k = cfg.model.ensemble
+    _check(1 <= k <= 16, f"model.ensemble: must be between 1 and 16, got {k}")
+    _check(k == 1 or (v.family == "efficientnet-lite0" and t.kind == "minilm" and t.freeze and not t.lock_proj
+                      and t.proj_init == "random"),
+           f"model.ensemble={k}: needs model.vision.family=efficientnet-lite0 and model.text.kind=minilm with "
+           f"model.text.freeze=true, lock_proj=false and proj_init=random (members are heads over frozen towers)")
     _check(t.width % t.heads == 0, f"model.text.width: {t.width} is not divisible by model.text.heads={t.heads}")
     stride = {"corenet": 16, "resnet": 32, "efficientnet-lite0": 32}.get(v.family, v.patch_size)
     unit = f"the {v.family}'s stride" if stride == 32 else "the patch size"

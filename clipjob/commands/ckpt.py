@@ -74,6 +74,7 @@ def describe_model(m) -> str:
                                               f"context {t.context_length}, {t.act})")
     if v.family == "efficientnet-lite0":
         head = f"MLP head {v.head_hidden} wide" if v.head_hidden else "linear head"
+        head = f"{m.ensemble} x {head.replace('head', 'heads')}" if m.ensemble > 1 else head
         pool = ", on every stage's pooled output" if v.pool == "stages" else ""
         image = f"EfficientNet-Lite0 ({'frozen' if v.freeze else 'tuned'} ImageNet trunk, {head}{pool}, {v.image_size}px)"
     else:

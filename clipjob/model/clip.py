@@ -37,13 +37,14 @@ class CLIP(nn.Module):
     def __init__(self, cfg: ModelConfig, pretrained: bool = True):
         super().__init__()
         self.cfg = cfg
+        self.members = cfg.ensemble  # model.ensemble: members' embeddings side by side (validated: LiT towers)
         if cfg.vision.family == "efficientnet-lite0":
-            self.visual = EfficientNetLite(cfg.vision, cfg.embed_dim, pretrained=pretrained)
+            self.visual = EfficientNetLite(cfg.vision, cfg.embed_dim, pretrained=pretrained, members=self.members)
         else:
             tower = ModifiedResNet if cfg.vision.family == "resnet" else VisionTransformer
             self.visual = tower(cfg.vision, cfg.embed_dim)
         if cfg.text.kind == "minilm":
-            self.text = MiniLMText(cfg.text, cfg.embed_dim, pretrained=pretrained)
+            self.text = MiniLMText(cfg.text, cfg.embed_dim * self.members, pretrained=pretrained)  # K projections
         else:
             self.text = TextTransformer(cfg.text, cfg.embed_dim)
             set_text_projection(self.text, cfg.text)  # LiT-style freeze: only the projection trains
@@ -62,10 +63,18 @@ class CLIP(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         if self.mean is not None:
             images = (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
-        return F.normalize(self.visual(images), dim=-1)
+        return self.unit(self.visual(images))
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.text(tokens), dim=-1)
+        return self.unit(self.text(tokens))
+
+    def unit(self, x: torch.Tensor) -> torch.Tensor:
+        """L2-normalise embeddings; with model.ensemble=K each member's part separately, scaled by 1/sqrt(K):
+        the whole is a unit vector again and a dot product is the mean of the members' cosines."""
+        if self.members == 1:
+            return F.normalize(x, dim=-1)
+        parts = F.normalize(x.unflatten(-1, (self.members, -1)), dim=-1)
+        return parts.flatten(-2) * self.members**-0.5
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(0, self.cfg.logit_scale_max)

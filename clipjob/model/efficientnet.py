@@ -79,9 +79,10 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite(nn.Module):
-    """The tower: images in [0, 1] -> (B, embed_dim). `pretrained` loads the shipped ImageNet weights."""
+    """The tower: images in [0, 1] -> (B, members x embed_dim). `pretrained` loads the shipped ImageNet weights.
+    `members` > 1 (model.ensemble): that many heads over the same standardised features, outputs side by side."""
 
-    def __init__(self, cfg: VisionConfig, embed_dim: int, pretrained: bool = True):
+    def __init__(self, cfg: VisionConfig, embed_dim: int, pretrained: bool = True, members: int = 1):
         super().__init__()
         self.conv_stem, self.bn0 = SameConv(3, STEM, 3, 2), _bn(STEM)
         blocks, cin, self.stage_ends = [], STEM, set()
@@ -96,8 +97,13 @@ class EfficientNetLite(nn.Module):
         width = feature_width(cfg)
         self.feature_norm = nn.BatchNorm1d(width, affine=False)
         hidden = cfg.head_hidden
-        self.head = (nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, embed_dim)) if hidden
-                     else nn.Linear(width, embed_dim))
+
+        def head() -> nn.Module:
+            return (nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, embed_dim)) if hidden
+                    else nn.Linear(width, embed_dim))
+
+        self.members = members
+        self.head = head() if members == 1 else nn.ModuleList(head() for _ in range(members))
         self.frozen = cfg.freeze
         self.feature_noise = cfg.feature_noise
         self.cache_max = cfg.feature_cache if cfg.freeze else 0
@@ -152,9 +158,14 @@ class EfficientNetLite(nn.Module):
             with torch.no_grad():
                 f = self.features(images)
         z = self.feature_norm(f.float())
+        if self.members > 1:  # each member its own noise: trained as if alone
+            return torch.cat([h(self._noisy(z).to(f.dtype)) for h in self.head], dim=-1)
+        return self.head(self._noisy(z).to(f.dtype))
+
+    def _noisy(self, z: torch.Tensor) -> torch.Tensor:
         if self.training and self.feature_noise:
-            z = z + self.feature_noise * torch.randn_like(z)
-        return self.head(z.to(f.dtype))
+            return z + self.feature_noise * torch.randn_like(z)
+        return z
 
     CHUNK = 64  # pictures through the trunk at a time when filling the cache
 

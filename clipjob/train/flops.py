@@ -62,7 +62,7 @@ def flops_per_sample(cfg: ModelConfig, image_size: int) -> float:
     v, t, e = cfg.vision, cfg.text, cfg.embed_dim
     if v.family == "efficientnet-lite0":  # a frozen trunk costs its forward only (nothing with its feature cache:
         # the pictures return, as the MiniLM captions do); the head always trains
-        trunk, head = efficientnet.trunk_flops(image_size), efficientnet.head_flops(v, e)
+        trunk, head = efficientnet.trunk_flops(image_size), efficientnet.head_flops(v, e) * cfg.ensemble
         vision = (0 if v.feature_cache else trunk / 3 if v.freeze else trunk) + head
     else:
         vision = resnet_flops(v, e, image_size) if v.family == "resnet" else vit_flops(v, e, image_size)

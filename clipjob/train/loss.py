@@ -125,23 +125,34 @@ class ContrastiveLoss(nn.Module):
     optimizer, no weight decay), its gradient is averaged over ranks by the trainer (it is outside DDP), and
     its state is saved in the checkpoint's train state."""
 
-    def __init__(self, kind: str = "clip"):
+    def __init__(self, kind: str = "clip", members: int = 1):
         super().__init__()
         if kind not in ("clip", "siglip"):
             raise ValueError(f"unknown loss {kind!r}")
-        self.kind = kind
+        self.kind, self.members = kind, members
         self.logit_bias = nn.Parameter(torch.tensor(SIGLIP_LOGIT_BIAS_INIT)) if kind == "siglip" else None
 
     def forward(self, image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                 learn_params: bool = True, groups: torch.Tensor | None = None) -> torch.Tensor:
         """`learn_params=False` keeps the loss's own parameters out of this backward (used by gradient
         accumulation, where the full loss is evaluated once per micro-batch but must count once). `groups`:
-        one id per row, rows of one id are positives of each other (data.positives_key); None = CLIP's pairs."""
+        one id per row, rows of one id are positives of each other (data.positives_key); None = CLIP's pairs.
+        With `members` > 1 (model.ensemble) the features are that many unit vectors side by side, each scaled by
+        1/sqrt(members) (CLIP.unit): the loss is the mean of each member's own loss, so a member's gradient comes
+        from its own loss only (the logit scale and SigLIP's bias are shared)."""
+        if self.members > 1:
+            k = self.members
+            return torch.stack([self._one(i * k**0.5, t * k**0.5, logit_scale, learn_params, groups)
+                                for i, t in zip(image_features.chunk(k, -1), text_features.chunk(k, -1))]).mean()
+        return self._one(image_features, text_features, logit_scale, learn_params, groups)
+
+    def _one(self, image_features, text_features, logit_scale, learn_params, groups) -> torch.Tensor:
         if self.logit_bias is None:
             return clip_loss(image_features, text_features, logit_scale, groups)
         bias = self.logit_bias if learn_params else self.logit_bias.detach()
         return siglip_loss(image_features, text_features, logit_scale, bias, groups)
 
 
-def build_loss(kind: str) -> ContrastiveLoss:
-    return ContrastiveLoss(kind)
+def build_loss(kind: str, members: int = 1) -> ContrastiveLoss:
+    """`members`: model.ensemble."""
+    return ContrastiveLoss(kind, members)

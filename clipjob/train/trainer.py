@@ -104,7 +104,7 @@ class StopFlag:
 def build_parts(cfg: Config, d: dist.DistInfo) -> Parts:
     torch.manual_seed(cfg.train.seed)  # same init on every rank (DDP broadcasts rank 0's anyway)
     model = build_model(cfg.model).to(d.device)
-    loss_fn = build_loss(cfg.train.loss).to(d.device)
+    loss_fn = build_loss(cfg.train.loss, cfg.model.ensemble).to(d.device)
     opt = build_optimizer(model, cfg.train, loss_fn)
     scaler = torch.amp.GradScaler(d.device.type) if cfg.train.precision == "fp16" else None
     return Parts(model, loss_fn, opt, scaler)
