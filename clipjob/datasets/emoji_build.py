@@ -35,7 +35,7 @@ from clipjob import fs
 from clipjob.datasets.emoji import (TEMPLATES, TRAIN_SHARD_SAMPLES, Concept, _norm, _version, captions, load_concepts,
                                     split_concepts)
 from clipjob.datasets.styles import (ICONIFY_SETS, fluent_pictures, glyph_pictures, icon_pictures, iconify_pictures,
-                                     openmoji_pictures, pictogram_pictures, symbol_pictures)
+                                     openmoji_pictures, pictogram_pictures, squashed_names, symbol_pictures)
 from clipjob.datasets.writer import ShardWriter
 from clipjob.errors import ClipjobError
 
@@ -103,18 +103,14 @@ def collect(styles: set[str], size: int) -> tuple[dict[str, Concept], Pictures, 
         if style in styles:
             pics[style] = iconify_pictures(style, owner, size)
     emoji_cps = {int(cp, 16) for cps in cps_of.values() for cp in cps if "-" not in cp}
-    by_squashed: dict[str, set[str]] = {}
-    for key, name in owner.items():
-        by_squashed.setdefault(key.replace(" ", ""), set()).add(key)
-    squashed = {k: next(iter(keys)) for k, keys in by_squashed.items() if len(keys) == 1}  # an emoji name's key
+    squashed = squashed_names(owner)  # of the emoji: "honeypot" is honey pot
     for style, named in (("icons", icon_pictures), ("symbols", lambda s: symbol_pictures(s, emoji_cps)),
                          ("pictograms", pictogram_pictures)):
         if style not in styles:
             continue
         for p in named(size):
             key = _norm(p.name)
-            key = key if key in owner else squashed.get(key.replace(" ", ""), key)  # "honeypot" is honey pot
-            name = owner.setdefault(key, p.name)
+            name = owner.get(key) or squashed.get(key.replace(" ", "")) or owner.setdefault(key, p.name)
             concepts.setdefault(name, Concept(key=key, name=name, codepoints=""))
             pics[style].setdefault(name, []).append((p.source, p.png))
             stats[f"{style}_pictures"] = stats.get(f"{style}_pictures", 0) + 1

@@ -287,12 +287,9 @@ def iconify_pictures(style: str, owner: dict[str, str], size: int) -> dict[str, 
     every icon belongs to one concept at most."""
     from clipjob.datasets.emoji import _norm
 
-    package, version = ICONIFY_SETS[style]
-    data = json.loads((npm_package(package, version, "icons.json") / "icons.json").read_text())
+    data = iconify_json(*ICONIFY_SETS[style])
     render = svg_renderer(f"{style} SVGs")
-    squashed: dict[str, set[str]] = {}
-    for key, name in owner.items():
-        squashed.setdefault(key.replace(" ", ""), set()).add(name)
+    squashed = squashed_names(owner)
 
     def match(raw: str) -> tuple[int, str] | None:
         key = _norm(raw)
@@ -301,17 +298,15 @@ def iconify_pictures(style: str, owner: dict[str, str], size: int) -> dict[str, 
         stem = re.sub(r" \d+$", "", key)
         if stem != key and stem in owner:
             return 1, owner[stem]
-        names = squashed.get(key.replace(" ", ""), set())
-        return (2, next(iter(names))) if len(names) == 1 else None
+        name = squashed.get(key.replace(" ", ""))
+        return None if name is None else (2, name)
 
     names_of = {icon: [icon] for icon in data["icons"]}
     for alias, a in data.get("aliases", {}).items():
         if set(a) == {"parent"} and a["parent"] in names_of:
             names_of[a["parent"]].append(alias)
     found: list[tuple[str, int, str]] = []  # (concept, rank, icon)
-    for icon, spec in sorted(data["icons"].items()):
-        if spec.get("hidden") or {"hFlip", "vFlip", "rotate"} & set(spec):
-            continue
+    for icon in plain_icons(data):
         # the best kind of match; of equals, the icon's own name before its aliases ("upwards-button" is the
         # concept upwards button, though its alias "up-button" is the name of the UP! button)
         best = min(((m[0], i, m[1]) for i, m in enumerate(map(match, names_of[icon])) if m), default=None)
@@ -321,6 +316,26 @@ def iconify_pictures(style: str, owner: dict[str, str], size: int) -> dict[str, 
     for name, _, icon in sorted(found):
         out.setdefault(name, []).append((f"{style}:{icon}", render(_iconify_svg(data, icon), size)))
     return out
+
+
+def squashed_names(owner: dict[str, str]) -> dict[str, str]:
+    """Normalised name without its spaces -> concept, for those that name one concept only (`owner`: normalised
+    name or alias -> concept): "aerialtramway" and "honeypot" are how icon sets write "aerial tramway", "honey pot"."""
+    names: dict[str, set[str]] = {}
+    for key, name in owner.items():
+        names.setdefault(key.replace(" ", ""), set()).add(name)
+    return {k: next(iter(v)) for k, v in names.items() if len(v) == 1}
+
+
+def iconify_json(package: str, version: str) -> dict:
+    """An Iconify JSON set (npm), fetched once into the cache (`npm_package`)."""
+    return json.loads((npm_package(package, version, "icons.json") / "icons.json").read_text())
+
+
+def plain_icons(data: dict) -> list[str]:
+    """An Iconify set's icons by name, without hidden ones and flipped or rotated aliases."""
+    return [icon for icon, spec in sorted(data["icons"].items())
+            if not spec.get("hidden") and not {"hFlip", "vFlip", "rotate"} & set(spec)]
 
 
 def _iconify_svg(data: dict, icon: str) -> str:
@@ -357,11 +372,11 @@ def pictogram_pictures(size: int) -> list[Named]:
     render = svg_renderer("pictogram SVGs")
     out = []
     for label, (package, version) in PICTOGRAM_SETS.items():
-        data = json.loads((npm_package(package, version, "icons.json") / "icons.json").read_text())
+        data = iconify_json(package, version)
         seen: set[str] = set()
-        for icon, spec in sorted(data["icons"].items()):
+        for icon in plain_icons(data):
             name = pictogram_name(icon)
-            if not name or name in seen or spec.get("hidden") or {"hFlip", "vFlip", "rotate"} & set(spec):
+            if not name or name in seen:
                 continue
             seen.add(name)
             out.append(Named(name, f"{label}:{icon}", render(_iconify_svg(data, icon), size)))

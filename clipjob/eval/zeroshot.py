@@ -294,8 +294,7 @@ def text_classifier(model, tokenizer, classnames: list[str], templates: list[str
         tokens = tokenizer(prompts)
         feats = model.encode_text((trim_padding(tokens) if trim else tokens).to(device)).float()
         feats = feats.view(len(chunk), len(templates), -1).mean(1)
-        unit = getattr(model, "unit", None) or functools.partial(torch.nn.functional.normalize, dim=-1)
-        cols.append(unit(feats))  # CLIP.unit: each model.ensemble member's part normalised on its own
+        cols.append(model.unit(feats))  # each model.ensemble member's part normalised on its own
     return torch.cat(cols).T
 
 

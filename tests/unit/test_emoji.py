@@ -17,7 +17,8 @@ from clipjob import fs
 from clipjob.data.manifest import read_manifest
 from clipjob.datasets.emoji import _norm, _twemoji_dir, load_concepts, render, split_concepts
 from clipjob.datasets.emoji_build import EMOJI_STYLES, STYLES, build_emoji_dataset
-from clipjob.datasets.styles import FLUENT_VARIANTS, ICONIFY_SETS, SKIN_TONES, icon_name, npm_package, pictogram_name
+from clipjob.datasets.styles import (FLUENT_VARIANTS, ICONIFY_SETS, SKIN_TONES, icon_name, iconify_json,
+                                     pictogram_name)
 from clipjob.errors import ClipjobError
 
 CAPTIONS = 4
@@ -334,7 +335,7 @@ def test_should_draw_each_iconify_set_matched_by_name_with_skin_tones_left_out(b
     all_keys = {_norm(n) for name, al in aliases.items() for n in (name, *al)}
     least = {"emojione": 1000, "emojione-v1": 900, "emojione-mono": 1000, "fxemoji": 400, "streamline": 300}
     for style, n in least.items():
-        package = json.loads((npm_package(*ICONIFY_SETS[style], "icons.json") / "icons.json").read_text())
+        package = iconify_json(*ICONIFY_SETS[style])
         plain_aliases = defaultdict(set)  # the names an icon also goes by ("hamster" for "hamster-face")
         for alias, a in package.get("aliases", {}).items():
             if set(a) == {"parent"}:
