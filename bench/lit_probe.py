@@ -112,7 +112,7 @@ class Heads(nn.Module):
     """The preset's trainable part: standardisation, K MLP heads (each over its own random share of the features
     with --subspace < 1), K text projections of the sentence embedding, one logit scale."""
 
-    def __init__(self, a, width: int, gen: torch.Generator, text_sd: torch.Tensor):
+    def __init__(self, a, width: int, gen: torch.Generator, text_sd: torch.Tensor, logit_scale_init: float):
         super().__init__()
         k = max(1, round(a.subspace * width))
         self.a, self.text_sd = a, text_sd
@@ -121,7 +121,7 @@ class Heads(nn.Module):
         self.heads = nn.ModuleList(nn.Sequential(nn.Linear(k, a.hidden), nn.GELU(), nn.Linear(a.hidden, a.dim))
                                    for _ in range(a.members))
         self.proj = nn.Parameter(torch.randn(384, a.dim * a.members) * 384 ** -0.5)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
 
     def image(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, E), unit per member
         z, outs = self.norm(x), []
@@ -139,7 +139,9 @@ class Heads(nn.Module):
 
 
 def train(a) -> None:
+    from clipjob.config import build_config
     from clipjob.train.loss import clip_loss
+    from clipjob.train.optim import lr_at, param_groups
 
     torch.set_num_threads(a.threads)
     T = text_embeddings(a.feats)
@@ -159,18 +161,16 @@ def train(a) -> None:
     groups = torch.tensor([concept_ids[c] for c in tr["labels"]])
     n, width = X.shape
 
-    def lr_at(step: int) -> float:  # the preset's schedule: 60 warmup steps, cosine to 1e-5
-        if step < 60:
-            return 1e-6 + (a.lr - 1e-6) * step / 60
-        return 1e-5 + 0.5 * (a.lr - 1e-5) * (1 + math.cos(math.pi * min(1.0, (step - 60) / (a.steps - 60))))
+    # the preset's optimizer, schedule (warmup, cosine, betas, eps) and logit scale, with the probe's lr, steps and weight decay
+    cfg = build_config("tiny-cpu-lit", overrides=[f"train.lr={a.lr}", f"train.steps={a.steps}",
+                                                  f"train.weight_decay={a.wd}"])
+    opt_cfg, scale_max = cfg.train, cfg.model.logit_scale_max
 
     def one(seed: int) -> dict:
         torch.manual_seed(seed)
-        m = Heads(a, width, torch.Generator().manual_seed(seed + 7), T["E"].std(0))
-        decay = [p for p in m.parameters() if p.ndim >= 2]
-        rest = [p for p in m.parameters() if p.ndim < 2]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": a.wd}, {"params": rest, "weight_decay": 0.0}],
-                                lr=a.lr, betas=(0.9, 0.98), eps=1e-6)
+        m = Heads(a, width, torch.Generator().manual_seed(seed + 7), T["E"].std(0), cfg.model.logit_scale_init)
+        opt = torch.optim.AdamW(param_groups(m, opt_cfg.weight_decay), lr=opt_cfg.lr, betas=opt_cfg.betas,
+                                eps=opt_cfg.eps)
         perm, pos = torch.randperm(n), 0
         for step in range(a.steps):
             if pos + a.batch > n:
@@ -180,9 +180,9 @@ def train(a) -> None:
             batches = [idx] + [torch.randint(0, n, (a.batch,)) for _ in range(a.members - 1)] if a.own_batches \
                 else [idx] * a.members
             for g in opt.param_groups:
-                g["lr"] = lr_at(step)
+                g["lr"] = lr_at(step, opt_cfg)
             m.train()
-            scale, seen, losses = m.logit_scale.exp().clamp(max=100), {}, []
+            scale, seen, losses = m.logit_scale.exp().clamp(max=scale_max), {}, []
             for k, b in enumerate(batches):
                 if id(b) not in seen:
                     seen[id(b)] = (m.image(X[b]), m.text(T["E"][caption[b]]))
@@ -193,7 +193,7 @@ def train(a) -> None:
             loss.backward()
             opt.step()
             with torch.no_grad():
-                m.logit_scale.clamp_(0, math.log(100))
+                m.logit_scale.clamp_(0, math.log(scale_max))
         m.eval()
         res = {}
         with torch.no_grad():
