@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from clipjob.config import MINILM_LAYERS
+
 SETS = {"ho_seen": "emoji-heldout:{d}", "ho_unseen": "emoji-heldout:{d}/unseen", "seen_unseen": "emoji-seen:{d}/unseen",
         "ho_all": "emoji-heldout-styles:{d}"}
 EVALS = {"base": (False, False, False), "flip": (True, False, False), "centre-classes": (False, True, False),
@@ -44,7 +46,7 @@ def _lit(overrides=()):
     return cfg, build_model(cfg.model).eval(), build_tokenizer(cfg.model)
 
 
-def extract(data: str, out: str) -> None:
+def extract(data: str, out: str, bf16: bool = False) -> None:
     from clipjob.data.manifest import read_manifest
     from clipjob.data.transforms import eval_transform, to_unit_float
     from clipjob.eval.zeroshot import ShardImages, build_eval_set
@@ -65,9 +67,9 @@ def extract(data: str, out: str) -> None:
             new = [i for i, k in enumerate(keys) if k not in memo]
             if new:
                 x = to_unit_float(raw[new])
-                with torch.no_grad():
-                    f = tower.features(x)
-                    ff = tower.features(torch.flip(x, [-1])) if flip else f
+                with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                    f = tower.features(x).float()
+                    ff = tower.features(torch.flip(x, [-1])).float() if flip else f
                 memo.update((keys[i], (f[j], ff[j])) for j, i in enumerate(new))
             rows += [memo[k] for k in keys]
             labels += [it[1] for it in items]
@@ -87,12 +89,13 @@ def extract(data: str, out: str) -> None:
     run(ShardImages(urls, lambda s: json.loads(s["json"])["concept"], tf, size, caption_key="txt"), "train", flip=False)
 
 
-def text_embeddings(feats: str) -> dict:
-    """MiniLM sentence embeddings (before any projection) of every training caption and every eval prompt."""
-    path = f"{feats}/text.pt"
+def text_embeddings(feats: str, layers: bool = False) -> dict:
+    """MiniLM sentence embeddings (before any projection) of every training caption and every eval prompt; with
+    `layers`, every layer's pooled output side by side (model.text.pool_layers=[0, ..., 6]), for --text-layers."""
+    path = f"{feats}/text{'_layers' if layers else ''}.pt"
     if os.path.exists(path):
         return torch.load(path)
-    _, model, tok = _lit()
+    _, model, tok = _lit([f"model.text.pool_layers={list(range(MINILM_LAYERS + 1))}"] if layers else [])
 
     def embed(texts):
         with torch.no_grad():
@@ -120,7 +123,8 @@ class Heads(nn.Module):
         self.register_buffer("subsets", torch.stack([torch.randperm(width, generator=gen)[:k] for _ in range(a.members)]))
         self.heads = nn.ModuleList(nn.Sequential(nn.Linear(k, a.hidden), nn.GELU(), nn.Linear(a.hidden, a.dim))
                                    for _ in range(a.members))
-        self.proj = nn.Parameter(torch.randn(384, a.dim * a.members) * 384 ** -0.5)
+        d = len(text_sd)
+        self.proj = nn.Parameter(torch.randn(d, a.dim * a.members) * d ** -0.5)
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
 
     def image(self, x: torch.Tensor) -> torch.Tensor:  # (B, K, E), unit per member
@@ -144,7 +148,10 @@ def train(a) -> None:
     from clipjob.train.optim import lr_at, param_groups
 
     torch.set_num_threads(a.threads)
-    T = text_embeddings(a.feats)
+    T = text_embeddings(a.feats, bool(a.text_layers))
+    if a.text_layers:  # keep the chosen layers' pooled outputs (0: the token embeddings, 6: the sentence embedding)
+        keep = torch.cat([torch.arange(384 * int(i), 384 * (int(i) + 1)) for i in a.text_layers.split(",")])
+        T = {k: v[..., keep] if isinstance(v, torch.Tensor) else v for k, v in T.items()}
     tr = torch.load(f"{a.feats}/train.pt")
     X = tr["f"].float()
     ev = {s: torch.load(f"{a.feats}/{s}.pt") for s in SETS}
@@ -171,6 +178,7 @@ def train(a) -> None:
         m = Heads(a, width, torch.Generator().manual_seed(seed + 7), T["E"].std(0), cfg.model.logit_scale_init)
         opt = torch.optim.AdamW(param_groups(m, opt_cfg.weight_decay), lr=opt_cfg.lr, betas=opt_cfg.betas,
                                 eps=opt_cfg.eps)
+        ema = [p.detach().clone() for p in m.parameters()] if a.ema else None
         perm, pos = torch.randperm(n), 0
         for step in range(a.steps):
             if pos + a.batch > n:
@@ -194,6 +202,13 @@ def train(a) -> None:
             opt.step()
             with torch.no_grad():
                 m.logit_scale.clamp_(0, math.log(scale_max))
+                if a.fixed_scale:
+                    m.logit_scale.fill_(math.log(a.fixed_scale))
+                if ema is not None:
+                    torch._foreach_lerp_(ema, [p.detach() for p in m.parameters()], a.ema)
+        if ema is not None:  # evaluate the exponential moving average of the weights instead of the last ones
+            with torch.no_grad():
+                torch._foreach_copy_(list(m.parameters()), ema)
         m.eval()
         res = {}
         with torch.no_grad():
@@ -225,6 +240,7 @@ def main() -> None:
     ex = sub.add_parser("extract", help="trunk features of a leave-one-style-out dataset's pictures")
     ex.add_argument("data")
     ex.add_argument("feats")
+    ex.add_argument("--bf16", action="store_true", help="the trunk under bf16 autocast (as the trainer on a bf16 CPU)")
     t = sub.add_parser("train", help="train the heads on the features; top-1 on the four sets")
     t.add_argument("feats")
     t.add_argument("--seeds", type=int, nargs="+", default=[0, 1000, 2000, 3000])
@@ -240,10 +256,14 @@ def main() -> None:
     t.add_argument("--text-noise", type=float, default=0.0, help="Gaussian noise on the sentence embedding, in its sd")
     t.add_argument("--own-batches", action="store_true", help="each member on its own random batch")
     t.add_argument("--imagenet-scores", action="store_true", help="append ImageNet's 1,000 log-probabilities")
+    t.add_argument("--ema", type=float, default=0.0, help="evaluate an EMA of the weights (this share per step)")
+    t.add_argument("--fixed-scale", type=float, default=0.0, help="hold the logit scale at this value")
+    t.add_argument("--text-layers", default="", help="MiniLM layers whose pooled outputs the text projection reads, "
+                   "comma-separated, 0 (embeddings) to 6 (the sentence embedding); default: 6 alone")
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--tag", default="probe")
     a = ap.parse_args()
-    extract(a.data, a.feats) if a.cmd == "extract" else train(a)
+    extract(a.data, a.feats, a.bf16) if a.cmd == "extract" else train(a)
 
 
 if __name__ == "__main__":

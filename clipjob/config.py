@@ -63,6 +63,7 @@ class TextConfig:
     freeze: bool = F(False, "Freeze the text tower (LiT-style; only the projection trains)")
     lock_proj: bool = F(False, "With freeze: keep the text projection fixed too (the identity when model.embed_dim equals the tower's width, else a fixed orthonormal map), so the image tower learns to land on the frozen tower's own sentence space")
     proj_init: Literal["random", "sentence"] = F("random", "Initial text projection: random, or sentence (lock_proj's fixed map, so training starts from the tower's own sentence space; it trains unless lock_proj)")
+    pool_layers: list[int] = F([], "minilm: the layers whose outputs, each averaged over the caption's real tokens and L2-normalised, the projection reads side by side: 0 is the token embeddings (a bag of words, before any attention), the last (6) the sentence embedding. [] = the sentence embedding alone (the shipped encoder's output); [0, 6] gives the projection the caption's words as well as its meaning")
     trim_padding: bool = F(True, "Drop the padding columns every caption of a batch ends with, to a multiple of 8 (same outputs: both text towers are causal or padding-masked)")
 
 
@@ -288,6 +289,7 @@ def load_yaml(path: str) -> dict[str, Any]:
     return data
 
 
+MINILM_LAYERS = 6  # all-MiniLM-L6-v2's transformer layers: the range of model.text.pool_layers
 SIGLIP_LOGIT_SCALE_INIT = math.log(10.0)  # SigLIP paper / OpenCLIP: t' = ln 10 (and logit bias -10)
 
 
@@ -346,6 +348,13 @@ def validate(cfg: Config) -> None:
     else:
         _check(v.width % v.heads == 0, f"model.vision.width: {v.width} is not divisible by model.vision.heads={v.heads}")
     _check(t.freeze or not t.lock_proj, "model.text.lock_proj: needs model.text.freeze=true (a trained text tower moves its own space)")
+    _check(not t.pool_layers or t.kind == "minilm", "model.text.pool_layers: only for model.text.kind=minilm")
+    _check(all(0 <= i <= MINILM_LAYERS for i in t.pool_layers) and list(t.pool_layers) == sorted(set(t.pool_layers)),
+           f"model.text.pool_layers: layer numbers from 0 (token embeddings) to {MINILM_LAYERS} (the sentence "
+           f"embedding), each once, in increasing order; got {list(t.pool_layers)}")
+    _check(not t.pool_layers or (not t.lock_proj and t.proj_init == "random"),
+           "model.text.pool_layers: needs lock_proj=false and proj_init=random (the fixed map is of the sentence "
+           "embedding alone)")
     k = cfg.model.ensemble
     _check(1 <= k <= 16, f"model.ensemble: must be between 1 and 16, got {k}")
     _check(k == 1 or (v.family == "efficientnet-lite0" and t.kind == "minilm" and t.freeze and not t.lock_proj

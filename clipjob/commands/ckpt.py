@@ -70,7 +70,8 @@ MINILM = "MiniLM text (width 384, 6 layers, 12 heads, pretrained all-MiniLM-L6-v
 def describe_model(m) -> str:
     v, t = m.vision, m.text
     stem = "conv stem" if v.family == "corenet" else f"patch {v.patch_size}"
-    text = MINILM if t.kind == "minilm" else (f"{t.kind} text (width {t.width}, {t.layers} layers, {t.heads} heads, "
+    words = f", projection reads layers {'+'.join(map(str, t.pool_layers))}" if t.pool_layers else ""
+    text = MINILM.replace(")", f"{words})") if t.kind == "minilm" else (f"{t.kind} text (width {t.width}, {t.layers} layers, {t.heads} heads, "
                                               f"context {t.context_length}, {t.act})")
     if v.family == "efficientnet-lite0":
         head = f"MLP head {v.head_hidden} wide" if v.head_hidden else "linear head"

@@ -93,7 +93,8 @@ def set_text_projection(text: nn.Module, cfg: TextConfig) -> None:
 
 
 class MiniLMText(nn.Module):
-    """Pretrained MiniLM-L6 sentence encoder + mean pooling + a trainable projection to embed_dim.
+    """Pretrained MiniLM-L6 sentence encoder + mean pooling (of the last layer, or of text.pool_layers) + a trainable
+    projection to embed_dim.
     Token ids are WordPiece ids (pad 0), produced by `MiniLMTokenizer`."""
 
     def __init__(self, cfg: TextConfig, embed_dim: int, pretrained: bool = True):
@@ -107,7 +108,10 @@ class MiniLMText(nn.Module):
         self.ln_emb = nn.LayerNorm(d, eps=eps)
         self.layers = nn.ModuleList(_BertLayer(d, hf["num_attention_heads"], hf["intermediate_size"], eps)
                                     for _ in range(hf["num_hidden_layers"]))
-        self.proj = nn.Parameter(torch.randn(d, embed_dim) * d**-0.5)
+        # the pooled layers (text.pool_layers; default the last: the sentence embedding), side by side
+        self.pool_layers = list(cfg.pool_layers) or [len(self.layers)]
+        width = d * len(self.pool_layers)
+        self.proj = nn.Parameter(torch.randn(width, embed_dim) * width**-0.5)
         self.frozen = cfg.freeze
         self._cache: dict[bytes, torch.Tensor] = {}  # frozen tower: caption tokens -> pooled embedding
         if pretrained:
@@ -141,17 +145,23 @@ class MiniLMText(nn.Module):
         return self
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The sentence embedding (before the projection) as the shipped pipeline computes it:
-        transformer -> mean pooling over real tokens -> L2 normalisation."""
+        """What the projection reads: the sentence embedding as the shipped pipeline computes it (transformer ->
+        mean pooling over real tokens -> L2 normalisation), or with text.pool_layers each listed layer's output
+        pooled and normalised so, side by side (layer 0: the token embeddings)."""
         valid = tokens != 0
+        w = valid.unsqueeze(-1)
         pos = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.ln_emb(self.word(tokens) + self.position(pos) + self.token_type(torch.zeros_like(tokens)))
+        w = w.to(x.dtype)
+        pool = lambda h: F.normalize((h * w).sum(1) / w.sum(1).clamp(min=1e-9), dim=-1)  # noqa: E731
+        pooled = [pool(x)] if 0 in self.pool_layers else []
         mask = torch.zeros(valid.shape, dtype=x.dtype, device=x.device).masked_fill(~valid, float("-inf"))
         mask = mask[:, None, None, :]
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers[:self.pool_layers[-1]], 1):
             x = layer(x, mask)
-        w = valid.unsqueeze(-1).to(x.dtype)
-        return F.normalize((x * w).sum(1) / w.sum(1).clamp(min=1e-9), dim=-1)
+            if i in self.pool_layers:
+                pooled.append(pool(x))
+        return pooled[0] if len(pooled) == 1 else torch.cat(pooled, -1)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         pooled = self._cached_embed(tokens) if self.frozen else self.embed(tokens)

@@ -9,13 +9,13 @@ import time
 
 import torch
 
-from clipjob.config import ModelConfig, VisionConfig
+from clipjob.config import MINILM_LAYERS, ModelConfig, VisionConfig
 from clipjob.model import efficientnet
 
 # dense bf16/fp16 tensor-core peaks (FLOP/s) by device-name fragment, most specific first
 GPU_PEAK_FLOPS = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
                   ("A10", 125e12), ("V100", 125e12)]
-MINILM_DIMS = (384, 6, 4.0)  # width, layers, mlp ratio of the all-MiniLM-L6-v2 text tower
+MINILM_DIMS = (384, MINILM_LAYERS, 4.0)  # width, layers, mlp ratio of the all-MiniLM-L6-v2 text tower
 
 
 
@@ -67,7 +67,7 @@ def flops_per_sample(cfg: ModelConfig, image_size: int) -> float:
     else:
         vision = resnet_flops(v, e, image_size) if v.family == "resnet" else vit_flops(v, e, image_size)
     tw, tl, tm = MINILM_DIMS if t.kind == "minilm" else (t.width, t.layers, t.mlp_ratio)
-    text = transformer_flops(tw, tl, tm, t.context_length) + 2 * tw * e
+    text = transformer_flops(tw, tl, tm, t.context_length) + 2 * tw * max(1, len(t.pool_layers)) * e
     if t.freeze and t.kind == "minilm":
         text = 0  # frozen MiniLM features are cached per caption: after the first epoch they cost nothing
     return 3 * vision + (1 if t.freeze else 3) * text

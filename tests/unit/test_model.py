@@ -192,6 +192,50 @@ def test_should_reuse_cached_text_features_when_the_minilm_tower_is_frozen():
     assert [n for n, p in m.named_parameters() if p.requires_grad] == ["proj"]
 
 
+def test_should_read_the_word_embeddings_beside_the_sentence_when_pooling_minilm_layers():
+    from clipjob.model.text import MiniLMText, MiniLMTokenizer
+
+    base = build_config("tiny-cpu").model.text
+    sentence = MiniLMText(base, 8).eval()
+    both = MiniLMText(build_config("tiny-cpu", None, ["model.text.pool_layers=[0,6]"]).model.text, 8).eval()
+    assert both.proj.shape == (768, 8)
+    texts = ["a cat", "an emoji of a smiling face with sunglasses"]
+    toks, wider = MiniLMTokenizer(24)(texts), MiniLMTokenizer(40)(texts)
+    got = both.embed(toks)
+    # the last 384: the shipped sentence embedding; the first: the caption's token embeddings averaged over its
+    # real tokens (padding excluded) and normalised
+    torch.testing.assert_close(got[:, 384:], sentence.embed(toks))
+    with torch.no_grad():
+        pos = torch.arange(toks.shape[1])
+        x = both.ln_emb(both.word(toks) + both.position(pos) + both.token_type(torch.zeros_like(toks)))
+        real = (toks != 0).unsqueeze(-1).float()
+        words = torch.nn.functional.normalize((x * real).sum(1) / real.sum(1), dim=-1)
+    torch.testing.assert_close(got[:, :384], words)
+    torch.testing.assert_close(both.embed(wider), got, atol=1e-5, rtol=0)  # padding changes nothing
+    assert both(toks).shape == (2, 8) and len(both._cache) == 2
+    mid = MiniLMText(build_config("tiny-cpu", None, ["model.text.pool_layers=[0,3]"]).model.text, 8).eval()
+    assert mid.proj.shape == (768, 8)
+    torch.testing.assert_close(mid.embed(toks)[:, :384], words)
+    assert not torch.allclose(mid.embed(toks)[:, 384:], got[:, 384:], atol=1e-2)  # layer 3 is not the last
+    from clipjob.commands.ckpt import describe_model
+
+    described = describe_model(build_config("tiny-cpu", None, ["model.text.pool_layers=[0,6]"]).model)
+    assert "all-MiniLM-L6-v2, projection reads layers 0+6)" in described
+
+
+@pytest.mark.parametrize("value, says", [("[0,7]", "from 0"), ("[6,0]", "increasing order"), ("[0,0]", "each once")])
+def test_should_refuse_bad_minilm_pool_layers(value, says):
+    from clipjob.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model\.text\.pool_layers") as e:
+        build_config("tiny-cpu", None, [f"model.text.pool_layers={value}"])
+    assert says in str(e.value)
+    with pytest.raises(ConfigError, match="only for model.text.kind=minilm"):
+        build_config("tiny-cpu", None, ["model.text.kind=transformer", "model.text.pool_layers=[0,6]"])
+    with pytest.raises(ConfigError, match="lock_proj=false"):
+        build_config("tiny-cpu", None, ["model.text.pool_layers=[0,6]", "model.text.lock_proj=true"])
+
+
 @pytest.mark.parametrize("embed_dim", [384, 256, 512])
 def test_should_keep_the_frozen_sentence_space_when_the_text_projection_is_locked(embed_dim):
     from clipjob.errors import ConfigError
