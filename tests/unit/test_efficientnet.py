@@ -242,8 +242,10 @@ def test_should_differ_from_tiny_cpu_in_the_tower_and_its_schedule_when_using_th
     assert lit["model"]["vision"]["family"] == "efficientnet-lite0" and lit["model"]["vision"]["freeze"]
     assert lit["data"]["rrc_scale"] == [1.0, 1.0] and lit["train"]["steps"] == 500
     assert lit["model"]["ensemble"] == 3 and vit["model"]["ensemble"] == 1
+    assert lit["model"]["text"]["pool_layers"] == [0, 6] and vit["model"]["text"]["pool_layers"] == []
     for d in (lit, vit):
         d["model"].pop("vision"), d["model"].pop("ensemble"), d["data"].pop("rrc_scale")
+        d["model"]["text"].pop("pool_layers")
         for k in ("steps", "lr", "ckpt_every_steps"):
             d["train"].pop(k)
     assert lit == vit
