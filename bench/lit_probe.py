@@ -223,12 +223,17 @@ def train(a) -> None:
                     i = F.normalize(i - image_mean, dim=-1) if centre_images else i
                     hits = torch.einsum("bke,cke->bc", i, c).argmax(1) == labels
                     res[(v, s)] = hits.float().mean().item() * 100
+                    res[("hits", v, s)] = hits.tolist()
         print(f"  seed {seed}: " + " / ".join(f"{res[('base', s)]:.2f}" for s in SETS)
               + f"  loss {loss.item():.3f}, logit scale {m.logit_scale.exp().item():.1f}", flush=True)
         return res
 
     t0 = time.time()
     results = [one(seed) for seed in a.seeds]
+    if a.hits:  # each eval picture's right/wrong per seed, for error analysis
+        with open(a.hits, "w") as f:
+            json.dump({s: {"labels": ev[s]["labels"], "names": torch.load(f"{a.feats}/{s}_meta.pt")["names"],
+                           "hits": [r[("hits", "base", s)] for r in results]} for s in SETS}, f)
     for v in EVALS:
         mean = " / ".join(f"{sum(r[(v, s)] for r in results) / len(results):.2f}" for s in SETS)
         print(f"{a.tag} [{v}]: {mean}  ({len(results)} seeds, {time.time() - t0:.0f} s)", flush=True)
@@ -260,6 +265,7 @@ def main() -> None:
     t.add_argument("--fixed-scale", type=float, default=0.0, help="hold the logit scale at this value")
     t.add_argument("--text-layers", default="", help="MiniLM layers whose pooled outputs the text projection reads, "
                    "comma-separated, 0 (embeddings) to 6 (the sentence embedding); default: 6 alone")
+    t.add_argument("--hits", default="", help="write each eval picture's right/wrong per seed to this JSON file")
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--tag", default="probe")
     a = ap.parse_args()

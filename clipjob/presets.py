@@ -51,8 +51,8 @@ _DEMO_RESNET = {"family": "resnet", "image_size": 96, "width": 16, "resnet_layer
 # 32.03 / 29.68 / 75.81 / 34.30, +2.0 / +1.9 / +3.6 / +2.1 on the same check and data (the probe: +2.1 / +2.1 / +3.7
 # / +2.3 over four seeds), for ~0.1 s more per step after the cache fills (README)
 # The text projections read the caption's token embeddings averaged (MiniLM's layer 0: a bag of words) beside the
-# sentence embedding (layer 6; model.text.pool_layers=[0, 6]); 128 of the 153 held-out names share a word with a
-# training concept's name ("brown circle", "blue heart", "cow face"). Same check, bf16, seeds 0-2: 34.64 / 30.75 / 76.13 / 36.16 against 31.81 /
+# sentence embedding (layer 6; model.text.pool_layers=[0, 6]): held-out names gain whether or not they share a word
+# with a training concept's name (README). Same check, bf16, seeds 0-2: 34.64 / 30.75 / 76.13 / 36.16 against 31.81 /
 # 28.82 / 75.05 / 34.53, every seed up on every set (the probe over eight seeds: +3.4 / +1.4 / +1.1 / +2.1; README)
 _DEMO_LIT = {"family": "efficientnet-lite0", "image_size": 224, "freeze": True, "head_hidden": 1024,
              "feature_cache": 50_000, "pool": "stages", "feature_noise": 0.5}
