@@ -144,13 +144,15 @@ class Heads(nn.Module):
 
 def train(a) -> None:
     from clipjob.config import build_config
+    from clipjob.train.ema import EMA
     from clipjob.train.loss import clip_loss
     from clipjob.train.optim import lr_at, param_groups
 
     torch.set_num_threads(a.threads)
     T = text_embeddings(a.feats, bool(a.text_layers))
     if a.text_layers:  # keep the chosen layers' pooled outputs (0: the token embeddings, 6: the sentence embedding)
-        keep = torch.cat([torch.arange(384 * int(i), 384 * (int(i) + 1)) for i in a.text_layers.split(",")])
+        d = T["E"].shape[-1] // (MINILM_LAYERS + 1)
+        keep = torch.cat([torch.arange(d * int(i), d * (int(i) + 1)) for i in a.text_layers.split(",")])
         T = {k: v[..., keep] if isinstance(v, torch.Tensor) else v for k, v in T.items()}
     tr = torch.load(f"{a.feats}/train.pt")
     X = tr["f"].float()
@@ -178,7 +180,7 @@ def train(a) -> None:
         m = Heads(a, width, torch.Generator().manual_seed(seed + 7), T["E"].std(0), cfg.model.logit_scale_init)
         opt = torch.optim.AdamW(param_groups(m, opt_cfg.weight_decay), lr=opt_cfg.lr, betas=opt_cfg.betas,
                                 eps=opt_cfg.eps)
-        ema = [p.detach().clone() for p in m.parameters()] if a.ema else None
+        ema = EMA(m, a.ema) if a.ema else None  # the trainer's (parameters and BatchNorm statistics)
         perm, pos = torch.randperm(n), 0
         for step in range(a.steps):
             if pos + a.batch > n:
@@ -202,13 +204,10 @@ def train(a) -> None:
             opt.step()
             with torch.no_grad():
                 m.logit_scale.clamp_(0, math.log(scale_max))
-                if a.fixed_scale:
-                    m.logit_scale.fill_(math.log(a.fixed_scale))
-                if ema is not None:
-                    torch._foreach_lerp_(ema, [p.detach() for p in m.parameters()], a.ema)
+            if ema is not None:
+                ema.update(m)
         if ema is not None:  # evaluate the exponential moving average of the weights instead of the last ones
-            with torch.no_grad():
-                torch._foreach_copy_(list(m.parameters()), ema)
+            m.load_state_dict(ema.state_dict())
         m.eval()
         res = {}
         with torch.no_grad():
@@ -262,7 +261,6 @@ def main() -> None:
     t.add_argument("--own-batches", action="store_true", help="each member on its own random batch")
     t.add_argument("--imagenet-scores", action="store_true", help="append ImageNet's 1,000 log-probabilities")
     t.add_argument("--ema", type=float, default=0.0, help="evaluate an EMA of the weights (this share per step)")
-    t.add_argument("--fixed-scale", type=float, default=0.0, help="hold the logit scale at this value")
     t.add_argument("--text-layers", default="", help="MiniLM layers whose pooled outputs the text projection reads, "
                    "comma-separated, 0 (embeddings) to 6 (the sentence embedding); default: 6 alone")
     t.add_argument("--hits", default="", help="write each eval picture's right/wrong per seed to this JSON file")

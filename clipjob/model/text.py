@@ -149,10 +149,9 @@ class MiniLMText(nn.Module):
         mean pooling over real tokens -> L2 normalisation), or with text.pool_layers each listed layer's output
         pooled and normalised so, side by side (layer 0: the token embeddings)."""
         valid = tokens != 0
-        w = valid.unsqueeze(-1)
         pos = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.ln_emb(self.word(tokens) + self.position(pos) + self.token_type(torch.zeros_like(tokens)))
-        w = w.to(x.dtype)
+        w = valid.unsqueeze(-1).to(x.dtype)
         pool = lambda h: F.normalize((h * w).sum(1) / w.sum(1).clamp(min=1e-9), dim=-1)  # noqa: E731
         pooled = [pool(x)] if 0 in self.pool_layers else []
         mask = torch.zeros(valid.shape, dtype=x.dtype, device=x.device).masked_fill(~valid, float("-inf"))
