@@ -76,7 +76,8 @@ def describe_model(m) -> str:
     if v.family == "efficientnet-lite0":
         head = f"MLP head {v.head_hidden} wide" if v.head_hidden else "linear head"
         head = f"{m.ensemble} x {head.replace('head', 'heads')}" if m.ensemble > 1 else head
-        pool = ", on every stage's pooled output" if v.pool == "stages" else ""
+        pool = {"head": "", "stages": ", on every stage's pooled output",
+                "stages+max": ", on every stage's mean- and max-pooled output"}[v.pool]
         image = f"EfficientNet-Lite0 ({'frozen' if v.freeze else 'tuned'} ImageNet trunk, {head}{pool}, {v.image_size}px)"
     else:
         image = (f"ResNet (stem width {v.width}, blocks {'-'.join(map(str, v.resnet_layers))}, {v.heads} pool heads, "

@@ -93,7 +93,8 @@ class EfficientNetLite(nn.Module):
             self.stage_ends.add(len(blocks) - 1)
         self.blocks = nn.ModuleList(blocks)
         self.conv_head, self.bn1 = SameConv(cin, FEATURES, 1), _bn(FEATURES)
-        self.pool_stages = cfg.pool == "stages"
+        self.pool_stages = cfg.pool in ("stages", "stages+max")
+        self.pool_max = cfg.pool == "stages+max"
         width = feature_width(cfg)
         self.feature_norm = nn.BatchNorm1d(width, affine=False)
         hidden = cfg.head_hidden
@@ -137,16 +138,18 @@ class EfficientNetLite(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled trunk features of images in [0, 1]: (B, 1280), or (B, 784 + 1280) with pool=stages (each
-        stage's last output averaged over the picture, in stage order, then the conv head's)."""
+        stage's last output averaged over the picture, in stage order, then the conv head's), or with
+        pool=stages+max those 2,064 followed by the same maps' maxima over the picture, in the same order."""
         x = images * 2 - 1  # TensorFlow's EfficientNet-Lite input convention (mean 127, std 128 on 0..255, within
         # 0.4 %); ImageNet's mean/std classifies the test photograph alike (p 0.43 against 0.40): not decisive
         x = F.relu6(self.bn0(self.conv_stem(x)))
-        pooled = []
+        maps = []  # what is pooled: each stage's last output (pool=stages...), then the conv head's
         for i, block in enumerate(self.blocks):
             x = block(x)
             if self.pool_stages and i in self.stage_ends:
-                pooled.append(x.mean((2, 3)))
-        pooled.append(F.relu6(self.bn1(self.conv_head(x))).mean((2, 3)))
+                maps.append(x)
+        maps.append(F.relu6(self.bn1(self.conv_head(x))))
+        pooled = [m.mean((2, 3)) for m in maps] + ([m.amax((2, 3)) for m in maps] if self.pool_max else [])
         return torch.cat(pooled, 1) if len(pooled) > 1 else pooled[0]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -209,7 +212,8 @@ def trunk_flops(image_size: int) -> float:
 
 def feature_width(cfg: VisionConfig) -> int:
     """How many pooled numbers per picture the head reads (model.vision.pool)."""
-    return STAGE_FEATURES + FEATURES if cfg.pool == "stages" else FEATURES
+    stages = STAGE_FEATURES + FEATURES
+    return {"head": FEATURES, "stages": stages, "stages+max": 2 * stages}[cfg.pool]
 
 
 def head_flops(cfg: VisionConfig, embed_dim: int) -> float:

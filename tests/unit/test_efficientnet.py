@@ -10,13 +10,14 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from clipjob.config import build_config, to_yaml
 from clipjob.errors import ClipjobError, ConfigError
 from clipjob.model import build_model
-from clipjob.model.efficientnet import EfficientNetLite, SameConv, trunk_flops
+from clipjob.model.efficientnet import EfficientNetLite, SameConv, head_flops, trunk_flops
 
 LIT = ["model.vision.family=efficientnet-lite0", "model.vision.image_size=64", "model.vision.head_hidden=32",
        "model.text.width=32", "model.text.layers=1", "model.text.heads=2", "model.text.context_length=8",
@@ -178,6 +179,36 @@ def test_should_read_each_stage_and_the_conv_head_when_pooling_stages():
     assert stages(pics).shape == (3, 16)
 
 
+def test_should_append_each_maps_maximum_when_pooling_stages_with_max():
+    """model.vision.pool=stages+max: the 2,064 averages of pool=stages, then the maxima over the picture of the same
+    eight maps in the same order (4,128 numbers); the standardisation, the head, the cache and the FLOPs take them."""
+    torch.manual_seed(0)
+    cfg = lit_config("model.vision.freeze=true", "model.vision.pool=stages+max", "model.vision.feature_cache=8")
+    tower = EfficientNetLite(cfg.model.vision, 16).eval()
+    # the same shipped trunk, pooled as pool=stages
+    plain = EfficientNetLite(lit_config("model.vision.freeze=true", "model.vision.pool=stages").model.vision, 16).eval()
+    maps = []
+    hooks = [b.register_forward_hook(lambda m, i, o: maps.append(o)) for b in tower.blocks]
+    hooks.append(tower.bn1.register_forward_hook(lambda m, i, o: maps.append(F.relu6(o))))
+    pics = torch.rand(3, 3, 64, 64)
+    with torch.no_grad():
+        got = tower.features(pics)
+    for h in hooks:
+        h.remove()
+    ends = [i for i, b in enumerate(tower.blocks) if i + 1 == len(tower.blocks)
+            or tower.blocks[i + 1].project_conv.out_channels != b.project_conv.out_channels] + [len(maps) - 1]
+    assert got.shape == (3, 2 * 2064)
+    with torch.no_grad():
+        torch.testing.assert_close(got[:, :2064], plain.features(pics), atol=0, rtol=0)
+    want_max = torch.cat([maps[i].amax((2, 3)) for i in ends], 1)
+    torch.testing.assert_close(got[:, 2064:], want_max, atol=0, rtol=0)
+    assert (got[:, 2064:] >= got[:, :2064]).all()  # a maximum is never below the mean of the same map
+    assert tower.feature_norm.num_features == 4128 and tower.head[0].in_features == 4128
+    assert head_flops(cfg.model.vision, 16) == 2 * (4128 * 32 + 32 * 16)
+    assert_rows(tower._cached_features(pics), got)
+    assert tower(pics).shape == (3, 16)
+
+
 def test_should_count_the_trunk_flops_as_torchs_counter_does():
     tower = EfficientNetLite(lit_config().model.vision, 16, pretrained=False).eval()
     for size in (64, 128, 96):
@@ -233,6 +264,8 @@ def test_should_describe_the_efficientnet_tower_when_showing_a_checkpoint():
         "EfficientNet-Lite0 (frozen ImageNet trunk, MLP head 32 wide, 64px) + transformer text")
     assert describe_model(lit_config("model.vision.pool=stages").model).startswith(
         "EfficientNet-Lite0 (tuned ImageNet trunk, MLP head 32 wide, on every stage's pooled output, 64px)")
+    both = describe_model(lit_config("model.vision.pool=stages+max").model)
+    assert "on every stage's mean- and max-pooled output" in both
 
 
 def test_should_differ_from_tiny_cpu_in_the_tower_and_its_schedule_when_using_the_lit_preset():
