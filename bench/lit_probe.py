@@ -46,13 +46,13 @@ def _lit(overrides=()):
     return cfg, build_model(cfg.model).eval(), build_tokenizer(cfg.model)
 
 
-def extract(data: str, out: str, bf16: bool = False) -> None:
+def extract(data: str, out: str, bf16: bool = False, pool: str = "") -> None:
     from clipjob.data.manifest import read_manifest
     from clipjob.data.transforms import eval_transform, to_unit_float
     from clipjob.eval.zeroshot import ShardImages, build_eval_set
 
     os.makedirs(out, exist_ok=True)
-    cfg, model, _ = _lit()
+    cfg, model, _ = _lit([f"model.vision.pool={pool}"] if pool else [])
     size, tower = cfg.model.vision.image_size, model.visual
 
     def run(ds, name: str, flip: bool) -> None:
@@ -124,6 +124,13 @@ class Heads(nn.Module):
         self.heads = nn.ModuleList(nn.Sequential(nn.Linear(k, a.hidden), nn.GELU(), nn.Linear(a.hidden, a.dim))
                                    for _ in range(a.members))
         d = len(text_sd)
+        self.parts = len(a.text_layers.split(",")) if a.text_layers else 1
+        scale = torch.ones(d)  # --part-weight: the first of the --text-layers parts scaled (its share of the proj)
+        scale[:d // self.parts] = a.part_weight
+        self.register_buffer("part_scale", scale)
+        if a.text_hidden:  # --text-hidden: a GELU layer before the text projection (the trainer's is linear)
+            self.tmlp = nn.Sequential(nn.Linear(d, a.text_hidden), nn.GELU())
+            d = a.text_hidden
         self.proj = nn.Parameter(torch.randn(d, a.dim * a.members) * d ** -0.5)
         self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
 
@@ -139,6 +146,15 @@ class Heads(nn.Module):
     def text(self, e: torch.Tensor) -> torch.Tensor:
         if self.training and self.a.text_noise:
             e = e + self.a.text_noise * self.text_sd * torch.randn_like(e)
+        if self.training and self.a.part_drop and self.parts > 1:  # drop whole parts (never all) per caption,
+            # the kept ones scaled up so the sum's expected size stays
+            keep = (torch.rand(*e.shape[:-1], self.parts) >= self.a.part_drop).float()
+            keep[keep.sum(-1) == 0] = 1.0
+            keep = keep * self.parts / keep.sum(-1, keepdim=True)
+            e = e * keep.repeat_interleave(e.shape[-1] // self.parts, -1)
+        e = e * self.part_scale
+        if self.a.text_hidden:
+            e = self.tmlp(e)
         return F.normalize((e @ self.proj).unflatten(-1, (len(self.heads), -1)), dim=-1)
 
 
@@ -165,6 +181,11 @@ def train(a) -> None:
         X = add(X)
         for e in ev.values():
             e["f"], e["ff"] = add(e["f"].float()), add(e["ff"].float())
+    if a.cols:  # keep these feature columns (start:end,...)
+        cols = torch.cat([torch.arange(*map(int, r.split(":"))) for r in a.cols.split(",")])
+        X = X[:, cols]
+        for e in ev.values():
+            e["f"], e["ff"] = e["f"][:, cols], e["ff"][:, cols]
     caption = torch.tensor([T["caps"][c] for c in tr["caps"]])
     concept_ids = {c: i for i, c in enumerate(sorted(set(tr["labels"])))}
     groups = torch.tensor([concept_ids[c] for c in tr["labels"]])
@@ -245,6 +266,7 @@ def main() -> None:
     ex.add_argument("data")
     ex.add_argument("feats")
     ex.add_argument("--bf16", action="store_true", help="the trunk under bf16 autocast (as the trainer on a bf16 CPU)")
+    ex.add_argument("--pool", default="", help="model.vision.pool (default: the preset's)")
     t = sub.add_parser("train", help="train the heads on the features; top-1 on the four sets")
     t.add_argument("feats")
     t.add_argument("--seeds", type=int, nargs="+", default=[0, 1000, 2000, 3000])
@@ -263,11 +285,17 @@ def main() -> None:
     t.add_argument("--ema", type=float, default=0.0, help="evaluate an EMA of the weights (this share per step)")
     t.add_argument("--text-layers", default="", help="MiniLM layers whose pooled outputs the text projection reads, "
                    "comma-separated, 0 (embeddings) to 6 (the sentence embedding); default: 6 alone")
+    t.add_argument("--cols", default="", help="keep only these feature columns, START:END,... (e.g. 0:2064: the "
+                   "averages of a pool=stages+max extract, as pool=stages)")
+    t.add_argument("--text-hidden", type=int, default=0, help="a GELU layer this wide before the text projection")
+    t.add_argument("--part-weight", type=float, default=1.0, help="scale the first --text-layers part by this")
+    t.add_argument("--part-drop", type=float, default=0.0, help="in training, zero each --text-layers part of a "
+                   "caption with this probability (never all of them)")
     t.add_argument("--hits", default="", help="write each eval picture's right/wrong per seed to this JSON file")
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--tag", default="probe")
     a = ap.parse_args()
-    extract(a.data, a.feats, a.bf16) if a.cmd == "extract" else train(a)
+    extract(a.data, a.feats, a.bf16, a.pool) if a.cmd == "extract" else train(a)
 
 
 if __name__ == "__main__":
