@@ -143,13 +143,19 @@ class EfficientNetLite(nn.Module):
         x = images * 2 - 1  # TensorFlow's EfficientNet-Lite input convention (mean 127, std 128 on 0..255, within
         # 0.4 %); ImageNet's mean/std classifies the test photograph alike (p 0.43 against 0.40): not decisive
         x = F.relu6(self.bn0(self.conv_stem(x)))
-        maps = []  # what is pooled: each stage's last output (pool=stages...), then the conv head's
+        means, peaks = [], []
+
+        def pool(m: torch.Tensor) -> None:  # at once, so no stage's map outlives its use
+            means.append(m.mean((2, 3)))
+            if self.pool_max:
+                peaks.append(m.amax((2, 3)))
+
         for i, block in enumerate(self.blocks):
             x = block(x)
             if self.pool_stages and i in self.stage_ends:
-                maps.append(x)
-        maps.append(F.relu6(self.bn1(self.conv_head(x))))
-        pooled = [m.mean((2, 3)) for m in maps] + ([m.amax((2, 3)) for m in maps] if self.pool_max else [])
+                pool(x)
+        pool(F.relu6(self.bn1(self.conv_head(x))))
+        pooled = means + peaks
         return torch.cat(pooled, 1) if len(pooled) > 1 else pooled[0]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
