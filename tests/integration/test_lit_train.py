@@ -16,7 +16,6 @@ import torch
 from trainrun import Run, free_port, make_shards
 
 from clipjob import checkpoint as ckpt
-
 from clipjob.model.efficientnet import weights_file
 
 LIT = ["data.num_workers=1", "train.batch_size=8", "train.steps=6", "train.warmup_steps=2", "train.log_every=1",

@@ -154,6 +154,12 @@ def test_should_add_feature_noise_of_the_asked_size_in_training_only():
     torch.testing.assert_close(seen[2], eval_clean, rtol=0, atol=0)  # eval: no noise
 
 
+def last_block_of_each_stage(tower: EfficientNetLite) -> list[int]:
+    """Block indices where a stage ends, found from the blocks' output widths (not from the tower's own stage_ends)."""
+    return [i for i, b in enumerate(tower.blocks) if i + 1 == len(tower.blocks)
+            or tower.blocks[i + 1].project_conv.out_channels != b.project_conv.out_channels]
+
+
 def test_should_read_each_stage_and_the_conv_head_when_pooling_stages():
     """model.vision.pool=stages: the head reads each stage's last block output averaged over the picture (16, 24,
     40, 80, 112, 192, 320 channels, in that order) and then the same 1,280 conv-head features pool=head reads;
@@ -169,8 +175,7 @@ def test_should_read_each_stage_and_the_conv_head_when_pooling_stages():
         got, want_head = stages.features(pics), heads.features(pics)
     for h in hooks:
         h.remove()
-    ends = [i for i, b in enumerate(stages.blocks) if i + 1 == len(stages.blocks)
-            or stages.blocks[i + 1].project_conv.out_channels != b.project_conv.out_channels]
+    ends = last_block_of_each_stage(stages)
     assert [outs[i].shape[1] for i in ends] == [16, 24, 40, 80, 112, 192, 320]
     assert got.shape == (3, 784 + 1280)
     torch.testing.assert_close(got, torch.cat([outs[i] for i in ends] + [want_head], 1), atol=0, rtol=0)
@@ -195,8 +200,7 @@ def test_should_append_each_maps_maximum_when_pooling_stages_with_max():
         got = tower.features(pics)
     for h in hooks:
         h.remove()
-    ends = [i for i, b in enumerate(tower.blocks) if i + 1 == len(tower.blocks)
-            or tower.blocks[i + 1].project_conv.out_channels != b.project_conv.out_channels] + [len(maps) - 1]
+    ends = last_block_of_each_stage(tower) + [len(maps) - 1]  # and the conv head's map, hooked last
     assert got.shape == (3, 2 * 2064)
     with torch.no_grad():
         torch.testing.assert_close(got[:, :2064], plain.features(pics), atol=0, rtol=0)
