@@ -30,7 +30,6 @@ import io
 import json
 import pickle
 import re
-import sys
 import time
 import warnings
 import zipfile
@@ -43,7 +42,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from clipjob import fs
-from clipjob.errors import ClipjobError, RetryableError
+from clipjob.errors import ClipjobError, RetryableError, stderr_line
 
 T = TypeVar("T")
 MARKER = "COMMITTED"
@@ -241,7 +240,7 @@ def load_newest(run_dir: str, load: Callable[[str], T]) -> tuple[str, T]:
         except RetryableError:
             raise
         except ClipjobError as e:
-            print(f"warning: skipping checkpoint step {step}, it does not load: {e}", file=sys.stderr, flush=True)
+            stderr_line(f"warning: skipping checkpoint step {step}, it does not load: {e}")  # every rank resumes
     if steps:
         raise ClipjobError(f"{run_dir}: none of the committed checkpoints (steps {', '.join(map(str, steps))}) "
                            f"loads (see the warnings above)")

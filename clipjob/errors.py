@@ -9,6 +9,8 @@ The exit code is chosen for the restart policy that reads it (docs/distributed.m
 - Stopped by a signal (SIGTERM on preemption) after committing the step: 128 + signal (143).
 """
 
+import sys
+
 EXIT_PERMANENT = 2
 EXIT_RETRYABLE = 203  # 128 + 75 (sysexits EX_TEMPFAIL): >= 128, so retried; above every signal number
 
@@ -28,3 +30,13 @@ class RetryableError(ClipjobError):
     command later can succeed, so the process exits with EXIT_RETRYABLE and restart policies retry it."""
 
     exit_code = EXIT_RETRYABLE
+
+
+def stderr_line(line: str) -> None:
+    """One line on stderr in one write. Every rank of a group may print the same line (the same bad value,
+    the same unloadable checkpoint) to the pipe they share; `print` writes the text and its newline
+    separately, so two ranks' lines could interleave into one garbled line ("...not founderror: ...not
+    found", seen in CI). One write of under PIPE_BUF bytes (4096 on Linux) reaches a pipe whole."""
+    sys.stderr.flush()  # nothing of ours still buffered ahead of it
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()

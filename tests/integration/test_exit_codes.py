@@ -82,6 +82,8 @@ def test_should_exit_2_with_the_workers_line_when_the_workers_find_a_bad_value(d
     assert rc == 2, r.output
     worker_line = re.search(r"^error: /nonexistent/weights\.safetensors: .+$", r.output, re.M)
     assert worker_line and last_line(r) == worker_line[0], r.output  # repeated by the agent as its last line
+    # both ranks print it to the one pipe: each line whole (CI once saw "...not founderror: ...not found")
+    assert all(line.count("error: ") == 1 for line in r.output.splitlines() if "error: " in line), r.output
     assert "Traceback" not in r.output
 
 
