@@ -35,16 +35,21 @@ DEMO_T0 := $(shell date +%s)
 # torch/torchvision: the builds that lie on these machines' disk (a CUDA build that runs on the CPU)
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv venv-dev tools demo test test-fast bench smoke-container smoke-container-clean clean
+.PHONY: venv venv-dev lock tools demo test test-fast bench smoke-container smoke-container-clean clean
 
 # Installs go through uv, put into the venv by pip: the same pins from PyPI, measured on a 2-core AVX2 EPYC with an
 # empty uv cache at ~50 s for torch's CUDA build and the rest, where pip took 2-2.5 min (README). Where uv cannot be
 # installed or an install through it fails, pip makes the same install.
+# Every install takes its versions from constraints.txt (the set the suite last passed with; `make lock` rewrites it
+# from a fresh resolve), so a registry's new release cannot change what CI or the demo runs. CONSTRAINTS= installs
+# unpinned.
+CONSTRAINTS ?= constraints.txt
 UV := $(VENV)/bin/uv
-install = { test -x $(UV) && $(UV) pip install -q -p $(PY) $(1); } || $(PY) -m pip install -q $(1)
+install = { test -x $(UV) && $(UV) pip install -q -p $(PY) $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) $(1); } || \
+	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) $(1)
 
 venv: $(VENV)/.installed
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(CONSTRAINTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -m pip install -q uv > /dev/null 2>&1 || echo "note: uv could not be installed; pip installs instead (slower)"
 	@echo "venv: installing $(TORCH_PINS) and clipjob[emoji,minilm,effnet] into $(VENV)$$(test -x $(UV) && echo ' with uv')"
@@ -53,10 +58,20 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 venv-dev: $(VENV)/.installed-dev
-$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml
+$(VENV)/.installed-dev: $(VENV)/.installed pyproject.toml $(CONSTRAINTS)
 	@echo "venv: installing clipjob[dev] (test and bench tools) into $(VENV)"
 	@$(call install,-e '.[dev]')
 	@touch $@
+
+# constraints.txt anew: clipjob[dev] resolved without it in a scratch venv, then every version it got. Run the suite
+# on the result before committing it.
+LOCK_VENV ?= .lock-venv
+lock:
+	rm -rf $(LOCK_VENV)
+	$(MAKE) --no-print-directory venv-dev VENV=$(LOCK_VENV) CONSTRAINTS=
+	$(LOCK_VENV)/bin/python scripts/write_constraints.py > constraints.txt.tmp && mv constraints.txt.tmp constraints.txt
+	rm -rf $(LOCK_VENV)
+	@echo "lock: constraints.txt has $$(grep -c == constraints.txt) pins; git diff constraints.txt shows what moved"
 
 tools: venv-dev
 	PYTHON=$(PY) bash scripts/install_tools.sh
@@ -95,4 +110,4 @@ smoke-container-clean:
 	bash scripts/smoke_container.sh clean
 
 clean:
-	rm -rf $(VENV) .tools runs data
+	rm -rf $(VENV) .lock-venv .tools runs data
