@@ -45,8 +45,8 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 # unpinned.
 CONSTRAINTS ?= constraints.txt
 UV := $(VENV)/bin/uv
-install = { test -x $(UV) && $(UV) pip install -q -p $(PY) $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) $(1); } || \
-	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) $(1)
+pinned = $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) $(1)
+install = { test -x $(UV) && $(UV) pip install -q -p $(PY) $(pinned); } || $(PY) -m pip install -q $(pinned)
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml $(CONSTRAINTS)

@@ -14,16 +14,13 @@ import importlib.metadata as md
 import re
 import sys
 
+from packaging.utils import canonicalize_name
+
 NOT_PINNED = re.compile(r"(clipjob|pip|setuptools|uv|wheel|torch|torchvision|triton|nvidia-.*|cuda-.*)")
 
 
-def canonical(name: str) -> str:
-    """PEP 503's normalised project name (Foo_Bar.baz -> foo-bar-baz)."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 def pins() -> list[str]:
-    found = {canonical(d.metadata["Name"]): d.version for d in md.distributions()}
+    found = {canonicalize_name(d.metadata["Name"]): d.version for d in md.distributions()}
     return [f"{name}=={version}" for name, version in sorted(found.items()) if not NOT_PINNED.fullmatch(name)]
 
 

@@ -11,13 +11,10 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name as canonical
 
 REPO = Path(__file__).resolve().parents[2]
 TORCH_STACK = re.compile(r"torch|torchvision|triton|nvidia-.*|cuda-.*")
-
-
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def constraints() -> dict[str, str]:
