@@ -298,7 +298,7 @@ def bound_storage_waits(cfg: Config, stop: StopFlag) -> None:
 class Next(NamedTuple):
     batch: Any  # None: the run stops at the last completed step
     clock_due: bool  # a save is due by the clock after this step
-    stop_note: str = ""  # " while waiting for data" when this rank was still waiting for its batch
+    stop_note: str = ""  # " while waiting for data" when a rank (any: the flag is agreed) was still waiting
 
 
 def wait_for_batch(batches, stop: StopFlag, cfg: Config, d: dist.DistInfo, step: int, last_save: float) -> Next:
@@ -314,8 +314,9 @@ def wait_for_batch(batches, stop: StopFlag, cfg: Config, d: dist.DistInfo, step:
                              f"agree (train.agree_every); exiting as retryable without a checkpoint")
     if not can_stop:
         return Next(batch, False)
-    stopping, clock_due = dist.any_flags([batch is None or stop.set, minutes_due(cfg, last_save)], d.device)
-    return Next(None, False, " while waiting for data" if batch is None else "") if stopping else Next(batch, clock_due)
+    stopping, clock_due, starved = dist.any_flags([batch is None or stop.set, minutes_due(cfg, last_save),
+                                                   batch is None], d.device)
+    return Next(None, False, " while waiting for data" if starved else "") if stopping else Next(batch, clock_due)
 
 
 def minutes_due(cfg: Config, last_save: float) -> bool:

@@ -101,20 +101,37 @@ def test_should_join_one_all_reduce_per_agreed_step_when_waiting_for_a_batch(mon
 
     def any_flags(flags, device):
         calls.append(list(flags))
-        return [f or len(calls) == 3 for f in flags]  # the 3rd exchange: another rank saw a stop request
+        return [f or len(calls) == 3 for f in flags[:2]] + flags[2:]  # 3rd exchange: another rank saw a stop
 
     monkeypatch.setattr(trainer.dist, "any_flags", any_flags)
     two_ranks = dist.DistInfo(0, 0, 2, torch.device("cpu"))
     stop, batches = _Stop(), iter(["b0", "b1", "b2", "b3"])
     assert trainer.wait_for_batch(batches, stop, cfg, two_ranks, 0, last_save=1e18) == ("b0", False, "")
-    assert calls == [[False, False]]  # one exchange: [stop here, save by the clock]
+    assert calls == [[False, False, False]]  # one exchange: [stop here, save by the clock, no batch here]
     got = trainer.wait_for_batch(batches, stop, cfg, two_ranks, 1, last_save=0.0)
-    assert got == ("b1", True, "") and calls[-1] == [False, True]
+    assert got == ("b1", True, "") and calls[-1] == [False, True, False]
     got = trainer.wait_for_batch(batches, stop, cfg, two_ranks, 2, last_save=1e18)
     assert got.batch is None and got.stop_note == "" and len(calls) == 3  # every rank stops at step 2
     on_gpus = dist.DistInfo(0, 0, 2, torch.device("cuda", 0))  # only the device type is read: no GPU needed
     assert trainer.wait_for_batch(batches, stop, cfg, on_gpus, 7, last_save=0.0) == ("b3", False, "")
     assert len(calls) == 3  # step 7 is not an agreed step on GPUs: no collective at all
+
+
+def test_should_say_waiting_for_data_on_every_rank_when_any_rank_starved(monkeypatch, tiny_cfg):
+    """Rank 0 has its batch and waits in the exchange while rank 1 still waits for data when SIGTERM comes:
+    rank 0 (which prints the stop line) says the group stopped while waiting for data, as rank 1 does."""
+    cfg = tiny_cfg(*RUN)
+    other_rank = [True, False, True]  # rank 1: its wait ended by the stop request, without a batch
+
+    def any_flags(flags, device):
+        return [a or b for a, b in zip(flags, other_rank, strict=True)]
+
+    monkeypatch.setattr(trainer.dist, "any_flags", any_flags)
+    two_ranks = dist.DistInfo(0, 0, 2, torch.device("cpu"))
+    got = trainer.wait_for_batch(iter(["b0"]), _Stop(), cfg, two_ranks, 6, last_save=1e18)
+    assert got == (None, False, " while waiting for data")
+    other_rank[:] = [True, False, False]  # rank 1 had its batch too: a plain stop request
+    assert trainer.wait_for_batch(iter(["b0"]), _Stop(), cfg, two_ranks, 6, last_save=1e18) == (None, False, "")
 
 
 def test_should_exit_128_plus_the_signal_when_stopped_and_0_when_done(tiny_cfg):
