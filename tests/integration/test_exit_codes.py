@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from test_faults import committed
-from trainrun import Run, free_port, make_shards, train_argv
+from trainrun import Run, free_port, make_shards, stop_line_step, train_argv
 
 REPO = Path(__file__).resolve().parents[2]
 DELAY = {"CLIPJOB_TEST_STEP_DELAY_S": "0.3"}
@@ -104,7 +104,7 @@ def test_should_exit_143_when_the_workers_are_stopped_by_sigterm_without_the_age
     for pid in r.children():
         os.kill(pid, signal.SIGTERM)
     rc = finish(r)
-    k = int(re.search(r"stop requested: saved step (\d+), exiting", r.output)[1])
+    k = stop_line_step(r.output)
     assert rc == 143 and committed(run) == [k], r.output
     assert last_line(r).startswith(f"elastic agent: the workers stopped on signal 15; newest committed checkpoint: "
                                    f"step {k} "), r.output

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from trainrun import Run, free_port, make_shards, train_argv
+from trainrun import Run, free_port, make_shards, stop_line_step, train_argv
 
 DELAY = {"CLIPJOB_TEST_STEP_DELAY_S": "0.3"}
 
@@ -118,11 +118,9 @@ def test_should_commit_the_current_step_when_sigterm_reaches_the_agent(data, s3_
     run = f"{s3_bucket}/run"
     r = launch(data, run, "train.steps=12", "train.ckpt_every_steps=0", env=DELAY)
     rc = sigterm_after(r, r"^step 4: loss")
-    stopped = re.search(r"stop requested: saved step (\d+), exiting", r.output)
-    assert stopped, r.output
+    k = stop_line_step(r.output)
     # interrupted, not finished: 128 + SIGTERM, which PyTorchJob's ExitCode policy retries (torchrun alone: 1)
     assert rc == 143 and "elastic agent: stopped by signal 15" in r.output and "Traceback" not in r.output, r.output
-    k = int(stopped[1])
     logged = [int(m) for m in re.findall(r"^step (\d+): loss", r.output, re.M)]
     assert 4 <= k < 12 and max(logged) == k  # the checkpoint is at the step where training stopped
     assert committed(run) == [k]
@@ -195,7 +193,7 @@ def test_should_exit_143_when_a_lone_process_is_stopped_and_resume_to_the_end(da
     run = str(tmp_path / "run")
     r = Run(train_argv(data, run, "train.steps=10", "train.ckpt_every_steps=0"), DELAY)
     rc = sigterm_after(r, r"^step 3: loss")
-    k = int(re.search(r"stop requested: saved step (\d+), exiting", r.output)[1])
+    k = stop_line_step(r.output)
     assert rc == 143 and f"stopped by signal 15 at step {k} of 10" in r.output and "done:" not in r.output, r.output
     again = Run(train_argv(data, run, "train.steps=10", "train.ckpt_every_steps=0"))
     try:

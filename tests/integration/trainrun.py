@@ -69,6 +69,15 @@ def train_argv(data: str, run_dir: str, *overrides: str) -> list[str]:
             *sets(f"data.train={data}", *TINY, *overrides)]
 
 
+def stop_line_step(output: str) -> int:
+    """The step of rank 0's "stop requested...: saved step k, exiting" line. The line says "while waiting for
+    data" when any rank was still waiting for its batch as the stop came: with loader workers that happens at
+    random, so a test that does not hold the data accepts both."""
+    m = re.search(r"stop requested(?: while waiting for data)?: saved step (\d+), exiting", output)
+    assert m, output
+    return int(m[1])
+
+
 def free_port() -> int:
     import socket
 
