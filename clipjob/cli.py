@@ -12,7 +12,7 @@ import typer
 
 from clipjob.commands.ckpt import ckpt_app
 from clipjob.commands.data import data_app
-from clipjob.errors import ClipjobError, RetryableError, stderr_line
+from clipjob.errors import ClipjobError, RetryableError, stderr_line, whole_lines
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Train CLIP models at scale and evaluate zero-shot classification.")
@@ -92,7 +92,7 @@ def train(
 
         run_zeroshot(cfg.storage.run_dir, [d for d in cfg.eval.data.split(",") if d],
                      batch_size=cfg.eval.batch_size, out=None)
-    print(line, flush=True)
+    print(line, flush=True)  # every rank prints its exit line: one write (whole_lines), whole on the shared pipe
     if code:
         raise typer.Exit(code)
 
@@ -236,6 +236,7 @@ def status(
 
 
 def main() -> None:
+    whole_lines()  # ranks share the agent's stdout and stderr: one write per line
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers fork after the tokenizer is built
     from clipjob.hostmem import tune_malloc
 
