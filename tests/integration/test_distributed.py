@@ -81,6 +81,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         results[f"{kind}-{accum}-{grouped}"] = _step(DDP(model), model, kind, accum, images[local], tokens[local],
                                                      groups)
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    # as the trainer ends (trainer.settle): both ranks done with every collective before either tears gloo down;
+    # without it rank 0 once died of SIGABRT in the teardown ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 
