@@ -29,7 +29,7 @@ import threading
 from typing import Any
 
 from clipjob.dist import RUN_DIR_ENV
-from clipjob.errors import EXIT_PERMANENT, EXIT_RETRYABLE, stderr_line
+from clipjob.errors import EXIT_PERMANENT, EXIT_RETRYABLE, stderr_line, whole_lines
 
 READ_TIMEOUT_S = 10.0  # reading the run dir must not eat the pod's grace period (storage may be down)
 
@@ -39,6 +39,7 @@ def main() -> int:
     # torch's default, reusing the agent's store across rounds, deadlocks when a replaced node joins: the
     # host never republishes MASTER_ADDR for the new round (docs/distributed.md, "Losing a node").
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    whole_lines()  # the agent's lines share the pipe with its workers': one write each
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # as the workers: stacks on stderr, goes on
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException

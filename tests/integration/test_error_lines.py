@@ -45,13 +45,15 @@ def test_should_keep_each_line_whole_when_several_processes_write_to_one_pipe(wr
         assert sum(line.startswith(f"error: rank {r} ") for line in lines) == n
 
 
-def test_should_join_each_print_into_one_write_in_the_clipjob_entry_point():
-    """`clipjob`'s main() reconfigures both streams before any command runs (here --help, then exit)."""
+@pytest.mark.parametrize("module", ["clipjob.cli", "clipjob.agent"])
+def test_should_join_each_print_into_one_write_in_the_entry_points(module):
+    """`clipjob`'s main() and the elastic agent's reconfigure both streams before anything runs (here --help,
+    then exit)."""
     probe = ("import atexit, sys\n"
              "atexit.register(lambda: sys.__stderr__.write(f'streams {sys.stdout.write_through} "
              "{sys.stdout.line_buffering} {sys.stderr.write_through} {sys.stderr.line_buffering}\\n'))\n"
-             "sys.argv = ['clipjob', '--help']\n"
-             "from clipjob.cli import main\nmain()\n")
+             f"sys.argv = ['{module}', '--help']\n"
+             f"from {module} import main\nmain()\n")
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert "streams False True False True" in r.stderr, r.stderr
