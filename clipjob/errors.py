@@ -36,8 +36,8 @@ def stderr_line(line: str) -> None:
     """One line on stderr in one write. Every rank of a group may print the same line (the same bad value,
     the same unloadable checkpoint) to the pipe they share; `print` writes the text and its newline
     separately, so two ranks' lines could interleave into one garbled line ("...not founderror: ...not
-    found", seen in CI). One write of under PIPE_BUF bytes (4096 on Linux) reaches a pipe whole. (Also true
-    of any print after whole_lines; this one holds in processes that did not call it: the agent's.)"""
+    found", seen in CI). One write of under PIPE_BUF bytes (4096 on Linux) reaches a pipe whole. (Any print
+    after whole_lines is one write too; this also holds in a process that did not call it.)"""
     sys.stderr.flush()  # nothing of ours still buffered ahead of it
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
