@@ -29,7 +29,7 @@ import threading
 from typing import Any
 
 from clipjob.dist import RUN_DIR_ENV
-from clipjob.errors import EXIT_PERMANENT, EXIT_RETRYABLE, stderr_line, whole_lines
+from clipjob.errors import EXIT_PERMANENT, EXIT_RETRYABLE, whole_lines
 
 READ_TIMEOUT_S = 10.0  # reading the run dir must not eat the pod's grace period (storage may be down)
 
@@ -66,7 +66,7 @@ def main() -> int:
         code, what = EXIT_RETRYABLE, (f"lost the rendezvous store at {_launch_arg('rdzv_endpoint', '?')} "
                                       f"({type(e).__name__}: {_first_line(e)})")
     if code == EXIT_PERMANENT:  # the worker's own one line, as a lone process would print it
-        stderr_line(f"error: {what}")
+        print(f"error: {what}", file=sys.stderr, flush=True)
     else:
         print(f"elastic agent: {what}; {committed_summary(os.environ.get(RUN_DIR_ENV))}; exit {code} "
               f"({_MEANING.get(code, 'interrupted: a restart resumes from there')})", file=sys.stderr, flush=True)

@@ -30,6 +30,7 @@ import io
 import json
 import pickle
 import re
+import sys
 import time
 import warnings
 import zipfile
@@ -42,7 +43,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from clipjob import fs
-from clipjob.errors import ClipjobError, RetryableError, stderr_line
+from clipjob.errors import ClipjobError, RetryableError
 
 T = TypeVar("T")
 MARKER = "COMMITTED"
@@ -240,7 +241,8 @@ def load_newest(run_dir: str, load: Callable[[str], T]) -> tuple[str, T]:
         except RetryableError:
             raise
         except ClipjobError as e:
-            stderr_line(f"warning: skipping checkpoint step {step}, it does not load: {e}")  # every rank resumes
+            print(f"warning: skipping checkpoint step {step}, it does not load: {e}", file=sys.stderr,
+                  flush=True)  # every rank resumes: one write each under `clipjob` (errors.whole_lines)
     if steps:
         raise ClipjobError(f"{run_dir}: none of the committed checkpoints (steps {', '.join(map(str, steps))}) "
                            f"loads (see the warnings above)")

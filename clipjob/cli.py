@@ -12,7 +12,7 @@ import typer
 
 from clipjob.commands.ckpt import ckpt_app
 from clipjob.commands.data import data_app
-from clipjob.errors import ClipjobError, RetryableError, stderr_line, whole_lines
+from clipjob.errors import ClipjobError, RetryableError, whole_lines
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Train CLIP models at scale and evaluate zero-shot classification.")
@@ -255,7 +255,7 @@ def main() -> None:
 
 
 def _fail(e: ClipjobError) -> None:
-    stderr_line(f"error: {e}")
+    print(f"error: {e}", file=sys.stderr, flush=True)  # one write (whole_lines): whole on the shared pipe
     if "torch" in sys.modules:  # a torchrun worker: leave the line for the elastic agent to repeat
         from clipjob.dist import record_worker_error
 

@@ -32,22 +32,13 @@ class RetryableError(ClipjobError):
     exit_code = EXIT_RETRYABLE
 
 
-def stderr_line(line: str) -> None:
-    """One line on stderr in one write. Every rank of a group may print the same line (the same bad value,
-    the same unloadable checkpoint) to the pipe they share; `print` writes the text and its newline
-    separately, so two ranks' lines could interleave into one garbled line ("...not founderror: ...not
-    found", seen in CI). One write of under PIPE_BUF bytes (4096 on Linux) reaches a pipe whole. (Any print
-    after whole_lines is one write too; this also holds in a process that did not call it.)"""
-    sys.stderr.flush()  # nothing of ours still buffered ahead of it
-    sys.stderr.write(line + "\n")
-    sys.stderr.flush()
-
-
 def whole_lines() -> None:
     """Every later print of this process (and of the DataLoader workers it forks) reaches stdout / stderr as
     one write per line, so lines of ranks sharing the agent's pipe never interleave. Under PYTHONUNBUFFERED=1
     (the image sets it) print writes its text and its newline separately; line buffering without write
-    through joins them and still flushes at every newline, so logs stay live."""
+    through joins them and still flushes at every newline, so logs stay live. One write of under PIPE_BUF
+    bytes (4096 on Linux) reaches a pipe whole; without this, two ranks printing the same error merged into one
+    garbled line ("...not founderror: ...not found", seen in CI)."""
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):  # a real text stream, not a test's replacement
             stream.reconfigure(write_through=False, line_buffering=True)

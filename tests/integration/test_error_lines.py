@@ -1,5 +1,5 @@
-"""One write per line, so the lines of ranks sharing the agent's pipe never interleave: errors.stderr_line
-and every print after errors.whole_lines (which `clipjob`'s entry point calls). The writers
+"""One write per line, so the lines of ranks sharing the agent's pipe never interleave: every print after
+errors.whole_lines (which `clipjob`'s and the elastic agent's entry points call). The writers
 run with PYTHONUNBUFFERED=1, as in the image (and on CI machines), where a plain print writes its text and its
 newline separately (plain prints in this harness: 160 to 366 of the 1,600 lines garbled over three tries)."""
 
@@ -12,7 +12,6 @@ import sys
 import pytest
 
 WRITERS = {
-    "stderr_line": ("from clipjob.errors import stderr_line as say", "stderr"),
     "print after whole_lines": ("from clipjob.errors import whole_lines\nwhole_lines()\nsay = print", "stdout"),
     "print to stderr after whole_lines":
         ("import functools, sys\nfrom clipjob.errors import whole_lines\nwhole_lines()\n"
