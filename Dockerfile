@@ -21,7 +21,7 @@ ARG PIP_FIND_LINKS
 ARG PIP_NO_INDEX
 ARG PIP_CERT
 WORKDIR /src
-# .dockerignore admits only pyproject.toml, README.md, LICENSE and clipjob/.
+# .dockerignore admits only pyproject.toml, constraints.txt, README.md, LICENSE and clipjob/.
 COPY . .
 RUN python -m pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
 
@@ -54,17 +54,24 @@ ENV PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore
 
+# Every other dependency at the version the test suite last passed with (constraints.txt, written by `make lock`
+# on Python 3.11), as `make venv` installs them: a registry release on build day cannot change the image.
+# --build-arg PIN_DEPENDENCIES=0 lets pip choose instead (a base whose Python lacks wheels for some pin).
+ARG PIN_DEPENDENCIES=1
 COPY --from=wheel /dist /tmp/dist
+COPY constraints.txt /tmp/constraints.txt
 # Pin torch/torchvision to what the base has (a resolver conflict fails the build instead of pulling
 # a second multi-GB torch), install the wheel with its light dependencies, then prove torch is untouched.
 RUN versions="import importlib.metadata as m; print('\n'.join(f'{d}=={m.version(d)}' for d in ('torch', 'torchvision')))" \
     && python -c "${versions}" > /tmp/base-torch.txt \
     && cat /tmp/base-torch.txt \
+    && if [ "${PIN_DEPENDENCIES}" != 1 ]; then : > /tmp/constraints.txt; fi \
     && wheel="$(ls /tmp/dist/clipjob-*.whl)" \
-    && python -m pip install --no-cache-dir --constraint /tmp/base-torch.txt "${wheel}${CLIPJOB_EXTRAS:+[${CLIPJOB_EXTRAS}]}" \
+    && python -m pip install --no-cache-dir --constraint /tmp/base-torch.txt --constraint /tmp/constraints.txt \
+       "${wheel}${CLIPJOB_EXTRAS:+[${CLIPJOB_EXTRAS}]}" \
     && python -c "${versions}" > /tmp/after-torch.txt \
     && diff /tmp/base-torch.txt /tmp/after-torch.txt \
-    && rm -rf /tmp/dist /tmp/base-torch.txt /tmp/after-torch.txt \
+    && rm -rf /tmp/dist /tmp/base-torch.txt /tmp/after-torch.txt /tmp/constraints.txt \
     && useradd --uid "${UID}" --user-group --create-home --home-dir /home/clipjob --shell /bin/bash clipjob \
     && clipjob --help > /dev/null
 

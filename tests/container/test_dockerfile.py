@@ -83,6 +83,23 @@ def test_should_never_install_torch_from_pip_when_building():
     assert "diff /tmp/base-torch.txt /tmp/after-torch.txt" in runs  # and proves they did not change
 
 
+def test_should_install_the_versions_the_suite_passed_with_when_building():
+    """The image's dependencies come from constraints.txt, as `make venv`'s do: the build context admits the
+    file, the install reads it beside the base's torch pins, and the file itself never pins torch or
+    torchvision (those stay the base image's)."""
+    assert ("COPY", "constraints.txt /tmp/constraints.txt") in instructions()
+    runs = " ".join(a for i, a in instructions() if i == "RUN")
+    install = re.search(r"pip install [^&]*", runs)[0]
+    assert "--constraint /tmp/base-torch.txt" in install and "--constraint /tmp/constraints.txt" in install
+    ignore = [ln.strip() for ln in (REPO / ".dockerignore").read_text().splitlines()]
+    assert "!constraints.txt" in ignore
+    pinned = {ln.split("==")[0].lower() for ln in (REPO / "constraints.txt").read_text().splitlines()
+              if "==" in ln and not ln.startswith("#")}
+    assert len(pinned) > 50 and not pinned & {"torch", "torchvision"}
+    (default,) = [a.split("=", 1)[1] for i, a in instructions() if i == "ARG" and a.startswith("PIN_DEPENDENCIES=")]
+    assert default == "1", "pinned unless the build asks otherwise"
+
+
 def test_should_run_as_a_numeric_non_root_user_when_the_image_starts():
     users = [a for i, a in instructions() if i == "USER"]
     assert users and users[-1] == "${UID}:${UID}"
