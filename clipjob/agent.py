@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from typing import Any
 
@@ -41,12 +43,28 @@ def main() -> int:
     os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     whole_lines()  # the agent's lines share the pipe with its workers': one write each
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # as the workers: stacks on stderr, goes on
+    from torch.distributed.run import main as torchrun
+
+    # torchrun's default log dir (workers' error files, per attempt) is a new folder in /tmp that it never
+    # removes: one per pod start, hundreds over a test suite. Ours goes when the agent does (read by then).
+    scratch = None
+    if _launch_arg("log_dir", None) is None:
+        scratch = tempfile.mkdtemp(prefix="clipjob-agent-")
+        sys.argv[1:1] = ["--log-dir", scratch]
+    try:
+        return _run(torchrun)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run(torchrun) -> int:
+    """torchrun's main -> this agent's exit code, with one line on stderr for every failure."""
     from torch.distributed import DistError
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import (RendezvousClosedError, RendezvousError,
                                                           RendezvousTimeoutError)
-    from torch.distributed.run import main as torchrun
 
     try:
         torchrun()

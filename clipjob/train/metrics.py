@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -109,9 +111,18 @@ def format_duration(seconds: float | None) -> str:
     return f"{s}s"
 
 
+def _remove_scratch(path: str, owner: int) -> None:
+    """Delete a scratch folder of process `owner`; nothing in another process (a forked DataLoader worker
+    holds a copy of the object that owns it, and its copy must not delete the parent's folder)."""
+    if os.getpid() == owner:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 class TensorBoard:
-    """Scalars to `{run}/tb/`; for remote run dirs the event files are written locally and uploaded on
-    flush. Without the optional `tensorboard` package this does nothing."""
+    """Scalars to `{run}/tb/`; for remote run dirs the event files are written to a scratch folder, uploaded on
+    flush, and the scratch folder removed on close (or when the writer is dropped on an error path: a pod's
+    restarts and a test suite's hundreds of runs would otherwise pile them up in /tmp). Without the optional
+    `tensorboard` package this does nothing."""
 
     def __init__(self, run_dir: str):
         self.writer = None
@@ -120,7 +131,11 @@ class TensorBoard:
         except ImportError:
             return
         self.remote_dir = None if fs.is_local(run_dir) else fs.join(run_dir, "tb")
-        self.local_dir = fs.join(run_dir, "tb") if self.remote_dir is None else tempfile.mkdtemp(prefix="clipjob-tb-")
+        if self.remote_dir is None:
+            self.local_dir = fs.join(run_dir, "tb")
+        else:
+            self.local_dir = tempfile.mkdtemp(prefix="clipjob-tb-")
+            self._scratch = weakref.finalize(self, _remove_scratch, self.local_dir, os.getpid())
         self.writer = SummaryWriter(self.local_dir)
 
     def add(self, record: dict[str, Any]) -> None:
@@ -144,6 +159,8 @@ class TensorBoard:
             self.flush()
             self.writer.close()
             self.writer = None
+            if self.remote_dir is not None:
+                self._scratch()  # uploaded: the scratch copy goes
 
 
 class Throughput:

@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -78,21 +79,31 @@ def small(tmp_path_factory) -> str:
     return make_shards(tmp_path_factory.mktemp("small"), samples=48, per_shard=16)
 
 
-def test_should_restart_the_group_and_continue_the_curve_when_a_worker_is_killed(small, s3_bucket):
+def ours(tmp: Path) -> list[str]:
+    """What the agent (its torchrun log dir, workers' error files) and rank 0 (TensorBoard events of a remote
+    run dir) left in a temp dir: nothing once the agent has exited."""
+    return sorted(p.name for p in tmp.iterdir() if p.name.startswith(("clipjob-", "torchelastic_")))
+
+
+def test_should_restart_the_group_and_continue_the_curve_when_a_worker_is_killed(small, s3_bucket, tmp_path):
     """(a) SIGKILL one worker mid-run: the agent restarts the group, which resumes from the newest committed
     step and reaches the last one; (e) the curve matches a run that was never interrupted. Production's shape:
     DataLoader workers on every rank, and the killed run keeps decoded shards in them (data.cache_mb), the
-    straight one does not: up to the kill both must train on the same pictures, bit for bit."""
+    straight one does not: up to the kill both must train on the same pictures, bit for bit. Neither leaves
+    its scratch folders behind (a pod restarts many times in one /tmp)."""
     common = ("train.steps=12", "train.ckpt_every_steps=6", "data.num_workers=2")
     straight = f"{s3_bucket}/straight"
-    r = launch(small, straight, *common)
+    (tmp_a := tmp_path / "tmp-straight").mkdir()
+    r = launch(small, straight, *common, env={"TMPDIR": str(tmp_a)})
     try:
         assert r.wait(300) == 0, r.output
     finally:
         r.kill_all()
+    assert ours(tmp_a) == [], ours(tmp_a)
 
     run = f"{s3_bucket}/killed"
-    r = launch(small, run, *common, "data.cache_mb=16", restarts=1, env=DELAY)
+    (tmp_b := tmp_path / "tmp-killed").mkdir()
+    r = launch(small, run, *common, "data.cache_mb=16", restarts=1, env={**DELAY, "TMPDIR": str(tmp_b)})
     try:
         r.wait_for(r"checkpoint: step 6 committed")
         workers = r.children()
@@ -102,6 +113,9 @@ def test_should_restart_the_group_and_continue_the_curve_when_a_worker_is_killed
     finally:
         r.kill_all()
     assert f"resumed from {run}/checkpoints/step-00000006 (step 6)" in r.output, r.output
+    # the agent's log dir goes; a SIGKILLed rank 0 cannot remove its TensorBoard scratch, the restarted one does
+    left = ours(tmp_b)
+    assert [n for n in left if not n.startswith("clipjob-tb-")] == [] and len(left) <= 1, left
     assert committed(run) == committed(straight) == [6, 12]
     assert_all_load(run)
     a, b = metrics(straight), metrics(run)

@@ -130,6 +130,30 @@ def test_should_upload_tensorboard_events_when_the_run_dir_is_remote(s3_bucket):
     m.close()
     assert any(n.startswith("events.out.tfevents") for n in fs.ls(fs.join(run, "tb")))
     assert json.loads(fs.read_text(fs.join(run, "metrics.jsonl")))["loss"] == 2.0
+    assert not os.path.exists(m.tb.local_dir), "the uploaded scratch copy must not stay in /tmp"
+
+
+def test_should_remove_the_scratch_events_of_a_remote_run_when_the_writer_is_dropped_unclosed(s3_bucket):
+    """An error path that never reaches close(): the scratch folder goes when the writer does, in the process
+    that made it; a forked child (a DataLoader worker) dropping its copy leaves the parent's folder alone."""
+    pytest.importorskip("tensorboard")
+    import gc
+
+    from clipjob import fs
+    from clipjob.train.metrics import TensorBoard
+
+    tb = TensorBoard(fs.join(s3_bucket, "run"))
+    local = tb.local_dir
+    tb.add({"step": 1, "loss": 2.0})
+    pid = os.fork()
+    if pid == 0:  # the child: drop its copy, as a worker's interpreter may, and leave without cleanup
+        tb._scratch()
+        os._exit(0 if os.path.isdir(local) else 1)
+    assert os.waitpid(pid, 0)[1] == 0, "the child removed the parent's scratch folder"
+    assert os.path.isdir(local)
+    del tb
+    gc.collect()
+    assert not os.path.exists(local)
 
 
 def test_should_show_step_total_percent_and_eta_in_log_lines_without_a_terminal():
