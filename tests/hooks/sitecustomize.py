@@ -8,6 +8,9 @@ at start-up. It does nothing unless one of these variables is set:
 - CLIPJOB_TEST_CRASH_DURING_SAVE=K: the K-th save of the process exits (os._exit(1)) right after writing the
   step's model.safetensors and before COMMITTED, on the first attempt only (a worker group restarted by the
   elastic agent saves normally).
+- CLIPJOB_TEST_ABORT_IN_TEARDOWN=R: rank R dies of SIGABRT (os.abort()) when it tears down its process group at
+  the end of training, after the final commit, as gloo's teardown once did in this suite ("terminate called
+  without an active exception"); on the first attempt only.
 """
 
 from __future__ import annotations
@@ -65,9 +68,26 @@ def _install_crash_during_save(nth: int) -> None:
     fs.write_bytes = crashing
 
 
+def _install_abort_in_teardown(rank: int) -> None:
+    from clipjob import dist
+
+    cleanup = dist.cleanup
+
+    @functools.wraps(cleanup)
+    def aborting():
+        if dist.restart_count() == 0 and int(os.environ.get("RANK", 0)) == rank:
+            print(f"CLIPJOB_TEST_ABORT_IN_TEARDOWN: rank {rank} aborts", flush=True)
+            os.abort()
+        return cleanup()
+
+    dist.cleanup = aborting
+
+
 if os.environ.get("CLIPJOB_TEST_STEP_DELAY_S"):
     _install_step_delay(float(os.environ["CLIPJOB_TEST_STEP_DELAY_S"]))
 if os.environ.get("CLIPJOB_TEST_SAVE_DELAY_S"):
     _install_save_delay(float(os.environ["CLIPJOB_TEST_SAVE_DELAY_S"]))
 if os.environ.get("CLIPJOB_TEST_CRASH_DURING_SAVE"):
     _install_crash_during_save(int(os.environ["CLIPJOB_TEST_CRASH_DURING_SAVE"]))
+if os.environ.get("CLIPJOB_TEST_ABORT_IN_TEARDOWN"):
+    _install_abort_in_teardown(int(os.environ["CLIPJOB_TEST_ABORT_IN_TEARDOWN"]))

@@ -161,6 +161,27 @@ def test_should_resume_from_the_previous_commit_when_a_save_is_interrupted(data,
     assert_all_load(run)
 
 
+def test_should_finish_at_once_when_a_worker_aborts_in_teardown_after_the_final_commit(data, s3_bucket):
+    """(f) rank 1 dies of SIGABRT while tearing down its process group, after the final step is committed (gloo's
+    teardown did so once in this suite): the agent restarts the group, which finds the final step committed and
+    exits 0 at once: no step trains twice, nothing is saved again."""
+    run = f"{s3_bucket}/run"
+    r = launch(data, run, "train.steps=6", "train.ckpt_every_steps=3", restarts=1,
+               env={"CLIPJOB_TEST_ABORT_IN_TEARDOWN": "1"})
+    try:
+        assert r.wait(300) == 0, r.output
+    finally:
+        r.kill_all()
+    assert "CLIPJOB_TEST_ABORT_IN_TEARDOWN: rank 1 aborts" in r.output, r.output
+    assert f"resumed from {run}/checkpoints/step-00000006 (step 6)" in r.output, r.output
+    logged = [int(m) for m in re.findall(r"^step (\d+): loss", r.output, re.M)]
+    assert sorted(logged) == list(range(1, 7)), r.output  # each step once: the restart trained nothing
+    assert "done: step 6, " in r.output.split("resumed from", 1)[1], r.output  # the restarted group's own end
+    assert len(re.findall(r"checkpoint: step 6 committed", r.output)) == 1, r.output
+    assert committed(run) == [3, 6]
+    assert_all_load(run)
+
+
 def test_should_continue_or_stop_cleanly_when_the_s3_server_restarts_mid_run(data, monkeypatch):
     """(d) the S3 server goes away while a checkpoint is due and comes back empty a few seconds later (moto
     keeps state in memory; the bucket is recreated): the save waits (storage.stall_timeout_s) and training
