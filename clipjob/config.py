@@ -10,6 +10,7 @@ the offending key.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import re
 import types
@@ -222,7 +223,8 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for k in data:
         if k not in names:
-            raise ConfigError(f"{prefix}{k}: unknown key (known: {', '.join(sorted(names))})")
+            raise ConfigError(f"{prefix}{k}: unknown key{_did_you_mean(prefix, str(k), names)} (known: "
+                              f"{', '.join(sorted(names))})")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in data:
@@ -230,6 +232,16 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         tp, v, key = hints[f.name], data[f.name], prefix + f.name
         kwargs[f.name] = from_dict(tp, v, key + ".") if dataclasses.is_dataclass(tp) else _coerce(key, tp, v)
     return cls(**kwargs)
+
+
+def _did_you_mean(prefix: str, key: str, names: set[str]) -> str:
+    """', did you mean train.steps?' for a near miss in the same section (train.stepz), else for the same name
+    in other sections (train.num_workers -> data.num_workers; steps -> train.steps); '' when nothing is close."""
+    near = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.75)
+    if near:
+        return f", did you mean {prefix}{near[0]}?"
+    elsewhere = [k for k, _, _ in field_docs() if k.rsplit(".", 1)[-1] == key and k != prefix + key]
+    return f", did you mean {' or '.join(elsewhere)}?" if elsewhere else ""
 
 
 def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

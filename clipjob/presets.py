@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 from typing import Any
 
 from clipjob.errors import ConfigError
@@ -149,5 +150,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def preset_dict(name: str) -> dict[str, Any]:
     if name not in PRESETS:
-        raise ConfigError(f"--preset {name!r}: unknown preset (known: {', '.join(PRESETS)})")
+        near = difflib.get_close_matches(name, list(PRESETS), n=1, cutoff=0.75)
+        hint = f", did you mean {near[0]}?" if near else ""
+        raise ConfigError(f"--preset {name!r}: unknown preset{hint} (known: {', '.join(PRESETS)})")
     return copy.deepcopy(PRESETS[name])

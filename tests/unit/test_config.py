@@ -42,6 +42,26 @@ def test_should_name_the_key_when_a_value_is_bad(override, fragment):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("override, said", [
+    ("train.stepz=5", "train.stepz: unknown key, did you mean train.steps? (known: "),  # a typo in its section
+    ("train.num_workers=8", "train.num_workers: unknown key, did you mean data.num_workers? (known: "),  # wrong section
+    ("steps=5", "steps: unknown key, did you mean train.steps? (known: "),  # no section
+    ("model.vision.image_sise=96", "did you mean model.vision.image_size?"),
+    ("train.bogus=1", "train.bogus: unknown key (known: "),  # nothing close: no guess
+])
+def test_should_suggest_the_key_meant_when_a_key_is_unknown(override, said):
+    with pytest.raises(ConfigError) as e:
+        build_config("tiny-cpu", None, [override])
+    assert said in str(e.value), str(e.value)
+
+
+def test_should_suggest_the_preset_meant_when_a_preset_is_unknown():
+    with pytest.raises(ConfigError, match=r"'tiny-cpu-lite': unknown preset, did you mean tiny-cpu-lit\? \(known: "):
+        build_config("tiny-cpu-lite")
+    with pytest.raises(ConfigError, match=r"'nope': unknown preset \(known: "):
+        build_config("nope")
+
+
 def test_should_round_trip_through_yaml_when_every_preset_is_dumped(tmp_path):
     for name in PRESETS:
         cfg = build_config(name)
