@@ -116,10 +116,10 @@ def format_report(r: dict) -> str:
         lines.append(f"  manifest says {m['manifest']} samples, found {m['found']}: {m['shard']}")
     if r["image_formats"]:
         lines.append("  formats " + ", ".join(f"{k} {v}" for k, v in r["image_formats"].items()))
-    lines.append(f"  {'':20s} {'min':>7s} {'p5':>7s} {'median':>7s} {'mean':>7s} {'p95':>7s} {'max':>7s}")
-    for key in ("caption_chars", "caption_words", "image_width", "image_height", "image_shorter_side"):
-        s = r[key]
-        if s:
-            cols = ("min", "p5", "median", "mean", "p95", "max")
-            lines.append(f"  {key:20s} " + " ".join(f"{s[k]:>7g}" for k in cols))
+    stats = [(key, r[key]) for key in ("caption_chars", "caption_words", "image_width", "image_height",
+                                       "image_shorter_side") if r[key]]
+    if stats:  # (none when no sample was good: no header over nothing)
+        cols = ("min", "p5", "median", "mean", "p95", "max")
+        lines.append(f"  {'':20s} " + " ".join(f"{c:>7s}" for c in cols))
+        lines += [f"  {key:20s} " + " ".join(f"{s[c]:>7g}" for c in cols) for key, s in stats]
     return "\n".join(lines)

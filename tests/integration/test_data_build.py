@@ -10,6 +10,8 @@ import io
 import json
 import os
 import pickle
+import random
+import re
 import subprocess
 import sys
 import tarfile
@@ -24,7 +26,7 @@ from clipjob.data.shards import read_tar_samples
 from clipjob.datasets import build
 from clipjob.datasets.build import BuildOptions, build_shards
 from clipjob.datasets.corenet_tar import UnsafePickle, plain_unpickle
-from clipjob.datasets.inspect import inspect_shards
+from clipjob.datasets.inspect import format_report, inspect_shards
 from clipjob.datasets.writer import ShardWriter
 from clipjob.errors import ClipjobError
 
@@ -272,3 +274,7 @@ def test_should_find_corrupt_pixel_data_only_when_verifying(tmp_path):
     assert quick["samples"] == full["samples"] == 3 and quick["bad"] == {"caption_not_utf8": 1}
     assert full["bad"] == {"caption_not_utf8": 1, "corrupt_image": 1} and full["good"] == 1
     assert quick["image_width"]["max"] == 400 and quick["caption_chars"]["median"] == 6.5
+    assert re.search(r"^ +min +p5 +median +mean +p95 +max$", format_report(full), re.M), format_report(full)
+    (tmp_path / "noise.tar").write_bytes(random.Random(0).randbytes(5000))  # nothing readable: no empty table
+    noise = inspect_shards(str(tmp_path / "noise.tar"))
+    assert noise["good"] == 0 and format_report(noise).splitlines()[1:] == ["  bad  unreadable_shard     1"]
