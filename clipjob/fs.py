@@ -21,6 +21,7 @@ import math
 import os
 import posixpath
 import random
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,6 +39,9 @@ T = TypeVar("T")
 BACKOFF_S = float(os.environ.get("CLIPJOB_FS_BACKOFF", "0.5"))  # first pause between attempts; doubles
 MAX_BACKOFF_S = 5.0
 UPLOAD_FLOOR_BPS = 8 << 20  # an upload slower than this may be cut off at the bound (see `retry`)
+WARN_AFTER_S = 10.0  # storage silent this long: one warning line naming the URL (then at most one per WARN_EVERY_S)
+WARN_EVERY_S = 30.0
+_last_warning = [-math.inf]  # monotonic time of this process's last waiting line
 STREAM_BLOCK = 4 << 20  # bytes per range request of a streamed shard; one more block is fetched ahead
 
 
@@ -204,6 +208,7 @@ def retry(fn: Callable[[], T], url: str, stall_s: float | None = None, setting: 
                 raise ClipjobError(describe(e, url)) from e
             now = time.monotonic()
             first_failure = first_failure or began  # storage has not answered since this attempt began
+            _warn_waiting(url, first_failure, bound, setting, describe(e, url).removeprefix(f"{url}: "))
             stop_at = _stop_deadline()
             if interruptible and stop_at < math.inf:
                 raise StopWaiting(url) from e
@@ -212,6 +217,18 @@ def retry(fn: Callable[[], T], url: str, stall_s: float | None = None, setting: 
             pause = min(MAX_BACKOFF_S, BACKOFF_S * 2**attempt) * (0.5 + random.random())
             _sleep_until(min(now + pause, first_failure + bound), interruptible)
             attempt += 1
+
+
+def _warn_waiting(url: str, since: float, bound: float, setting: str | None, why: str) -> None:
+    """One line once storage has failed every attempt for WARN_AFTER_S (a wrong endpoint, an outage), so a wait
+    up to the bound (minutes by default) is not silent; at most one per WARN_EVERY_S in this process. Only failed
+    attempts count: a call still running may be a large upload or download (a hung one ends at the bound)."""
+    now = time.monotonic()
+    if now - since < WARN_AFTER_S or now - _last_warning[0] < WARN_EVERY_S:
+        return
+    _last_warning[0] = now
+    print(f"warning: {url}: storage not answering for {now - since:.0f} s ({why}); retrying for up to {bound:g} s "
+          f"({setting or _waits.setting})", file=sys.stderr, flush=True)
 
 
 class NoAnswer(TimeoutError):

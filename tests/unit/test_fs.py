@@ -4,7 +4,9 @@ against the loopback S3 server (real HTTP through s3fs)."""
 from __future__ import annotations
 
 import asyncio
+import math
 import os
+import re
 import socket
 import threading
 import time
@@ -217,6 +219,34 @@ def test_should_raise_a_retryable_error_naming_the_url_when_storage_stays_down_p
     assert msg.startswith("s3://b/k: storage did not answer for ") and "data.stall_timeout_s=0.6" in msg, msg
     # retried until the bound (the last pause is cut to end at it, then one last attempt), not longer
     assert 0.59 <= calls[-1] - calls[0] < 0.6 + 0.1 and len(calls) >= 3, calls
+
+
+def test_should_say_once_that_storage_is_not_answering_when_it_fails_past_the_warning_time(monkeypatch, capsys):
+    """A wrong endpoint or an outage waits up to the bound (minutes by default): after WARN_AFTER_S of failed
+    attempts one line names the URL, the cause and the bound (at most one per WARN_EVERY_S); a shorter blip says
+    nothing."""
+    monkeypatch.setattr(fs, "BACKOFF_S", 0.02)
+    monkeypatch.setattr(fs, "WARN_AFTER_S", 0.3)
+    monkeypatch.setattr(fs, "_last_warning", [-math.inf])
+    t0 = time.monotonic()
+
+    def down_until(t: float):
+        def call() -> str:
+            if time.monotonic() < t:
+                raise ConnectionError("connection refused")
+            return "ok"
+        return call
+
+    assert fs.retry(down_until(t0 + 0.15), "s3://b/blip", stall_s=5) == "ok"
+    assert capsys.readouterr().err == ""  # under the warning time: silent
+    assert fs.retry(down_until(time.monotonic() + 0.8), "s3://b/k", stall_s=5, setting="storage.stall_timeout_s") == "ok"
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines  # one line, not one per attempt
+    assert re.fullmatch(r"warning: s3://b/k: storage not answering for 0 s \(.*connection refused.*\); retrying for "
+                        r"up to 5 s \(storage.stall_timeout_s\)", lines[0]), lines
+    with pytest.raises(RetryableError):  # the same process again within WARN_EVERY_S: the error line only
+        fs.retry(down_until(math.inf), "s3://b/k2", stall_s=0.6)
+    assert capsys.readouterr().err == ""
 
 
 def test_should_give_up_a_hung_call_within_the_stop_grace_when_the_process_is_asked_to_stop(monkeypatch):
