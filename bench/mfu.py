@@ -34,8 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from bench.common import MODELS, ModelSpec, default_precisions, machine_info, ratio, write_result  # noqa: E402
+from clipjob.train.flops import GPU_PEAK_FLOPS  # noqa: E402
 
-GPU_PEAK_BF16 = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12)]  # dense bf16 FLOP/s
 
 
 # -- peak -----------------------------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def device_peak(device: torch.device, precision: str) -> tuple[float, str]:
     """(peak FLOP/s, where it came from)."""
     if device.type == "cuda" and precision == "bf16":
         name = torch.cuda.get_device_name(device)
-        for fragment, value in GPU_PEAK_BF16:
+        for fragment, value in GPU_PEAK_FLOPS:  # the trainer's table (clipjob.train.flops)
             if fragment in name:
                 return value, f"{fragment} dense bf16 spec"
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
