@@ -12,7 +12,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${BENCH_VENV:-.venv-bench}
-TORCH_PINS=${TORCH_PINS:-"torch==2.14.1 torchvision==0.29.1"}
+TORCH_PINS=${TORCH_PINS:-$(sed -n "s/^TORCH_PINS ?= //p" Makefile)}  # the torch clipjob's .venv has
+[[ $TORCH_PINS == *torch==* ]] || { echo "bench_venv: no TORCH_PINS in the Makefile" >&2; exit 2; }
 OPENCLIP_VERSION=${OPENCLIP_VERSION:-3.3.0}
 GPU_WHEELS=${GPU_WHEELS:-bench/results/tmp/gpu-wheels}
 STAMP="$VENV/.installed-bench"
