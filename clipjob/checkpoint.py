@@ -229,10 +229,11 @@ def resolve_checkpoint(url: str) -> str:
     return latest
 
 
-def load_newest(run_dir: str, load: Callable[[str], T]) -> tuple[str, T]:
+def load_newest(run_dir: str, load: Callable[[str], T], warn: bool = True) -> tuple[str, T]:
     """(step URL, load(step URL)) of the newest committed step of a run that loads. A step whose load raises a
-    ClipjobError (corrupt, truncated, does not fit) is skipped with a one-line warning on stderr naming it; a
-    RetryableError (storage outage) propagates: an unreachable checkpoint is not a corrupt one."""
+    ClipjobError (corrupt, truncated, does not fit) is skipped with a one-line warning on stderr naming it (unless
+    not `warn`: the trainer's ranks but the first); a RetryableError (storage outage) propagates: an unreachable
+    checkpoint is not a corrupt one."""
     steps = committed_steps(run_dir)
     for step in reversed(steps):
         url = step_url(run_dir, step)
@@ -241,8 +242,9 @@ def load_newest(run_dir: str, load: Callable[[str], T]) -> tuple[str, T]:
         except RetryableError:
             raise
         except ClipjobError as e:
-            print(f"warning: skipping checkpoint step {step}, it does not load: {e}", file=sys.stderr,
-                  flush=True)  # every rank resumes: one write each under `clipjob` (errors.whole_lines)
+            if warn:
+                print(f"warning: skipping checkpoint step {step}, it does not load: {e}", file=sys.stderr,
+                      flush=True)
     if steps:
         raise ClipjobError(f"{run_dir}: none of the committed checkpoints (steps {', '.join(map(str, steps))}) "
                            f"loads (see the warnings above)")

@@ -186,22 +186,11 @@ def _load(parts: Parts, url: str) -> tuple[dict, dict | None]:
 def restore(cfg: Config, parts: Parts, d: dist.DistInfo) -> TrainState:
     """Resume from the newest committed step that loads (an unreadable one is skipped with a warning),
     else start from train.init_from (weights only). The EMA resumes too, or starts from the weights."""
-    steps, ts, ema = ckpt.committed_steps(cfg.storage.run_dir), None, None
-    for step in reversed(steps):
-        url = ckpt.step_url(cfg.storage.run_dir, step)
-        try:
-            ts, ema = _load(parts, url)
-        except RetryableError:
-            raise  # storage outage: not a corrupt checkpoint, never fall back past it
-        except ClipjobError as e:
-            if d.is_main:
-                print(f"warning: skipping checkpoint: {e}", flush=True)
-            continue
+    ts = ema = None
+    if ckpt.committed_steps(cfg.storage.run_dir):  # (a storage outage propagates: never fall back past it)
+        url, (ts, ema) = ckpt.load_newest(cfg.storage.run_dir, lambda u: _load(parts, u), warn=d.is_main)
         if d.is_main:
             print(f"resumed from {url} (step {ts['step']})", flush=True)
-        break
-    if steps and ts is None:
-        raise ClipjobError(f"{cfg.storage.run_dir}: none of the committed checkpoints {steps} loads (see warnings)")
     if ts is None and cfg.train.init_from:
         from clipjob.checkpoint import load_any_weights
 
