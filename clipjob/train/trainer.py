@@ -425,11 +425,12 @@ def run(cfg: Config, stop: StopFlag, saver: CheckpointSaver) -> TrainState:
     cfg = settle_precision(cfg, d)
     if d.is_main:  # the data spec first: a bad one (missing shard, bucket, manifest) writes nothing to the run dir
         parse_sources(cfg.data.train, check_shards=True)
-        write_run_config(cfg)
     parts = build_parts(cfg, d)
     state = restore(cfg, parts, d)
     if cfg.train.budget_minutes > 0 and state.budget_steps:  # planned before the restart: keep its length
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=state.budget_steps))
+    if d.is_main:  # once the run resumed: a config its checkpoints do not fit leaves the run's record as it was
+        write_run_config(cfg)
     budget = BudgetPlan(cfg, state, started)
     net = wrap_model(parts.model, cfg, d)
     # the peak before the loader starts: its workers fill the shuffle buffer at once, and a peak measured while

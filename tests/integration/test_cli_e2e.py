@@ -102,3 +102,21 @@ def test_should_print_the_version_and_stop_quietly_when_the_reader_of_its_output
     p.stdout.close()
     _, err = p.communicate(timeout=120)
     assert p.returncode == 0 and err == "", (p.returncode, err)
+
+
+def test_should_keep_the_runs_record_when_a_resume_asks_for_a_model_its_checkpoints_do_not_fit(tmp_path, emoji_dir):
+    """A restart with another model (a changed preset, a wrong --run-dir) fails in one line per checkpoint and
+    leaves the run dir as it was: its config.yaml (what `clipjob status` and `eval --watch` read) still says what
+    the checkpoints hold."""
+    run = tmp_path / "run"
+    args = ["train", "--preset", "tiny-cpu-scratch", "--set", f"data.train={emoji_dir}", "--run-dir", str(run),
+            "--set", "train.ckpt_every_steps=2", *TINY]
+    p = clipjob(*args, "--set", "train.steps=2")
+    assert p.returncode == 0 and committed(run) == [2], p.stdout + p.stderr
+    stored = (run / "config.yaml").read_text()
+    p = clipjob(*args, "--set", "train.steps=4", "--set", "model.embed_dim=8")
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2, p.stderr
+    assert lines[-1] == f"error: {run}: none of the committed checkpoints (steps 2) loads (see the warnings above)"
+    assert lines[0].startswith("warning: skipping checkpoint step 2, it does not load: ") and "does not fit" in lines[0]
+    assert (run / "config.yaml").read_text() == stored and committed(run) == [2]
