@@ -59,7 +59,7 @@ def data_build(
     image_column: Annotated[str, typer.Option(help="Table column with the image path or URL (default: guessed)")] = "",
     caption_column: Annotated[str, typer.Option(help="Table column with the caption (default: guessed)")] = "",
     jpeg_quality: Annotated[int, typer.Option(help="JPEG quality of re-encoded (resized) images")] = 90,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar")] = True,
+    progress: Annotated[bool, typer.Option(help="Show progress: a bar on a terminal, else a line every 30 s")] = True,
 ) -> None:
     """Write webdataset shards + manifest.json. Rerun the same command to finish a build that crashed."""
     from clipjob.datasets.build import BuildOptions, build_shards

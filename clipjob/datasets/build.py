@@ -406,9 +406,9 @@ def _read_parts(out: str, n: int) -> list[dict]:
 
 
 def _run_units(todo: list[Unit], opts: BuildOptions, spp: int, seen: dict, total: int) -> Iterator[dict]:
-    from tqdm import tqdm
+    from clipjob.train.metrics import Ticker
 
-    bar = tqdm(total=max(total, 0), unit="sample", disable=not opts.progress, mininterval=0.5, dynamic_ncols=True)
+    bar = Ticker(max(total, 0), "data build", "sample", opts.progress)
     try:
         if opts.workers <= 1 or len(todo) <= 1:
             claims = Claims(seen) if opts.dedup else None

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -42,7 +40,7 @@ from clipjob.errors import ClipjobError, RetryableError
 from clipjob.eval.retrieval import format_retrieval, retrieval_result
 from clipjob.hostmem import restore_malloc
 from clipjob.model.tokenizer import trim_padding
-from clipjob.train.metrics import Progress
+from clipjob.train.metrics import Ticker
 
 EMOJI_TEMPLATES = ["{}", "an emoji of {}.", "a {} emoji.", "an icon of {}.", "a picture of {}.",
                    "a cartoon of {}.", "a small image showing {}."]
@@ -304,33 +302,6 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> dict[int,
     return {k: int(hit[:, :k].any(1).sum()) for k in ks}
 
 
-class _Progress:
-    """A bar on a terminal, else a line on stderr every `every_s` seconds (a pod's log: 50,000 ImageNet images
-    take minutes); nothing when disabled."""
-
-    def __init__(self, es: EvalSet, enabled: bool, every_s: float):
-        self.name, self.every_s, self.bar, self.lines = es.name, every_s, None, None
-        if enabled and os.isatty(2):
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=es.size, unit="img", desc="zero-shot")
-        elif enabled and es.size:
-            self.lines = Progress(es.size)
-            self.lines.eta_s(0)  # the rate counts from here
-        self.last = time.monotonic()
-
-    def update(self, done: int, added: int) -> None:
-        if self.bar:
-            self.bar.update(added)
-        elif self.lines and time.monotonic() - self.last >= self.every_s:
-            print(f"zero-shot {self.name}: {self.lines.line(done)} images", file=sys.stderr, flush=True)
-            self.last = time.monotonic()
-
-    def close(self) -> None:
-        if self.bar:
-            self.bar.close()
-
-
 @torch.inference_mode()
 def evaluate(model, tokenizer, es: EvalSet, device: torch.device, batch_size: int = 256, workers: int = 2,
              precision: str = "fp32", progress: bool = True, trim_text: bool = True, worker_nice: int = 19,
@@ -346,7 +317,7 @@ def evaluate(model, tokenizer, es: EvalSet, device: torch.device, batch_size: in
                             check_stop=check_stop) if es.classnames else None
     loader = DataLoader(es.dataset, batch_size=batch_size, num_workers=workers, shuffle=False, collate_fn=collate_eval,
                         worker_init_fn=functools.partial(eval_worker_init, worker_nice) if workers else None)
-    meter = _Progress(es, progress, progress_every_s)
+    meter = Ticker(es.size, f"zero-shot {es.name}", "image", progress, progress_every_s)
     ks = (1, min(5, len(es.classnames)))
     hits, n, bad, feats, captions = {1: 0, 5: 0}, 0, Counter(), [], []
     for images, labels, caps, skipped in loader:
@@ -354,7 +325,7 @@ def evaluate(model, tokenizer, es: EvalSet, device: torch.device, batch_size: in
             check_stop()
         bad.update(skipped)
         if images is None:
-            meter.update(n + sum(bad.values()), sum(skipped.values()))
+            meter.update(sum(skipped.values()), done=n + sum(bad.values()))
             continue
         with amp:
             f = model.encode_image(to_unit_float(images.to(device))).float()
@@ -365,7 +336,7 @@ def evaluate(model, tokenizer, es: EvalSet, device: torch.device, batch_size: in
             feats.append(f)
             captions.extend(caps)
         n += images.shape[0]
-        meter.update(n + sum(bad.values()), images.shape[0] + sum(skipped.values()))  # skipped ones are done too
+        meter.update(images.shape[0] + sum(skipped.values()), done=n + sum(bad.values()))  # skipped ones are done too
     meter.close()
     if n == 0 and bad:
         raise ClipjobError(f"{es.name}: no image could be evaluated, all {sum(bad.values())} skipped "

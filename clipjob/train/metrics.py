@@ -77,6 +77,36 @@ class MetricsLogger:
             self.bar.close()
 
 
+class Ticker:
+    """Progress of a long job with tqdm's update/close: a bar on a terminal, else a line on stderr every `every_s`
+    seconds (a pod's log: a bar's carriage returns would be one ever-growing line), nothing when disabled."""
+
+    def __init__(self, total: int, label: str, unit: str, enabled: bool = True, every_s: float = 30.0):
+        self.label, self.unit, self.every_s, self.done = label, unit, every_s, 0
+        self.bar, self.lines = None, None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit=unit, desc=label, mininterval=0.5, dynamic_ncols=True)
+        elif enabled and total > 0:
+            self.lines = Progress(total)
+            self.lines.eta_s(0)  # the rate counts from here
+        self.last = time.monotonic()
+
+    def update(self, added: int, done: int | None = None) -> None:
+        """`added` more are done (or `done` in all, when the caller counts)."""
+        self.done = self.done + added if done is None else done
+        if self.bar is not None:
+            self.bar.update(added)
+        elif self.lines is not None and time.monotonic() - self.last >= self.every_s:
+            print(f"{self.label}: {self.lines.line(self.done)} {self.unit}s", file=sys.stderr, flush=True)
+            self.last = time.monotonic()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 class Progress:
     """`step/total (pct), eta` for log lines where no progress bar can be drawn (a pod's log). The rate is
     measured from the first step this process logged, so start-up and a resume do not skew it."""

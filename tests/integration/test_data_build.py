@@ -78,7 +78,7 @@ def test_should_build_shards_from_an_image_folder_with_the_cli_in_parallel(image
     summary = json.loads(p.stdout.strip().splitlines()[-1])
     assert summary["samples"] == 30 and summary["duplicates"] == 1 and summary["shards"] == 5  # 33 inputs
     assert summary["bad"] == {"missing_caption": 1, "corrupt_image": 1}
-    assert "sample" in p.stderr  # the progress bar
+    assert p.stderr == ""  # no bar where stderr is no terminal (a pod's log); a line every 30 s, and this took less
     m = json.loads((out / "manifest.json").read_text())
     assert [s["name"] for s in m["shards"]] == [f"shard-{i:06d}.tar" for i in range(5)]
     assert all(s["bytes"] == (out / s["name"]).stat().st_size for s in m["shards"])

@@ -156,6 +156,24 @@ def test_should_remove_the_scratch_events_of_a_remote_run_when_the_writer_is_dro
     assert not os.path.exists(local)
 
 
+def test_should_tick_in_plain_lines_without_a_terminal_and_not_at_all_when_disabled(capsys):
+    """Ticker (data build, zero-shot eval): a pod's log gets a line every `every_s` seconds, never a bar's
+    carriage returns; the caller may count added items or give the total done."""
+    from clipjob.train.metrics import Ticker
+
+    t = Ticker(10, "data build", "sample", every_s=0.0)  # pytest's stderr is not a terminal
+    t.update(4)
+    t.update(3, done=8)
+    t.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert [ln.split(", eta")[0] for ln in lines] == ["data build: 4/10 (40.0%)", "data build: 8/10 (80.0%)"]
+    assert all(ln.endswith(" samples") and "\r" not in ln for ln in lines), lines
+    quiet = Ticker(10, "data build", "sample", enabled=False, every_s=0.0)
+    quiet.update(10)
+    quiet.close()
+    assert capsys.readouterr().err == ""
+
+
 def test_should_show_step_total_percent_and_eta_in_log_lines_without_a_terminal():
     """A pod's log has no TTY: each step line carries step/total, % and an ETA from the rate since the first
     step this process logged (a resumed run does not count the steps it did not do)."""
