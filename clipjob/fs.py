@@ -16,6 +16,7 @@ reaches storage within it or gives up with the RetryableError, leaving the previ
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import math
 import os
@@ -177,6 +178,10 @@ def describe(e: BaseException, url: str) -> str:
         return f"{url}: not found"
     if isinstance(e, PermissionError) or "AccessDenied" in text or "Forbidden" in text:
         return f"{url}: access denied (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY and the bucket policy)"
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{url}: no space left on the device (free some, or point the run dir at a larger volume)"
+    if isinstance(e, OSError) and e.errno == errno.EROFS:
+        return f"{url}: read-only file system (mount it writable, or point the run dir elsewhere)"
     if "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
         return f"{url}: credentials rejected (check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
     if "Could not connect" in text or "EndpointConnectionError" in type(e).__name__ or isinstance(e, ConnectionError):
@@ -393,13 +398,14 @@ def write_bytes(url: str, data: bytes) -> None:
     make a PUT visible atomically already."""
     if is_local(url):
         path = url[len("file://"):] if url.startswith("file://") else url
-        os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
         tmp = f"{path}.tmp-{os.getpid()}-{random.randrange(1 << 30)}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with _local_errors(url, tmp):
+            os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
         return
     fs, path = get_fs(url)
     retry(lambda: fs.pipe_file(path, data), url, nbytes=len(data))
@@ -409,12 +415,26 @@ def write_text(url: str, text: str) -> None:
     write_bytes(url, text.encode("utf-8"))
 
 
+@contextlib.contextmanager
+def _local_errors(url: str, partial: str | None = None) -> Iterator[None]:
+    """A local write's OSError (disk full, read-only, no permission) as a one-line ClipjobError naming the URL,
+    never a traceback; the `partial` file it was writing is removed, so a full disk gets no fuller."""
+    try:
+        yield
+    except OSError as e:
+        if partial is not None:
+            with contextlib.suppress(OSError):
+                os.remove(partial)
+        raise ClipjobError(describe(e, url)) from e
+
+
 def append_text(url: str, text: str) -> None:
     """Append to a text object (read-modify-write on object stores; only rank 0 appends)."""
     if is_local(url):
-        os.makedirs(os.path.dirname(os.path.abspath(url)) or ".", exist_ok=True)
-        with open(url, "a", encoding="utf-8") as f:
-            f.write(text)
+        with _local_errors(url):
+            os.makedirs(os.path.dirname(os.path.abspath(url)) or ".", exist_ok=True)
+            with open(url, "a", encoding="utf-8") as f:
+                f.write(text)
         return
     old = read_text(url) if exists(url) else ""
     write_text(url, old + text)

@@ -67,3 +67,21 @@ def test_should_print_a_usable_config_through_the_cli(tmp_path):
     r = clipjob("config", "from-corenet", str(src))
     assert r.returncode == 2 and r.stdout == "", (r.returncode, r.stdout)
     assert r.stderr.count("\n") == 1 and "model.activation.name='relu'" in r.stderr, r.stderr
+
+
+def test_should_fail_in_one_line_and_leave_no_partial_file_when_a_local_write_is_refused(tmp_path):
+    """A local run dir whose disk refuses a write (full: ENOSPC; here the process's file-size limit, EFBIG, which
+    needs no root to set up): a one-line ClipjobError naming the file, and the half-written temp file removed, so
+    a full disk gets no fuller. (`clipjob train` on a 3 MB tmpfs: `error: .../step-00000010/model.safetensors: no
+    space left on the device (...)`, exit 2.)"""
+    script = ("import resource, signal, sys\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"  # the limit then fails the write with EFBIG
+              "from clipjob import fs\n"
+              "from clipjob.errors import ClipjobError\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.RLIM_INFINITY))\n"
+              "try:\n    fs.write_bytes(sys.argv[1], bytes(100_000))\n"
+              "except ClipjobError as e:\n    print(e)\n    sys.exit(2)\n")
+    target = tmp_path / "run" / "model.safetensors"
+    p = subprocess.run([sys.executable, "-c", script, str(target)], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and p.stdout.splitlines() == [f"{target}: OSError: [Errno 27] File too large"], p
+    assert list((tmp_path / "run").iterdir()) == []  # no target, no temp file
