@@ -33,6 +33,16 @@ def launch(data: str, run: str, *overrides: str, restarts: int = 0, env: dict | 
     return Run(argv, env)
 
 
+def run_to_the_end(data: str, run: str, *overrides: str, env: dict) -> Run:
+    """A run with one group restart allowed, waited for until it exits 0 (its output kept for the checks)."""
+    r = launch(data, run, *overrides, restarts=1, env=env)
+    try:
+        assert r.wait(300) == 0, r.output
+    finally:
+        r.kill_all()
+    return r
+
+
 def sigterm_after(r: Run, pattern: str) -> int:
     """SIGTERM to the launched process once its output matches `pattern`; its exit code."""
     try:
@@ -148,12 +158,8 @@ def test_should_resume_from_the_previous_commit_when_a_save_is_interrupted(data,
     from clipjob import checkpoint as ckpt
 
     run = f"{s3_bucket}/run"
-    r = launch(data, run, "train.steps=6", "train.ckpt_every_steps=2", restarts=1,
-               env={"CLIPJOB_TEST_CRASH_DURING_SAVE": "2"})
-    try:
-        assert r.wait(300) == 0, r.output
-    finally:
-        r.kill_all()
+    r = run_to_the_end(data, run, "train.steps=6", "train.ckpt_every_steps=2",
+                       env={"CLIPJOB_TEST_CRASH_DURING_SAVE": "2"})
     assert "exiting during save 2" in r.output
     assert f"resumed from {run}/checkpoints/step-00000002 (step 2)" in r.output, r.output
     assert committed(run) == [2, 4, 6]
@@ -166,12 +172,8 @@ def test_should_finish_at_once_when_a_worker_aborts_in_teardown_after_the_final_
     teardown did so once in this suite): the agent restarts the group, which finds the final step committed and
     exits 0 at once: no step trains twice, nothing is saved again."""
     run = f"{s3_bucket}/run"
-    r = launch(data, run, "train.steps=6", "train.ckpt_every_steps=3", restarts=1,
-               env={"CLIPJOB_TEST_ABORT_IN_TEARDOWN": "1"})
-    try:
-        assert r.wait(300) == 0, r.output
-    finally:
-        r.kill_all()
+    r = run_to_the_end(data, run, "train.steps=6", "train.ckpt_every_steps=3",
+                       env={"CLIPJOB_TEST_ABORT_IN_TEARDOWN": "1"})
     assert "CLIPJOB_TEST_ABORT_IN_TEARDOWN: rank 1 aborts" in r.output, r.output
     assert f"resumed from {run}/checkpoints/step-00000006 (step 6)" in r.output, r.output
     logged = [int(m) for m in re.findall(r"^step (\d+): loss", r.output, re.M)]
