@@ -429,15 +429,19 @@ def _local_errors(url: str, partial: str | None = None) -> Iterator[None]:
 
 
 def append_text(url: str, text: str) -> None:
-    """Append to a text object (read-modify-write on object stores; only rank 0 appends)."""
+    """Append to a text object (read-modify-write on object stores; only rank 0 appends). The text starts on a
+    line of its own even after a write that was cut short (a killed process, a full disk), so one partial line
+    never swallows the next record."""
     if is_local(url):
         with _local_errors(url):
             os.makedirs(os.path.dirname(os.path.abspath(url)) or ".", exist_ok=True)
-            with open(url, "a", encoding="utf-8") as f:
-                f.write(text)
+            with open(url, "a+b") as f:
+                if f.seek(0, os.SEEK_END) and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+                    text = "\n" + text
+                f.write(text.encode("utf-8"))
         return
     old = read_text(url) if exists(url) else ""
-    write_text(url, old + text)
+    write_text(url, old + ("\n" if old and not old.endswith("\n") else "") + text)
 
 
 def exists(url: str) -> bool:

@@ -238,6 +238,22 @@ class Throughput:
 
 
 def read_jsonl(url: str) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file ([] when there is none). A line that is not a whole JSON object (a write
+    cut short: a killed process, a full disk) is skipped, with one warning line saying how many."""
     if not fs.exists(url):
         return []
-    return [json.loads(line) for line in fs.read_text(url).splitlines() if line.strip()]
+    rows, bad = [], 0
+    for line in fs.read_text(url).splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        else:
+            bad += 1
+    if bad:
+        print(f"warning: {url}: skipped {bad} unreadable line(s) (a write cut short?)", file=sys.stderr, flush=True)
+    return rows

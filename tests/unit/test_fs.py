@@ -254,6 +254,19 @@ def test_should_say_once_that_storage_is_not_answering_when_it_fails_past_the_wa
     assert capsys.readouterr().err == ""
 
 
+def test_should_start_an_append_on_a_line_of_its_own_after_a_write_cut_short(tmp_path, s3_bucket):
+    """A process killed mid-append (or a full disk) leaves a partial last line; the next record must not be glued
+    to it, or the reader loses both."""
+    for base in (str(tmp_path), s3_bucket):
+        url = fs.join(base, "metrics.jsonl")
+        fs.append_text(url, '{"step": 1}\n{"step": 2, "lo')  # cut short
+        fs.append_text(url, '{"step": 3}\n')
+        fs.append_text(url, '{"step": 4}\n')
+        assert fs.read_text(url).splitlines() == ['{"step": 1}', '{"step": 2, "lo', '{"step": 3}', '{"step": 4}']
+        fs.append_text(fs.join(base, "new.jsonl"), "x\n")  # a new file starts with the text itself
+        assert fs.read_text(fs.join(base, "new.jsonl")) == "x\n"
+
+
 def test_should_say_what_to_do_when_a_local_disk_is_full_or_read_only():
     full = fs.describe(OSError(errno.ENOSPC, "No space left on device"), "/runs/a/checkpoints/step-00000010/x")
     assert full == "/runs/a/checkpoints/step-00000010/x: no space left on the device (free some, or point the run " \

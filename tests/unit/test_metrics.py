@@ -174,6 +174,15 @@ def test_should_tick_in_plain_lines_without_a_terminal_and_not_at_all_when_disab
     assert capsys.readouterr().err == ""
 
 
+def test_should_skip_a_line_cut_short_with_one_warning_when_reading_json_lines(tmp_path, capsys):
+    """`clipjob status`, `report` and `eval --watch` read metrics.jsonl / results.jsonl: a record cut short by a
+    killed process or a full disk is skipped (a traceback there was the old behaviour), the rest kept."""
+    url = str(tmp_path / "metrics.jsonl")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n[1, 2]\n{"step": 4, "l')
+    assert [r["step"] for r in read_jsonl(url)] == [1, 3]
+    assert capsys.readouterr().err == f"warning: {url}: skipped 3 unreadable line(s) (a write cut short?)\n"
+
+
 def test_should_show_step_total_percent_and_eta_in_log_lines_without_a_terminal():
     """A pod's log has no TTY: each step line carries step/total, % and an ETA from the rate since the first
     step this process logged (a resumed run does not count the steps it did not do)."""
