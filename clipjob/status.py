@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -70,7 +71,13 @@ def total_steps(run_dir: str) -> int | None:
     url = fs.join(run_dir, "config.yaml")
     if not fs.exists(url):
         return None
-    steps = ((yaml.safe_load(fs.read_text(url)) or {}).get("train") or {}).get("steps")
+    try:
+        data = yaml.safe_load(fs.read_text(url))
+    except yaml.YAMLError:  # a write cut short, an edit gone wrong: the rest of the status still helps
+        print(f"warning: {url}: not valid YAML, so the run's total steps are unknown", file=sys.stderr, flush=True)
+        return None
+    train = data.get("train") if isinstance(data, dict) else None
+    steps = train.get("steps") if isinstance(train, dict) else None
     return steps if isinstance(steps, int) else None
 
 

@@ -162,6 +162,17 @@ def test_should_keep_the_last_record_of_a_step_logged_again_after_a_resume():
     assert [(r["step"], r["loss"]) for r in st.last_per_step(recs)] == [(1, 9.0), (2, 8.5), (3, 7.5), (4, 6.0)]
 
 
+def test_should_read_the_total_steps_or_say_why_not_when_the_runs_config_is_broken(tmp_path, capsys):
+    from clipjob.status import total_steps
+
+    (tmp_path / "config.yaml").write_text("train:\n  steps: 500\n")
+    assert total_steps(str(tmp_path)) == 500
+    for broken in ("model:\n  embed_dim: [256\n", "- a list\n", "train: 7\n"):  # cut short, not a mapping
+        (tmp_path / "config.yaml").write_text(broken)
+        assert total_steps(str(tmp_path)) is None
+    assert capsys.readouterr().err.count("not valid YAML, so the run's total steps are unknown") == 1
+
+
 def test_should_estimate_eta_from_the_recent_step_time():
     recs = [{"step": s, "step_time_s": 2.0 if s <= 5 else 1.0, "samples_per_s": 100.0 * s, "time": 1000.0 + s}
             for s in range(1, 11)]
