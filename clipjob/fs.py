@@ -213,12 +213,12 @@ def retry(fn: Callable[[], T], url: str, stall_s: float | None = None, setting: 
                 raise ClipjobError(describe(e, url)) from e
             now = time.monotonic()
             first_failure = first_failure or began  # storage has not answered since this attempt began
-            _warn_waiting(url, first_failure, bound, setting, describe(e, url).removeprefix(f"{url}: "))
             stop_at = _stop_deadline()
             if interruptible and stop_at < math.inf:
                 raise StopWaiting(url) from e
             if now >= min(first_failure + bound, stop_at):
                 raise RetryableError(_stalled(e, url, now - first_failure, bound, setting, stop_at < math.inf)) from e
+            _warn_waiting(url, first_failure, bound, setting, describe(e, url).removeprefix(f"{url}: "))
             pause = min(MAX_BACKOFF_S, BACKOFF_S * 2**attempt) * (0.5 + random.random())
             _sleep_until(min(now + pause, first_failure + bound), interruptible)
             attempt += 1
