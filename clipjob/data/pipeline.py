@@ -42,6 +42,7 @@ from clipjob.data.shards import (Source, derive_seed, draw_shards, equal_size_no
                                  read_tar_samples)
 from clipjob.data.transforms import Augment, RandomResizedCrop, augment_steps, train_transform
 from clipjob.errors import ClipjobError, ConfigError, RetryableError
+from clipjob.hostmem import restore_malloc
 
 BatchSchedule = Callable[[int], tuple[int, int]]  # step -> (image_size, batch_size)
 MIN_HOPELESS = 10_000  # bad samples/shards in a row, with nothing good in between, before giving up
@@ -380,8 +381,14 @@ def start_worker(nice: int, _worker_id: int = 0) -> None:
     commit its stop step. In a group of its own only the rank's main process gets the signal: it finishes
     the step, commits it, and the loader shuts the workers down. (Ignoring SIGTERM in the worker instead
     would also ignore the loader's own `terminate()` and could hang the interpreter's exit.) A worker whose
-    rank is SIGKILLed still ends: the loader's watchdog sees its parent gone within seconds."""
+    rank is SIGKILLed still ends: the loader's watchdog sees its parent gone within seconds.
+
+    It also goes back to glibc's malloc defaults (hostmem.restore_malloc), as zero-shot eval's workers do: the
+    keep-freed-memory setting it inherits from the trainer pays off for the step's big buffers, but in a worker
+    that decodes pictures and keeps some (data.cache_mb) it let the heap grow past the cache and never shrink
+    (the demo's worker: a 5 GiB heap at step 150 with a 1 GiB cache, and growing)."""
     os.setpgid(0, 0)
+    restore_malloc()
     lower_priority(nice)
 
 

@@ -314,3 +314,20 @@ def test_should_reject_a_bad_cache_setting_in_one_line(value, message):
     sets = [f"data.cache_mb={value}"] + (["data.decode=gpu"] if value == "64" else [])
     with pytest.raises(ConfigError, match=message):
         build_config("tiny-cpu-scratch", None, sets)
+
+
+def test_should_give_a_training_worker_glibcs_malloc_defaults_back_when_it_starts(monkeypatch):
+    """The trainer keeps freed memory mapped (hostmem); its DataLoader workers, forked from it, go back to glibc's
+    defaults in start_worker, as zero-shot eval's do: with the setting, the demo's worker heap grew to 5 GiB past
+    its 1 GiB picture cache. Checked in a forked child, as a worker is made."""
+    from clipjob import hostmem
+    from clipjob.data.pipeline import start_worker
+
+    monkeypatch.setenv("CLIPJOB_MALLOC", "keep")
+    pid = os.fork()
+    if pid == 0:  # the child: the trainer's setting, then a worker's start
+        hostmem._applied = None
+        ok = hostmem.tune_malloc() and hostmem._applied
+        start_worker(0)
+        os._exit(0 if ok and hostmem._applied is False else 1)
+    assert os.waitpid(pid, 0)[1] == 0
