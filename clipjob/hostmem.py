@@ -9,7 +9,7 @@ off and a high trim threshold, freed buffers stay on the heap and are reused war
 step, bench/ablate.py). This is what tcmalloc/jemalloc preloading gives CPU PyTorch, without a preload.
 
 Applied once per process by the CLI, before any tensor exists (DataLoader workers are forked and inherit
-it; zero-shot eval's workers undo it, see restore_malloc). Not glibc (musl, macOS): nothing to do.
+it; the training and zero-shot eval workers undo it, see restore_malloc). Not glibc (musl, macOS): nothing to do.
 
 On by default only where no GPU is used. On a GPU the activations live in device memory, the gain was
 measured on CPU steps only, and every DataLoader worker (64 on an 8-GPU node) could keep up to the 1 GiB trim
@@ -77,8 +77,9 @@ def tune_malloc() -> bool:
 
 def restore_malloc() -> bool:
     """Back to glibc's defaults, and hand the free heap back (malloc_trim), in a process that inherited the
-    setting but gains nothing from it: zero-shot eval's DataLoader workers, which decode one image at a time
-    and each kept ~60 MiB of freed decode buffers (eval peak PSS +16 %, 2 workers). True when done."""
+    setting but gains nothing from it: DataLoader workers, which decode one image at a time (zero-shot eval's
+    each kept ~60 MiB of freed decode buffers, eval peak PSS +16 % with 2 workers; a training worker with a
+    picture cache grew a 5 GiB heap). True when done."""
     global _applied
     if not _applied:
         return False
