@@ -15,7 +15,7 @@ ALLOWED = {
     "clipjob.errors": set(),
     "clipjob.fs": {"clipjob.errors"},
     "clipjob.model": {"clipjob.config", "clipjob.errors"},
-    "clipjob.data": {"clipjob.config", "clipjob.errors", "clipjob.fs"},
+    "clipjob.data": {"clipjob.config", "clipjob.errors", "clipjob.fs", "clipjob.hostmem"},  # hostmem: stdlib only
     "clipjob.checkpoint": {"clipjob.errors", "clipjob.fs", "clipjob.model"},
 }
 
